@@ -1,0 +1,45 @@
+"""Method registry: name -> Method class. Each method file registers itself with `@register_method`."""
+from __future__ import annotations
+
+import importlib
+
+from .base import Method
+
+METHODS: dict[str, type[Method]] = {}
+_MODULES = ("mae", "extrema", "relaxmim", "adios", "mst")
+
+
+def register_method(name: str):
+    def deco(cls: type[Method]) -> type[Method]:
+        cls.name = name
+        METHODS[name] = cls
+        return cls
+    return deco
+
+
+def _load_all() -> None:
+    for mod in _MODULES:
+        try:
+            importlib.import_module(f"fastmask.methods.{mod}")
+        except ModuleNotFoundError as e:
+            if e.name != f"fastmask.methods.{mod}":
+                raise
+
+
+def get_method(name: str) -> type[Method]:
+    _load_all()
+    if name not in METHODS:
+        raise ValueError(f"unknown method {name!r}; available: {', '.join(sorted(METHODS))}")
+    return METHODS[name]
+
+
+def build_method(cfg) -> Method:
+    """cfg: fastmask.engine.config.Config -> the Method, with cfg.method_args checked against its Args."""
+    from ..engine.config import from_dict
+
+    cls = get_method(cfg.method)
+    args = from_dict(cls.Args, dict(cfg.method_args), prefix="method_args.")
+    return cls.from_config(cfg, args)
+
+
+__all__ = ["Method", "METHODS", "register_method", "get_method", "build_method"]

@@ -1,0 +1,46 @@
+"""The one interface the engine knows a method by.
+
+A method is an `nn.Module` that, given a batch of images, returns `{"loss": scalar, **metrics}`
+(metrics are tensors, never Python floats: the step has no host syncs). Everything the method
+trains, teacher copies included, lives inside it, so DeepSpeed checkpoints it whole.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+from torch import nn
+
+
+class Method(nn.Module):
+    """Base class. Subclasses set `Args` (a dataclass of their options) and implement `forward`."""
+
+    name: str = ""
+
+    @dataclasses.dataclass
+    class Args:
+        pass
+
+    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:  # imgs [B, C, H, W], normalized
+        raise NotImplementedError
+
+    def on_step_end(self, step: int, total_steps: int) -> None:
+        """Called by the engine after every optimizer step (EMA/momentum teachers, schedules)."""
+
+    def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
+        """AdamW groups: no decay on 1-D parameters (norms, biases) and on `no_weight_decay()` names,
+        as timm's `param_groups_weight_decay` (which the official MAE code uses). Frozen tensors
+        (fixed position embeddings, teachers) are left out."""
+        skip = set(self.no_weight_decay()) if hasattr(self, "no_weight_decay") else set()
+        decay, no_decay = [], []
+        for name, p in self.named_parameters():
+            if not p.requires_grad:
+                continue
+            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+        return [{"params": decay, "weight_decay": weight_decay},
+                {"params": no_decay, "weight_decay": 0.0}]
+
+    def encoder(self) -> nn.Module:
+        """The backbone to evaluate or export (has `forward_features(imgs) -> [B, N, D]`)."""
+        raise NotImplementedError

@@ -1,0 +1,19 @@
+"""fastmask.ops: the public fused ops, one function each, with backend dispatch.
+
+    patch_gather(imgs, ids_keep, patch_size)          -> visible patches [B, K, p*p*C]
+    patch_scatter(tokens, ids_restore, mask_token)    -> unshuffled tokens [B, L, D]
+    norm_pix_loss(pred, imgs, mask, patch_size)       -> scalar (MAE's normalized-pixel loss)
+    attention(q, k, v)                                -> [B, heads, N, head_dim]
+
+Every op takes `backend="auto" | "torch" | "triton" | "cuda"` (attention also "sdpa", "xformers");
+the FASTMASK_BACKEND environment variable sets the default. `fastmask.ops.reference` holds the
+plain-PyTorch versions. This package imports nothing from the rest of the engine.
+"""
+from .attention import attention
+from .backends import BackendUnavailable, backends_for, explain, select
+from .norm_pix_loss import norm_pix_loss
+from .patch_gather import patch_gather
+from .patch_scatter import patch_scatter
+
+__all__ = ["patch_gather", "patch_scatter", "norm_pix_loss", "attention", "BackendUnavailable",
+           "backends_for", "explain", "select"]
