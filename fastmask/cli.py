@@ -1,0 +1,44 @@
+"""`fastmask pretrain | bench | eval | visualize | info`: a thin dispatcher.
+
+Each subcommand lives in its own module exposing `add_arguments(parser)` and `main(args) -> int`,
+imported only when that subcommand runs (so `fastmask eval` never imports DeepSpeed).
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+SUBCOMMANDS = {
+    "pretrain": ("fastmask.engine.pretrain", "pretrain a model with a masking method (DeepSpeed engine)"),
+    "bench": ("fastmask.bench.cli", "benchmark training steps, ops or the data loader against baselines"),
+    "eval": ("fastmask.eval.cli", "k-NN and linear-probe evaluation of a checkpoint's encoder"),
+    "visualize": ("fastmask.eval.visualize", "PNG grids of masks and reconstructions"),
+    "info": ("fastmask.info", "which backend each op would use on this machine, and why"),
+}
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    parser = argparse.ArgumentParser(prog="fastmask", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    parsers = {}
+    for name, (_, help_text) in SUBCOMMANDS.items():
+        parsers[name] = sub.add_parser(name, help=help_text)
+    return parser, parsers
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser, parsers = build_parser()
+    # Only the chosen subcommand's module is imported to add its arguments.
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command in SUBCOMMANDS:
+        module = importlib.import_module(SUBCOMMANDS[command][0])
+        module.add_arguments(parsers[command])
+    args = parser.parse_args(argv)
+    module = importlib.import_module(SUBCOMMANDS[args.command][0])
+    return int(module.main(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
