@@ -1,0 +1,18 @@
+"""Models: the ViT encoder family, MAE's decoder and the official MAE layout, with a registry.
+
+    create_model("vit_base_patch16", img_size=224, backend="auto") -> VisionTransformer
+    MODELS: name -> constructor; @register_model adds one; list_models() lists them.
+
+Registered ViTs: vit_{tiny,small,base,large,huge}_patch{16,14} (MAE's sizes; tiny/small from DeiT).
+Parameter names follow timm and facebookresearch/mae, so their state dicts load unchanged.
+"""
+from ._registry import MODELS, check_model_name, create_model, list_models, register_model
+from .blocks import Block, DropPath, LayerScale, Mlp, PatchEmbed
+from .mae import MaskedAutoencoderViT
+from .mae_decoder import MAEDecoder, MAEDecoderLayers
+from .pos_embed import sincos_2d
+from .vit import VIT_ARCHS, VisionTransformer, vit_config
+
+__all__ = ["MODELS", "register_model", "create_model", "list_models", "check_model_name", "VisionTransformer",
+           "vit_config", "VIT_ARCHS", "MAEDecoder", "MAEDecoderLayers", "MaskedAutoencoderViT", "Block", "Mlp",
+           "PatchEmbed", "DropPath", "LayerScale", "sincos_2d"]

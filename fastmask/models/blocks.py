@@ -1,0 +1,160 @@
+"""Transformer layers with timm's parameter names, shared by every model in fastmask.
+
+Names follow timm (and therefore the official MAE code, which builds on timm's Block): a state dict
+of `Block` has `norm1`, `attn.qkv`, `attn.proj`, `norm2`, `mlp.fc1`, `mlp.fc2` (and `ls1.gamma`,
+`ls2.gamma` only when layer scale is on), `PatchEmbed` has `proj` (a Conv2d). Attention is
+`fastmask.ops.nn.Attention`, so the product runs through the fused attention op.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from ..ops.nn import Attention
+
+# MAE (and timm's ViTs) use LayerNorm with eps 1e-6 everywhere.
+LayerNorm = partial(nn.LayerNorm, eps=1e-6)
+
+
+def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
+    if isinstance(x, (tuple, list)):
+        if len(x) != 2:
+            raise ValueError(f"expected an int or a pair (H, W), got {x!r}")
+        return int(x[0]), int(x[1])
+    return int(x), int(x)
+
+
+class PatchEmbed(nn.Module):
+    """imgs [B, C, H, W] -> tokens [B, L, D], L = (H/p)*(W/p) in row-major patch order.
+
+    A Conv2d with kernel = stride = p (`proj`, timm's name). `img_size` fixes the grid the
+    position embeddings are built for; the owning model checks inputs against it.
+    """
+
+    def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
+                 embed_dim: int = 768):
+        super().__init__()
+        H, W = to_2tuple(img_size)
+        problems = []
+        if not isinstance(patch_size, int) or patch_size <= 0:
+            problems.append(f"patch_size must be a positive int, got {patch_size!r}")
+        elif H % patch_size or W % patch_size or H <= 0 or W <= 0:
+            problems.append(f"img_size {H}x{W} is not divisible by patch size {patch_size}")
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.img_size, self.patch_size, self.in_chans = (H, W), patch_size, in_chans
+        self.grid_size = (H // patch_size, W // patch_size)
+        self.num_patches = self.grid_size[0] * self.grid_size[1]
+        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.proj(imgs).flatten(2).transpose(1, 2)
+
+    def linear_weight(self) -> torch.Tensor:
+        """The conv weight as a [D, p*p*C] matrix in MAE's (p, q, c) patch order (channel last), so
+        that `patchify(imgs) @ W.T + b` equals the conv on every patch."""
+        w = self.proj.weight  # [D, C, p, q]
+        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
+
+
+class Mlp(nn.Module):
+    """x [..., in] -> [..., out]: fc1, GELU, fc2 (timm names)."""
+
+    def __init__(self, in_features: int, hidden_features: int | None = None, out_features: int | None = None,
+                 act_layer: type[nn.Module] = nn.GELU, bias: bool = True):
+        super().__init__()
+        hidden_features = hidden_features or in_features
+        out_features = out_features or in_features
+        self.fc1 = nn.Linear(in_features, hidden_features, bias=bias)
+        self.act = act_layer()
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (drop the residual branch of whole samples with probability p)."""
+
+    def __init__(self, drop_prob: float = 0.0):
+        super().__init__()
+        if not 0.0 <= drop_prob < 1.0:
+            raise ValueError(f"drop_path probability must be in [0, 1), got {drop_prob}")
+        self.drop_prob = drop_prob
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.drop_prob == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.drop_prob
+        shape = (x.shape[0],) + (1,) * (x.dim() - 1)
+        return x * x.new_empty(shape).bernoulli_(keep).div_(keep)
+
+    def extra_repr(self) -> str:
+        return f"drop_prob={self.drop_prob}"
+
+
+class LayerScale(nn.Module):
+    """x * gamma, gamma [D] initialised to `init_values` (CaiT; timm's `ls1.gamma`)."""
+
+    def __init__(self, dim: int, init_values: float):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), float(init_values)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block, x [B, N, D] -> [B, N, D]:
+    x + ls1(attn(norm1(x))), then x + ls2(mlp(norm2(x))), each residual branch under drop-path.
+
+    timm's Block and its parameter names; `backend` picks the fastmask.ops attention backend.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, qkv_bias: bool = True,
+                 drop_path: float = 0.0, init_values: float | None = None, norm_layer=LayerNorm,
+                 backend: str = "auto"):
+        super().__init__()
+        self.norm1 = norm_layer(dim)
+        self.attn = Attention(dim, num_heads=num_heads, qkv_bias=qkv_bias, backend=backend)
+        self.ls1 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = norm_layer(dim)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio))
+        self.ls2 = LayerScale(dim, init_values) if init_values is not None else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x))))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+def init_mae_weights(module: nn.Module) -> None:
+    """MAE's init for one module (use with `model.apply`): xavier-uniform Linear weights with zero
+    bias (as the official JAX ViT), LayerNorm weight 1 / bias 0. Patch-embed and tokens are
+    initialised by their owners (see `VisionTransformer.init_weights`)."""
+    if isinstance(module, nn.Linear):
+        nn.init.xavier_uniform_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        if module.weight is not None:
+            nn.init.ones_(module.weight)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpoint: bool) -> torch.Tensor:
+    """Apply `blocks` in order; with `checkpoint`, recompute each block's activations in backward
+    (torch.utils.checkpoint, non-reentrant so it composes with autocast and DeepSpeed)."""
+    if checkpoint and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint as ckpt
+
+        for blk in blocks:
+            x = ckpt(blk, x, use_reentrant=False)
+        return x
+    for blk in blocks:
+        x = blk(x)
+    return x
