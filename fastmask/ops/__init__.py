@@ -4,6 +4,8 @@
     patch_scatter(tokens, ids_restore, mask_token)    -> unshuffled tokens [B, L, D]
     norm_pix_loss(pred, imgs, mask, patch_size)       -> scalar (MAE's normalized-pixel loss)
     attention(q, k, v)                                -> [B, heads, N, head_dim]
+    add_layer_norm(x, residual, weight, bias)         -> (LayerNorm(x + residual), x + residual)
+    bias_gelu(x, bias)                                -> GELU(x + bias)
 
 Every op takes `backend="auto" | "torch" | "triton" | "cuda"` (attention also "sdpa", "xformers");
 the FASTMASK_BACKEND environment variable sets the default. `fastmask.ops.reference` holds the
@@ -11,9 +13,12 @@ plain-PyTorch versions. This package imports nothing from the rest of the engine
 """
 from .attention import attention
 from .backends import BackendUnavailable, backends_for, explain, select
+from .bias_gelu import bias_gelu
+from .layer_norm import add_layer_norm
 from .norm_pix_loss import norm_pix_loss
 from .patch_gather import patch_gather
 from .patch_scatter import patch_scatter
 
-__all__ = ["patch_gather", "patch_scatter", "norm_pix_loss", "attention", "BackendUnavailable",
+__all__ = ["patch_gather", "patch_scatter", "norm_pix_loss", "attention", "add_layer_norm", "bias_gelu",
+           "BackendUnavailable",
            "backends_for", "explain", "select"]
