@@ -1,0 +1,220 @@
+"""NVIDIA DALI loader: JPEG folder -> normalized image batches on the training device.
+
+    loader = DaliLoader(cfg.data, rank, world_size, seed=cfg.engine.seed, device="cuda:0")
+    for imgs in loader.epoch(epoch, start=0):   # imgs [B, 3, S, S] float32, ImageNet-normalized
+        ...
+
+Per batch, inside DALI: `fn.readers.file` -> `fn.decoders.image_slice` (the "mixed" nvJPEG decoder
+on GPU, decoding only the crop window; libjpeg-turbo on CPU) -> `fn.resize` to S x S (bicubic,
+antialiased) -> `fn.crop_mirror_normalize` (flip, (x - mean) / std, HWC -> CHW, output dtype) ->
+`DALIGenericIterator`. On CPU the pipeline runs with `device_id=None`.
+
+What is decided in numpy rather than by DALI's random operators, and why:
+- Order and sharding. Each epoch, one permutation of all files drawn from (seed, epoch); rank r takes
+  the r-th of `world_size` equal contiguous blocks (the tail that does not fill a block is left
+  out for this epoch, so every rank runs the same number of steps), then drops its last partial
+  batch. The reader gets that list as is (no shuffle, one shard). DALI's own `random_shuffle` only
+  mixes through a 1,024-sample buffer, its shards rotate across epochs, and it cannot start at a
+  given batch; doing it here gives a uniform shuffle, disjoint shards, and an exact `start`.
+- The RandomResizedCrop window and the flip of every sample, drawn from (seed, epoch, rank) with
+  torchvision's algorithm (area in (min_scale, 1) of the image, aspect in (3/4, 4/3), log-uniform,
+  10 tries, then a center crop), from the image sizes found when the files were validated. They
+  reach DALI through `fn.external_source`. DALI's random operators advance a hidden state per
+  batch, so a pipeline restarted at batch k would draw different crops; here it draws the same.
+
+Reproducibility: given (files, seed, epoch, rank, world_size, batch_size) the file order, crops and
+flips are exact, and `epoch(e, start=k)` yields exactly the batches k, k+1, ... of `epoch(e)`
+(pixels bit-identical on CPU, tested). On GPU the nvJPEG/hardware decoder gives pixels that differ
+slightly from the CPU decoder's; repeat runs on the same GPU and DALI version are expected to match
+but are not tested here. Changing world_size or batch_size changes the shards.
+
+Corrupt files are found before the first batch by `fastmask.data.files.image_files` (skip with a
+warning naming them, or fail, per `data.on_corrupt`). Should DALI still fail on a batch, the error
+names the files of that batch.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import numpy as np
+import torch
+
+from fastmask.data.files import image_files
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+INSTALL_HINT = "pip install fastmask[dali]  (installs nvidia-dali-cuda130)"
+
+
+def require_dali():
+    """-> the nvidia.dali module, or ImportError with the install hint."""
+    try:
+        import nvidia.dali as dali
+        import nvidia.dali.plugin.pytorch  # noqa: F401 - the iterator we feed torch with
+    except ImportError as e:
+        raise ImportError(f"data.loader=dali needs NVIDIA DALI, which is not importable here ({e}). "
+                          f"Install it with: {INSTALL_HINT}; or set data.loader=torch.") from e
+    return dali
+
+
+def rrc_windows(sizes: np.ndarray, rng: np.random.Generator, scale: tuple[float, float] = (0.2, 1.0),
+                ratio: tuple[float, float] = (3 / 4, 4 / 3), attempts: int = 10) -> np.ndarray:
+    """sizes int [N, 2] (width, height) -> int32 [N, 4] crop windows (x0, y0, w, h), inside the image.
+
+    torchvision's RandomResizedCrop.get_params, vectorized over samples: up to `attempts` draws of
+    area fraction ~ U(scale) and aspect ~ exp(U(log ratio)); the first that fits wins; none fits ->
+    the largest center crop with aspect clamped to `ratio`.
+    """
+    n = len(sizes)
+    W = sizes[:, 0:1].astype(np.float64)
+    H = sizes[:, 1:2].astype(np.float64)
+    target = W * H * rng.uniform(scale[0], scale[1], (n, attempts))
+    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, attempts)))
+    w = np.rint(np.sqrt(target * aspect))
+    h = np.rint(np.sqrt(target / aspect))
+    fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
+    first = fits.argmax(axis=1)
+    rows = np.arange(n)
+    w, h = w[rows, first], h[rows, first]
+    W, H = W[:, 0], H[:, 0]
+    u = rng.random((n, 2))
+    x0 = np.floor(u[:, 0] * (W - w + 1))
+    y0 = np.floor(u[:, 1] * (H - h + 1))
+    # Fallback: center crop, aspect clamped into `ratio`.
+    ok = fits.any(axis=1)
+    in_ratio = W / H
+    cw = np.where(in_ratio < ratio[0], W, np.where(in_ratio > ratio[1], np.rint(H * ratio[1]), W))
+    ch = np.where(in_ratio < ratio[0], np.rint(W / ratio[0]), H)
+    w, h = np.where(ok, w, cw), np.where(ok, h, ch)
+    x0 = np.where(ok, x0, (W - w) // 2)
+    y0 = np.where(ok, y0, (H - h) // 2)
+    return np.stack([x0, y0, w, h], axis=1).astype(np.int32)
+
+
+class DaliLoader:
+    """DALI image loader for one rank. See the module docstring.
+
+    data_cfg: fastmask.engine.config.DataConfig (root, img_size, batch_size, min_scale, hflip,
+    on_corrupt, dali_threads). device: "cpu" or a CUDA device; batches land there.
+    dtype: float32 | float16 come out of DALI; bfloat16 is converted from float32 on the device.
+
+    Attributes: batches_per_epoch, files (good files, sorted), skipped ([(path, reason)]).
+    """
+
+    def __init__(self, data_cfg, rank: int = 0, world_size: int = 1, seed: int = 0,
+                 device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
+        require_dali()  # before any work: a missing extra is the first thing to report
+        device = torch.device(device)
+        problems = []
+        if not 0 <= rank < world_size:
+            problems.append(f"rank must be in [0, world_size={world_size}), got {rank}")
+        if data_cfg.img_size < 1 or data_cfg.batch_size < 1:
+            problems.append(f"data.img_size and data.batch_size must be >= 1, got "
+                            f"{data_cfg.img_size} and {data_cfg.batch_size}")
+        if not 0.0 < data_cfg.min_scale <= 1.0:
+            problems.append(f"data.min_scale must be in (0, 1], got {data_cfg.min_scale}")
+        if data_cfg.dali_threads < 1:
+            problems.append(f"data.dali_threads must be >= 1, got {data_cfg.dali_threads}")
+        if device.type not in ("cpu", "cuda"):
+            problems.append(f"device must be cpu or cuda, got {device}")
+        if dtype not in (torch.float32, torch.float16, torch.bfloat16):
+            problems.append(f"dtype must be float32, float16 or bfloat16, got {dtype}")
+        if problems:
+            raise ValueError("DaliLoader: " + "; ".join(problems))
+        if device.type == "cuda" and device.index is None:
+            device = torch.device("cuda", torch.cuda.current_device())
+
+        self.cfg = data_cfg
+        self.rank, self.world_size, self.seed = rank, world_size, seed
+        self.device, self.dtype = device, dtype
+        self.files, self._sizes, self.skipped = image_files(data_cfg, threads=max(data_cfg.dali_threads, 4))
+        self.per_rank = len(self.files) // world_size
+        self.batches_per_epoch = self.per_rank // data_cfg.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(f"{len(self.files)} usable image(s) split over {world_size} rank(s) give "
+                             f"{self.per_rank} per rank: not one full batch of {data_cfg.batch_size}")
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch
+
+    def epoch_indices(self, epoch: int) -> np.ndarray:
+        """-> int64 [batches_per_epoch * batch_size]: this rank's files (indices into .files) in order."""
+        perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
+        mine = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
+        return mine[:self.batches_per_epoch * self.cfg.batch_size]
+
+    def epoch_files(self, epoch: int) -> list[str]:
+        return [self.files[i] for i in self.epoch_indices(epoch)]
+
+    def augment_params(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (int32 [n, 4] crop windows (x0, y0, w, h), int32 [n] flips) for this rank's epoch."""
+        idx = self.epoch_indices(epoch)
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
+        windows = rrc_windows(self._sizes[idx], rng, scale=(self.cfg.min_scale, 1.0))
+        flips = rng.integers(0, 2, len(idx), dtype=np.int32) if self.cfg.hflip else np.zeros(len(idx), np.int32)
+        return windows, flips
+
+    def _pipeline(self, files: list[str], windows: np.ndarray, flips: np.ndarray):
+        from nvidia.dali import fn, pipeline_def, types
+
+        B, S = self.cfg.batch_size, self.cfg.img_size
+        nb = len(files) // B
+        gpu = self.device.type == "cuda"
+
+        def params(iteration: int):
+            # The pipeline prefetches past the last batch; those reads are never consumed.
+            sl = slice((iteration % nb) * B, (iteration % nb + 1) * B)
+            return list(windows[sl, :2]), list(windows[sl, 2:]), list(flips[sl])
+
+        @pipeline_def
+        def pipe():
+            jpegs, _ = fn.readers.file(files=files, name="reader", random_shuffle=False,
+                                       shard_id=0, num_shards=1)
+            anchor, shape, flip = fn.external_source(source=params, num_outputs=3, batch=True)
+            # int32 anchor/shape are absolute pixels in (x, y) order ("WH").
+            imgs = fn.decoders.image_slice(jpegs, anchor, shape, device="mixed" if gpu else "cpu",
+                                           output_type=types.RGB, adjust_orientation=True)
+            imgs = fn.resize(imgs, resize_x=S, resize_y=S, interp_type=types.INTERP_CUBIC, antialias=True)
+            return fn.crop_mirror_normalize(
+                imgs, dtype=types.FLOAT16 if self.dtype == torch.float16 else types.FLOAT,
+                output_layout="CHW", mirror=flip,
+                mean=[m * 255 for m in IMAGENET_MEAN], std=[s * 255 for s in IMAGENET_STD])
+
+        # No DALI random operator is used; the seed only fixes anything DALI might draw internally.
+        p = pipe(batch_size=B, num_threads=self.cfg.dali_threads, device_id=self.device.index if gpu else None,
+                 seed=(self.seed * 1_000_003 + self.rank) % (2**31), prefetch_queue_depth=2)
+        p.build()
+        return p
+
+    def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
+        """Yield this rank's batches [B, 3, S, S] (dtype, device) of `epoch`, from batch `start` on."""
+        if not 0 <= start <= self.batches_per_epoch:
+            raise ValueError(f"start must be in [0, {self.batches_per_epoch}], got {start}")
+        return self._batches(epoch, start)
+
+    def _batches(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
+
+        if start == self.batches_per_epoch:
+            return
+        B = self.cfg.batch_size
+        files = self.epoch_files(epoch)[start * B:]
+        windows, flips = self.augment_params(epoch)
+        pipe = self._pipeline(files, windows[start * B:], flips[start * B:])
+        it = DALIGenericIterator(pipe, ["images"], reader_name="reader", auto_reset=False,
+                                 last_batch_policy=LastBatchPolicy.DROP)
+        try:
+            for b in range(len(files) // B):
+                try:
+                    out = next(it)
+                except StopIteration:
+                    return
+                except RuntimeError as e:
+                    batch = files[b * B:(b + 1) * B]
+                    raise RuntimeError(f"DALI failed on epoch {epoch} batch {start + b} (rank {self.rank}); "
+                                       f"one of these files is the likely cause: {batch}\n{e}") from e
+                imgs = out[0]["images"]
+                yield imgs if imgs.dtype == self.dtype else imgs.to(self.dtype)
+        finally:
+            del it, pipe  # frees the pipeline's threads and buffers now, not at the next GC
