@@ -1,0 +1,149 @@
+"""MAE (He et al., arXiv 2111.06377): hide most patches, encode only the visible ones, reconstruct
+the hidden ones' normalized pixels with a light decoder. See shared/METHODS.md section 1.
+
+Layout choice: the method *is* the official model. `MAE` subclasses
+`fastmask.models.MaskedAutoencoderViT`, whose attributes are facebookresearch/mae's
+(patch_embed, cls_token, pos_embed, blocks, norm, decoder_embed, mask_token, decoder_pos_embed,
+decoder_blocks, decoder_norm, decoder_pred) at the top level, so parameter names and state-dict
+keys are the official ones with no prefix: an official checkpoint loads with
+`load_state_dict(strict=True)`, and a DeepSpeed checkpoint of this method is an official-format
+checkpoint plus one key, `_extra_state` (the mask generator's position, below). `encoder()` returns
+a plain VisionTransformer sharing the encoder's tensors (timm-loadable state dict).
+
+Masks come from a generator in `fastmask.masking` (random by default) drawn with a torch.Generator
+that lives in the method. Draw n on rank r uses seed mix(engine.seed, r, n): masks differ per rank
+and per step, and the state to checkpoint is just (seed, n), saved through get/set_extra_state,
+so a resumed run draws exactly the masks the uninterrupted run would have drawn, on every rank,
+even though DeepSpeed saves the module state from rank 0 only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from ..masking import Masks, build_masker
+from ..models.mae import MaskedAutoencoderViT
+from ..models.vit import vit_config
+from ..objectives.reconstruction import PixelReconstruction
+from . import register_method
+from .base import Method
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix(*values: int) -> int:
+    """Deterministic 63-bit seed from integers (SplitMix64 finalizer over a running hash); stable
+    across Python versions and processes, unlike hash()."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
+        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
+        h ^= h >> 29
+    return h >> 1
+
+
+def _rank() -> int:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank()
+    return int(os.environ.get("RANK", 0))
+
+
+@register_method("mae")
+class MAE(MaskedAutoencoderViT, Method):
+    """forward(imgs [B, C, H, W] normalized) -> {"loss": fp32 scalar, "mask_ratio": fp32 scalar}.
+
+    Args: model (a registered ViT name), img_size, mask_ratio in (0, 1), masking (a registered mask
+    generator), norm_pix, decoder_embed_dim / decoder_depth / decoder_num_heads (512 / 8 / 16 as MAE
+    for every size), drop_path_rate (0 in MAE pretraining), decay_tokens, backend (the fastmask.ops
+    backend of every fused op), seed (of the mask generator; the rank is added per process).
+
+    decay_tokens: the official recipe decays cls_token and mask_token (timm's add_weight_decay with
+    no skip list); fastmask's default follows the project's rule of no decay on norms, biases and
+    tokens. Set it True to reproduce the official optimizer groups exactly.
+    """
+
+    @dataclasses.dataclass
+    class Args:
+        norm_pix: bool = True
+        decoder_embed_dim: int = 512
+        decoder_depth: int = 8
+        decoder_num_heads: int = 16
+        drop_path_rate: float = 0.0
+        decay_tokens: bool = False
+
+    def __init__(self, model: str = "vit_base_patch16", img_size: int | tuple[int, int] = 224,
+                 mask_ratio: float = 0.75, masking: str = "random", norm_pix: bool = True,
+                 decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
+                 drop_path_rate: float = 0.0, decay_tokens: bool = False, backend: str = "auto", seed: int = 0):
+        # Everything that can be wrong with the arguments fails here, before any weight is allocated.
+        arch = vit_config(model)
+        masker = build_masker(masking, mask_ratio=mask_ratio)
+        super().__init__(decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
+                         decoder_num_heads=decoder_num_heads, img_size=img_size, drop_path_rate=drop_path_rate,
+                         backend=backend, **arch)
+        if hasattr(masker, "num_keep"):
+            masker.num_keep(self.num_patches)  # e.g. a ratio so high that no patch is left: fail now
+        self.model_name, self.mask_ratio, self.decay_tokens = model, float(mask_ratio), decay_tokens
+        self.masker = masker
+        self.objective = PixelReconstruction(self.patch_size, norm_pix=norm_pix, backend=backend)
+        self.mask_seed, self.mask_draws = int(seed), 0
+        self._mask_gen: torch.Generator | None = None
+
+    @classmethod
+    def from_config(cls, cfg, args: "MAE.Args") -> "MAE":
+        return cls(model=cfg.model, img_size=cfg.data.img_size, mask_ratio=cfg.mask_ratio, masking=cfg.masking,
+                   backend=cfg.engine.backend, seed=cfg.engine.seed, **dataclasses.asdict(args))
+
+    # ------------------------------------------------------------------ masks
+    def _generator(self, device: torch.device) -> torch.Generator:
+        if self._mask_gen is None or self._mask_gen.device.type != device.type:
+            self._mask_gen = torch.Generator(device=device)
+        return self._mask_gen
+
+    @torch.compiler.disable  # generator objects and a Python counter: keep them out of compiled graphs
+    def draw_masks(self, batch_size: int, device: torch.device) -> Masks:
+        """Masks for one batch: ids_keep [B, K], ids_restore [B, L], mask [B, L] (1 = hidden),
+        from draw number `mask_draws` of this rank's stream (see the module docstring)."""
+        g = self._generator(device)
+        g.manual_seed(_mix(self.mask_seed, _rank(), self.mask_draws))
+        self.mask_draws += 1
+        return self.masker(batch_size, self.grid_size, device=device, generator=g)
+
+    def get_extra_state(self) -> dict:
+        return {"mask_seed": self.mask_seed, "mask_draws": self.mask_draws}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.mask_seed, self.mask_draws = int(state["mask_seed"]), int(state["mask_draws"])
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        # An official MAE checkpoint has no `_extra_state`: accept it under strict loading and keep
+        # the current mask stream (nothing else may be missing).
+        key = prefix + "_extra_state"
+        had = key in state_dict
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if not had and key in missing_keys:
+            missing_keys.remove(key)
+
+    def official_state_dict(self) -> dict[str, torch.Tensor]:
+        """The state dict without `_extra_state`: exactly the official MaskedAutoencoderViT keys."""
+        return {k: v for k, v in self.state_dict().items() if not k.endswith("_extra_state")}
+
+    # ------------------------------------------------------------------ method interface
+    def no_weight_decay(self) -> set[str]:
+        skip = super().no_weight_decay()
+        return skip - {"cls_token", "mask_token"} if self.decay_tokens else skip
+
+    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_images(imgs)
+        masks = self.draw_masks(imgs.shape[0], imgs.device)
+        latent = self.forward_encoder(imgs, masks.ids_keep)      # [B, 1+K, D]
+        pred = self.forward_decoder(latent, masks.ids_restore)   # [B, L, p*p*C]
+        loss = self.objective(pred, imgs, masks.mask)
+        return {"loss": loss, "mask_ratio": masks.mask.mean()}
+
+    def encoder(self):
+        return self.encoder_view()
