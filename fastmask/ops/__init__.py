@@ -16,9 +16,10 @@ from .backends import BackendUnavailable, backends_for, explain, select
 from .bias_gelu import bias_gelu
 from .layer_norm import add_layer_norm
 from .norm_pix_loss import norm_pix_loss
+from .patch_embed import patch_embed_visible
 from .patch_gather import patch_gather
 from .patch_scatter import patch_scatter
 
 __all__ = ["patch_gather", "patch_scatter", "norm_pix_loss", "attention", "add_layer_norm", "bias_gelu",
-           "BackendUnavailable",
+           "patch_embed_visible", "BackendUnavailable",
            "backends_for", "explain", "select"]

@@ -79,3 +79,20 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
     p = F.softmax(s, dim=-1)
     return torch.matmul(p, v.float()).to(q.dtype)
+
+
+def patch_embed_visible(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
+                        bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """imgs [B, C, H, W], ids_keep [B, K], weight [D, C, p, p] (timm's patch_embed.proj.weight), bias [D] or None,
+    pos_embed [L, D] or None -> visible patch embeddings [B, K, D].
+
+    Equal to MAE's `patch_embed(imgs) + pos_embed` followed by keeping the ids_keep tokens, but the
+    matrix product runs on the K visible patches only. The conv weight is permuted to [D, (p, q, c)]
+    to match the (p, q, c) order of the gathered patch vectors.
+    """
+    D, p = weight.shape[0], weight.shape[-1]
+    patches = patch_gather(imgs, ids_keep, p)
+    out = F.linear(patches, weight.permute(0, 2, 3, 1).reshape(D, -1), bias)
+    if pos_embed is not None:
+        out = out + F.embedding(ids_keep, pos_embed)
+    return out
