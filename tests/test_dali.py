@@ -105,7 +105,7 @@ def test_two_ranks_get_disjoint_shards_covering_the_set(root):
     # (all images are square, so min_scale=1 crops the whole image).
     for loader in (r0, r1):
         got = torch.cat(list(loader.epoch(1)))
-        _, flips = loader.augment_params(1)
+        _, flips = loader.epoch_params(1)
         want = torch.stack([pil_reference(f, 24, bool(fl)) for f, fl in zip(loader.epoch_files(1), flips)])
         err = (got - want).abs().mean(dim=(1, 2, 3))
         assert err.max() < 0.12, err  # decoders and resize filters differ a little from PIL's
@@ -116,8 +116,7 @@ def test_two_ranks_get_disjoint_shards_covering_the_set(root):
 def test_uneven_split_drops_the_tail_equally_on_every_rank(root):
     c = cfg(root, batch_size=7)
     loaders = [make(c, r, 3) for r in range(3)]
-    per_rank = N_FILES // 3  # 26 -> 3 full batches of 7
-    assert all(lo.batches_per_epoch == per_rank // 7 == 3 for lo in loaders)
+    assert all(lo.batches_per_epoch == N_FILES // (7 * 3) == 3 for lo in loaders)  # 80 -> 3 x 21, 17 left out
     shards = [set(lo.epoch_files(2)) for lo in loaders]
     assert all(len(s) == 21 for s in shards) and not (shards[0] & shards[1] or shards[1] & shards[2])
     batches = list(loaders[2].epoch(2))
@@ -140,6 +139,33 @@ def test_start_resumes_bit_exactly_and_seeds_decide(root):
     assert all(torch.equal(a, b) for a, b in zip(full, again))
     other = list(make(c, seed=6).epoch(3))
     assert not torch.equal(full[0], other[0])
+
+
+@needs_dali
+def test_a_step_sees_the_same_samples_and_crops_whatever_the_rank_count(root):
+    one = make(cfg(root, batch_size=8), 0, 1, seed=2)
+    two = [make(cfg(root, batch_size=4), r, 2, seed=2) for r in (0, 1)]
+    assert one.batches_per_epoch == two[0].batches_per_epoch == 10
+    b1 = list(one.epoch(4))
+    b2 = [list(lo.epoch(4)) for lo in two]
+    for t in (0, 7):
+        assert torch.equal(b1[t], torch.cat([b2[0][t], b2[1][t]]))
+
+
+def test_augment_params_depend_only_on_the_sample():
+    from fastmask.data.dali import augment_params, keyed_uniforms
+
+    sizes = np.array([[640, 427], [97, 131], [128, 128], [500, 375]])
+    idx = np.array([11, 3, 7, 42])
+    w, f = augment_params(9, 2, idx, sizes, 0.2, True)
+    perm = [2, 0, 3, 1]
+    w2, f2 = augment_params(9, 2, idx[perm], sizes[perm], 0.2, True)
+    assert np.array_equal(w[perm], w2) and np.array_equal(f[perm], f2)
+    assert not np.array_equal(augment_params(9, 3, idx, sizes, 0.2, True)[0], w)  # new epoch, new crops
+    assert not augment_params(9, 2, idx, sizes, 0.2, False)[1].any()
+    u = keyed_uniforms(0, 0, np.arange(20000), 4)
+    assert abs(u.mean() - 0.5) < 0.01 and abs(u.std() - 12 ** -0.5) < 0.01 and 0 <= u.min() and u.max() < 1
+    assert abs(np.corrcoef(u[:, 0], u[:, 1])[0, 1]) < 0.03
 
 
 def test_rrc_windows_follow_torchvision_semantics():
@@ -224,7 +250,7 @@ def test_changed_file_is_validated_again(root, tmp_path):
 
 @needs_dali
 def test_too_few_images_for_one_batch_is_a_clear_error(root):
-    with pytest.raises(ValueError, match="not one full batch"):
+    with pytest.raises(ValueError, match="do not fill one global batch"):
         make(cfg(root, batch_size=41), 0, 2)
 
 

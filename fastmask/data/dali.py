@@ -10,23 +10,25 @@ antialiased) -> `fn.crop_mirror_normalize` (flip, (x - mean) / std, HWC -> CHW, 
 `DALIGenericIterator`. On CPU the pipeline runs with `device_id=None`.
 
 What is decided in numpy rather than by DALI's random operators, and why:
-- Order and sharding. Each epoch, one permutation of all files drawn from (seed, epoch); rank r takes
-  the r-th of `world_size` equal contiguous blocks (the tail that does not fill a block is left
-  out for this epoch, so every rank runs the same number of steps), then drops its last partial
-  batch. The reader gets that list as is (no shuffle, one shard). DALI's own `random_shuffle` only
-  mixes through a 1,024-sample buffer, its shards rotate across epochs, and it cannot start at a
-  given batch; doing it here gives a uniform shuffle, disjoint shards, and an exact `start`.
-- The RandomResizedCrop window and the flip of every sample, drawn from (seed, epoch, rank) with
-  torchvision's algorithm (area in (min_scale, 1) of the image, aspect in (3/4, 4/3), log-uniform,
-  10 tries, then a center crop), from the image sizes found when the files were validated. They
-  reach DALI through `fn.external_source`. DALI's random operators advance a hidden state per
-  batch, so a pipeline restarted at batch k would draw different crops; here it draws the same.
+- Order and sharding. Each epoch, one permutation of all files drawn from (seed, epoch), cut into
+  global batches of B x world_size; rank r takes the r-th block of B of each (the tail that does
+  not fill a global batch is left out of this epoch). So every rank runs the same number of steps,
+  ranks never share a file, and the union over ranks of step t is the same files whatever the
+  world size. The reader gets the rank's list as is (no shuffle, one shard): DALI's own
+  `random_shuffle` only mixes through a 1,024-sample buffer, its shards rotate across epochs, and
+  it cannot start at a given batch.
+- The RandomResizedCrop window and the flip of each sample: torchvision's algorithm (area in
+  (min_scale, 1) of the image, aspect in (3/4, 4/3) log-uniform, 10 tries, then a center crop) on
+  the image size found when the files were validated, with draws hashed from (seed, epoch, sample
+  index) (`augment_params`): a sample gets the same crop on any rank count or batch size. They
+  reach DALI through `fn.external_source`. DALI's random operators instead advance a hidden
+  state per batch, so a pipeline restarted at batch k would draw different crops.
 
 Reproducibility: given (files, seed, epoch, rank, world_size, batch_size) the file order, crops and
-flips are exact, and `epoch(e, start=k)` yields exactly the batches k, k+1, ... of `epoch(e)`
-(pixels bit-identical on CPU, tested). On GPU the nvJPEG/hardware decoder gives pixels that differ
+flips are exact (a sample's crop and flip given (files, seed, epoch) alone), and `epoch(e, start=k)`
+yields exactly the batches k, k+1, ... of `epoch(e)` (pixels bit-identical on CPU, tested). On GPU the nvJPEG/hardware decoder gives pixels that differ
 slightly from the CPU decoder's; repeat runs on the same GPU and DALI version are expected to match
-but are not tested here. Changing world_size or batch_size changes the shards.
+but are not tested here. Changing B x world_size changes the order.
 
 Corrupt files are found before the first batch by `fastmask.data.files.image_files` (skip with a
 warning naming them, or fail, per `data.on_corrupt`). Should DALI still fail on a batch, the error
@@ -66,11 +68,22 @@ def rrc_windows(sizes: np.ndarray, rng: np.random.Generator, scale: tuple[float,
     area fraction ~ U(scale) and aspect ~ exp(U(log ratio)); the first that fits wins; none fits ->
     the largest center crop with aspect clamped to `ratio`.
     """
+    return rrc_from_uniforms(sizes, rng.random((len(sizes), 2 * attempts + 2)), scale, ratio)
+
+
+def rrc_from_uniforms(sizes: np.ndarray, u: np.ndarray, scale: tuple[float, float] = (0.2, 1.0),
+                      ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> np.ndarray:
+    """`rrc_windows` with its randomness given: u float [N, 2 * attempts + 2] in [0, 1).
+
+    Columns: attempts area draws, attempts log-aspect draws, then x and y of the window.
+    """
     n = len(sizes)
+    attempts = (u.shape[1] - 2) // 2
     W = sizes[:, 0:1].astype(np.float64)
     H = sizes[:, 1:2].astype(np.float64)
-    target = W * H * rng.uniform(scale[0], scale[1], (n, attempts))
-    aspect = np.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1]), (n, attempts)))
+    target = W * H * (scale[0] + (scale[1] - scale[0]) * u[:, :attempts])
+    lo, hi = math.log(ratio[0]), math.log(ratio[1])
+    aspect = np.exp(lo + (hi - lo) * u[:, attempts:2 * attempts])
     w = np.rint(np.sqrt(target * aspect))
     h = np.rint(np.sqrt(target / aspect))
     fits = (w > 0) & (w <= W) & (h > 0) & (h <= H)
@@ -78,9 +91,8 @@ def rrc_windows(sizes: np.ndarray, rng: np.random.Generator, scale: tuple[float,
     rows = np.arange(n)
     w, h = w[rows, first], h[rows, first]
     W, H = W[:, 0], H[:, 0]
-    u = rng.random((n, 2))
-    x0 = np.floor(u[:, 0] * (W - w + 1))
-    y0 = np.floor(u[:, 1] * (H - h + 1))
+    x0 = np.floor(u[:, 2 * attempts] * (W - w + 1))
+    y0 = np.floor(u[:, 2 * attempts + 1] * (H - h + 1))
     # Fallback: center crop, aspect clamped into `ratio`.
     ok = fits.any(axis=1)
     in_ratio = W / H
@@ -90,6 +102,46 @@ def rrc_windows(sizes: np.ndarray, rng: np.random.Generator, scale: tuple[float,
     x0 = np.where(ok, x0, (W - w) // 2)
     y0 = np.where(ok, y0, (H - h) // 2)
     return np.stack([x0, y0, w, h], axis=1).astype(np.int32)
+
+
+_GOLDEN = np.uint64(0x9E3779B97F4A7C15)
+
+
+def _splitmix(x: np.ndarray) -> np.ndarray:
+    """uint64 array -> uint64 array: splitmix64's finalizer (a bijective, well-mixing hash)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def keyed_uniforms(seed: int, epoch: int, indices: np.ndarray, k: int) -> np.ndarray:
+    """-> float64 [len(indices), k] in [0, 1): draw j of sample i is a hash of (seed, epoch, i, j).
+
+    A counter-based generator: what sample i gets does not depend on which rank, batch or worker
+    asks, or in what order, and a whole epoch's draws are one vectorized computation.
+    """
+    with np.errstate(over="ignore"):
+        key = _splitmix(np.array([seed & (2**64 - 1)], dtype=np.uint64) + _GOLDEN)
+        key = _splitmix(key ^ np.uint64(epoch & (2**64 - 1)))
+        key = _splitmix(key ^ np.asarray(indices, dtype=np.uint64)[:, None])
+        h = _splitmix(key + _GOLDEN * np.arange(1, k + 1, dtype=np.uint64)[None, :])
+    return (h >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
+
+
+def augment_params(seed: int, epoch: int, indices: np.ndarray, sizes: np.ndarray, min_scale: float,
+                   hflip: bool, attempts: int = 10) -> tuple[np.ndarray, np.ndarray]:
+    """Crop windows and flips of samples `indices` (into the dataset) in `epoch`.
+
+    sizes int [N, 2]: (width, height) of those samples. -> (int32 [N, 4] (x0, y0, w, h), int32 [N] 0|1).
+    Each sample's draws depend only on (seed, epoch, its index): any loader, rank count or batch
+    size that calls this gives a sample the same crop and flip.
+    """
+    u = keyed_uniforms(seed, epoch, indices, 2 * attempts + 3)
+    windows = rrc_from_uniforms(sizes, u[:, :-1], scale=(min_scale, 1.0))
+    flips = (u[:, -1] < 0.5).astype(np.int32) if hflip else np.zeros(len(indices), np.int32)
+    return windows, flips
 
 
 class DaliLoader:
@@ -129,31 +181,29 @@ class DaliLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device, self.dtype = device, dtype
         self.files, self._sizes, self.skipped = image_files(data_cfg, threads=max(data_cfg.dali_threads, 4))
-        self.per_rank = len(self.files) // world_size
-        self.batches_per_epoch = self.per_rank // data_cfg.batch_size
+        G = data_cfg.batch_size * world_size
+        self.batches_per_epoch = len(self.files) // G
         if self.batches_per_epoch == 0:
-            raise ValueError(f"{len(self.files)} usable image(s) split over {world_size} rank(s) give "
-                             f"{self.per_rank} per rank: not one full batch of {data_cfg.batch_size}")
+            raise ValueError(f"{len(self.files)} usable image(s) do not fill one global batch of "
+                             f"{data_cfg.batch_size} x {world_size} rank(s) = {G}")
 
     def __len__(self) -> int:
         return self.batches_per_epoch
 
     def epoch_indices(self, epoch: int) -> np.ndarray:
-        """-> int64 [batches_per_epoch * batch_size]: this rank's files (indices into .files) in order."""
+        """-> int64 [batches_per_epoch, B]: this rank's batches of `epoch` as indices into .files."""
+        B, W = self.cfg.batch_size, self.world_size
         perm = np.random.default_rng([self.seed, epoch]).permutation(len(self.files))
-        mine = perm[self.rank * self.per_rank:(self.rank + 1) * self.per_rank]
-        return mine[:self.batches_per_epoch * self.cfg.batch_size]
+        return perm[:self.batches_per_epoch * B * W].reshape(self.batches_per_epoch, W, B)[:, self.rank]
 
     def epoch_files(self, epoch: int) -> list[str]:
-        return [self.files[i] for i in self.epoch_indices(epoch)]
+        """-> this rank's files of `epoch` in the order they are yielded."""
+        return [self.files[i] for i in self.epoch_indices(epoch).reshape(-1)]
 
-    def augment_params(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
-        """-> (int32 [n, 4] crop windows (x0, y0, w, h), int32 [n] flips) for this rank's epoch."""
-        idx = self.epoch_indices(epoch)
-        rng = np.random.default_rng([self.seed, epoch, self.rank, 1])
-        windows = rrc_windows(self._sizes[idx], rng, scale=(self.cfg.min_scale, 1.0))
-        flips = rng.integers(0, 2, len(idx), dtype=np.int32) if self.cfg.hflip else np.zeros(len(idx), np.int32)
-        return windows, flips
+    def epoch_params(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """-> (int32 [n, 4] crop windows (x0, y0, w, h), int32 [n] flips) in the order of epoch_files."""
+        idx = self.epoch_indices(epoch).reshape(-1)
+        return augment_params(self.seed, epoch, idx, self._sizes[idx], self.cfg.min_scale, self.cfg.hflip)
 
     def _pipeline(self, files: list[str], windows: np.ndarray, flips: np.ndarray):
         from nvidia.dali import fn, pipeline_def, types
@@ -200,7 +250,7 @@ class DaliLoader:
             return
         B = self.cfg.batch_size
         files = self.epoch_files(epoch)[start * B:]
-        windows, flips = self.augment_params(epoch)
+        windows, flips = self.epoch_params(epoch)
         pipe = self._pipeline(files, windows[start * B:], flips[start * B:])
         it = DALIGenericIterator(pipe, ["images"], reader_name="reader", auto_reset=False,
                                  last_batch_policy=LastBatchPolicy.DROP)
