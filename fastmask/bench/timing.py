@@ -78,6 +78,30 @@ def time_calls(fn: Callable[[Any], Any], inputs: Sequence[Any], device: torch.de
                   max_s=max(times), repeats=repeats, warmup=warmup, times_s=times)
 
 
+def time_interleaved(fns: dict[str, Callable[[Any], Any]], inputs: Sequence[Any], device: torch.device | str,
+                     warmup: int = 2, repeats: int = 5) -> dict[str, Timing]:
+    """Time several functions in rounds: warm each up, then call A, B, C, A, B, C, ... `repeats` times.
+
+    Interleaving makes the ratios robust to load that drifts during the run (a shared CPU, GPU
+    clocks): every path sees the same conditions. Each call is timed on its own, as `time_calls`.
+    """
+    device = torch.device(device)
+    if repeats < 1 or warmup < 0 or not inputs:
+        raise ValueError(f"need repeats >= 1, warmup >= 0 and inputs, got {repeats}, {warmup}, {len(inputs)}")
+    for fn in fns.values():
+        for i in range(warmup):
+            fn(inputs[i % len(inputs)])
+    _sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for r in range(repeats):
+        x = inputs[(warmup + r) % len(inputs)]
+        for name, fn in fns.items():
+            times[name].append(time_calls(fn, [x], device, warmup=0, repeats=1).times_s[0])
+    return {name: Timing(median_s=statistics.median(t), mean_s=statistics.fmean(t), min_s=min(t),
+                         max_s=max(t), repeats=repeats, warmup=warmup, times_s=t)
+            for name, t in times.items()}
+
+
 try:
     _PAGE = os.sysconf("SC_PAGE_SIZE")
     _HAVE_STATM = os.path.exists("/proc/self/statm")
@@ -121,19 +145,24 @@ def cpu_peak_rss_delta(fn: Callable[[], Any], interval_s: float = 0.002) -> int 
     return peak - base
 
 
-def saved_activation_bytes(forward: Callable[[], Any]) -> int:
+def saved_activation_bytes(forward: Callable[[], Any], module: torch.nn.Module | None = None) -> int:
     """Bytes of distinct tensor storages autograd saves for backward during `forward()`.
 
     Exact on any device: the activation memory a training step holds at the end of its forward.
-    Views of one storage count once; parameters saved by the ops (weights) are excluded by
-    skipping leaf tensors that require grad.
+    Views of one storage count once. Weights are not activations: storages of `module`'s
+    parameters and buffers (ops often save a transposed view of a weight) are left out, as are
+    leaf tensors that require grad.
     """
+    own = set()
+    if module is not None:
+        own = {t.untyped_storage().data_ptr() for t in (*module.parameters(), *module.buffers())}
     seen: dict[tuple, int] = {}
 
     def pack(t: torch.Tensor) -> torch.Tensor:
         if not (t.is_leaf and t.requires_grad):
             st = t.untyped_storage()
-            seen[(t.device.type, st.data_ptr())] = st.nbytes()
+            if st.data_ptr() not in own:
+                seen[(t.device.type, st.data_ptr())] = st.nbytes()
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
@@ -141,15 +170,22 @@ def saved_activation_bytes(forward: Callable[[], Any]) -> int:
     return sum(seen.values())
 
 
-def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[str, int | None]:
-    """Peak memory of one `fn()` call. GPU: allocator peak (bytes, absolute, includes weights and
-    optimizer states). CPU: sampled RSS growth (see `cpu_peak_rss_delta`)."""
+def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> dict[str, Any]:
+    """Peak memory of one `fn()` call -> {"peak_bytes": comparable figure, "kind": what it is, ...}.
+
+    GPU: allocator peak during the call minus what was allocated before it (activations, gradients,
+    temporaries; not the weights and optimizer states that already existed, which would otherwise
+    include every other model alive in the process), plus the absolute peak. CPU: sampled RSS
+    growth (see `cpu_peak_rss_delta`).
+    """
     device = torch.device(device)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+        before = torch.cuda.memory_allocated(device)
         torch.cuda.reset_peak_memory_stats(device)
         fn()
         torch.cuda.synchronize(device)
-        return {"peak_allocated_bytes": int(torch.cuda.max_memory_allocated(device)),
-                "peak_reserved_bytes": int(torch.cuda.max_memory_reserved(device))}
-    return {"peak_rss_delta_bytes": cpu_peak_rss_delta(fn)}
+        peak = torch.cuda.max_memory_allocated(device)
+        return {"peak_bytes": int(peak - before), "kind": "cuda allocator peak above the allocation before the step",
+                "peak_allocated_bytes": int(peak), "allocated_before_bytes": int(before)}
+    return {"peak_bytes": cpu_peak_rss_delta(fn), "kind": "sampled RSS growth during the step (proxy)"}

@@ -1,0 +1,94 @@
+"""`fastmask bench`: the training-step benchmark (fastmask vs the plain-PyTorch MAE baseline), or,
+with `--loader ...`, the data-loader benchmark.
+
+    fastmask bench --model vit_base_patch16 --batch-size 8 --dtype fp32 --threads 2 --ablation --out step.json
+    fastmask bench --model vit_large_patch16 --batch-size 256 --dtype bf16 --out benchmarks/results/x.json --plot x.png
+    fastmask bench --loader [loader options...]      # everything after --loader goes to fastmask.bench.loader
+
+Defaults live in `fastmask.bench.step.StepBenchArgs`. Op benchmarks: `pytest benchmarks/`.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+from .step import PATHS, StepBenchArgs
+
+_D = StepBenchArgs()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "\n".join(__doc__.splitlines()[2:])
+    parser.add_argument("--loader", nargs=argparse.REMAINDER, default=None, metavar="LOADER_ARGS",
+                        help="benchmark the data loader instead; the rest of the line goes to it "
+                             "(`fastmask bench --loader --help` lists its options)")
+    parser.add_argument("--method", default=_D.method, help="registered method (the baseline exists for mae)")
+    parser.add_argument("--model", default=_D.model, help="registered ViT, e.g. vit_base_patch16")
+    parser.add_argument("--img-size", type=int, default=_D.img_size)
+    parser.add_argument("--batch-size", type=int, default=_D.batch_size)
+    parser.add_argument("--mask-ratio", type=float, default=_D.mask_ratio)
+    parser.add_argument("--dtype", default=_D.dtype, choices=("auto", "fp32", "bf16", "fp16"),
+                        help="auto: bf16 on CUDA, fp32 on CPU (reduced precision runs under autocast)")
+    parser.add_argument("--device", default=_D.device, help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--warmup", type=int, default=_D.warmup, help="untimed steps per path (first one reported)")
+    parser.add_argument("--repeats", type=int, default=_D.repeats, help="timed steps per path (median reported)")
+    parser.add_argument("--paths", default=",".join(_D.paths), help=f"comma-separated subset of {','.join(PATHS)}")
+    parser.add_argument("--ablation", action="store_true",
+                        help="also time MAE's all-token encoder (mask tokens in the encoder) on both paths")
+    parser.add_argument("--threads", type=int, default=_D.threads, help="torch CPU threads")
+    parser.add_argument("--backend", default=_D.backend, help="fastmask.ops backend for the fastmask path")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both paths (compile time = first step)")
+    parser.add_argument("--config", default=_D.recipe, help="config recipe the method is built from")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (e.g. --set method_args.decoder_depth=1)")
+    parser.add_argument("--peak-tflops", type=float, default=_D.peak_tflops,
+                        help="peak TFLOP/s for MFU (default: datasheet figure for known GPUs, none on CPU)")
+    parser.add_argument("--num-inputs", type=int, default=_D.num_inputs, help="distinct batches rotated")
+    parser.add_argument("--seed", type=int, default=_D.seed)
+    parser.add_argument("--out", default=None, help="write the result JSON here")
+    parser.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
+
+
+def _loader_main(rest: list[str]) -> int:
+    import importlib
+
+    try:
+        loader = importlib.import_module("fastmask.bench.loader")
+    except ModuleNotFoundError as e:
+        if e.name != "fastmask.bench.loader":
+            raise
+        print("fastmask bench --loader: fastmask.bench.loader is not installed in this build", file=sys.stderr)
+        return 2
+    parser = argparse.ArgumentParser(prog="fastmask bench --loader")
+    loader.add_loader_arguments(parser)
+    loader.run_loader_bench(parser.parse_args(rest))  # prints its table and writes its --out JSON
+    return 0
+
+
+def args_from_namespace(ns: argparse.Namespace) -> StepBenchArgs:
+    fields = {f.name for f in dataclasses.fields(StepBenchArgs)}
+    kw = {k: v for k, v in vars(ns).items() if k in fields}
+    kw["recipe"] = ns.config
+    kw["paths"] = tuple(p.strip() for p in ns.paths.split(",") if p.strip())
+    kw["overrides"] = tuple(ns.overrides)
+    return StepBenchArgs(**kw)
+
+
+def main(ns: argparse.Namespace) -> int:
+    if ns.loader is not None:
+        return _loader_main(ns.loader)
+    from .step import plot, run_step_bench, save_json
+
+    args = args_from_namespace(ns)
+    result = run_step_bench(args)
+    print(json.dumps({"device": result["device"]["name"], "model": args.model, "batch_size": args.batch_size,
+                      "dtype": result["args"]["dtype"], "ratios": result["ratios"]}, indent=2))
+    if ns.out:
+        print(f"[bench] wrote {save_json(result, ns.out)}")
+    if ns.plot:
+        print(f"[bench] wrote {plot(result, ns.plot)}")
+    return 0
