@@ -219,3 +219,19 @@ def test_cosine_momentum_schedule():
     assert cosine_momentum(50, 100, 0.99) == pytest.approx(1 - 0.01 * (math.cos(math.pi / 2) + 1) / 2)
     vals = [cosine_momentum(t, 40, 0.99) for t in range(41)]
     assert all(a <= b for a, b in zip(vals, vals[1:]))
+
+
+def test_ema_bf16_teacher_keeps_moving_through_fp32_shadow():
+    torch.manual_seed(1)
+    student = torch.nn.Linear(16, 16)
+    teacher = make_teacher(student).bfloat16()
+    target = torch.randn(16, 16) * 0.01 + student.weight.detach()  # small difference: bf16-invisible per step
+    with torch.no_grad():
+        student.weight.copy_(target)
+    w0 = teacher.weight.float().clone()
+    for _ in range(200):
+        ema_update_(teacher, student, 0.996)
+    # fp32 EMA after 200 steps moves 1 - 0.996^200 = 55% of the way
+    expected = w0 + (1 - 0.996 ** 200) * (target - w0)
+    torch.testing.assert_close(teacher.weight.float(), expected, rtol=0, atol=2e-2)
+    assert (teacher.weight.float() - w0).abs().mean() > 0.5 * (target - w0).abs().mean()

@@ -7,6 +7,12 @@
 The update runs as two foreach kernels over the parameter lists (no Python loop over tensors, no
 host sync). Only parameters are averaged: buffers (BatchNorm running statistics, DINO centres)
 stay the teacher's own, as BYOL/solo-learn and DINO do.
+
+Low-precision teachers: when the engine casts the whole method to bf16/fp16 (DeepSpeed's bf16
+mode), an update of (1 - m) * (theta_s - theta_t) with m >= 0.996 falls mostly below bf16's
+resolution and the teacher would stop moving. The EMA then runs on an fp32 shadow of the teacher
+(kept on the teacher module, not a parameter or buffer, so neither cast nor checkpointed; after a
+resume it restarts from the bf16 teacher) and is copied into the teacher's parameters.
 """
 from __future__ import annotations
 
@@ -48,10 +54,28 @@ def ema_update_(teacher: nn.Module, student: nn.Module, momentum: float) -> None
     t_params, s_params = _pairs(teacher, student)
     if momentum == 1.0 or not t_params:
         return
+    low = [t for t in t_params if t.dtype in (torch.bfloat16, torch.float16)]
+    if low:
+        shadow = _fp32_shadow(teacher, t_params)
+        s32 = [s.float() for s in s_params]
+        torch._foreach_mul_(shadow, momentum)
+        torch._foreach_add_(shadow, s32, alpha=1.0 - momentum)
+        torch._foreach_copy_(t_params, shadow)
+        return
     if any(t.dtype != s.dtype for t, s in zip(t_params, s_params)):
         s_params = [s.to(t.dtype) for t, s in zip(t_params, s_params)]
     torch._foreach_mul_(t_params, momentum)
     torch._foreach_add_(t_params, s_params, alpha=1.0 - momentum)
+
+
+def _fp32_shadow(teacher: nn.Module, t_params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """fp32 copies of the teacher's parameters, created on first use (or when their layout changed)."""
+    shadow = teacher.__dict__.get("_ema_fp32_shadow")
+    if shadow is None or len(shadow) != len(t_params) or any(
+            a.shape != b.shape or a.device != b.device for a, b in zip(shadow, t_params)):
+        shadow = [t.detach().float().clone() for t in t_params]
+        teacher.__dict__["_ema_fp32_shadow"] = shadow
+    return shadow
 
 
 def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: float = 1.0) -> float:
