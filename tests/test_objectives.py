@@ -235,3 +235,13 @@ def test_ema_bf16_teacher_keeps_moving_through_fp32_shadow():
     expected = w0 + (1 - 0.996 ** 200) * (target - w0)
     torch.testing.assert_close(teacher.weight.float(), expected, rtol=0, atol=2e-2)
     assert (teacher.weight.float() - w0).abs().mean() > 0.5 * (target - w0).abs().mean()
+
+
+def test_info_nce_batched_groups_match_per_group_loop():
+    G, N, M, d = 3, 4, 6, 5
+    q, k = _rand(G, N, d, seed=90), _rand(G, M, d, seed=91)
+    pos = torch.randint(0, M, (G, N), generator=torch.Generator().manual_seed(1))
+    ref = torch.stack([_info_nce_loop(q[g], k[g], 0.3, pos[g]) for g in range(G)]).mean()
+    torch.testing.assert_close(info_nce(q, k, 0.3, positives=pos), ref, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="positives must be"):
+        info_nce(q, k, 0.3, positives=pos[0])

@@ -17,33 +17,37 @@ def _logits(q: torch.Tensor, k: torch.Tensor, temperature: float, normalize: boo
     q, k = upcast(q), upcast(k)
     if normalize:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    logits = q @ k.t() / temperature
+    logits = q @ k.transpose(-2, -1) / temperature
     # Max-logit subtraction: softmax-invariant, keeps exp() in range for tiny temperatures.
     return logits - logits.max(dim=-1, keepdim=True).values.detach()
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2,
              positives: torch.Tensor | None = None, normalize: bool = True) -> torch.Tensor:
-    """q [N, d], k [M, d] -> fp32 scalar: mean_i -log softmax_j(<q_i, k_j> / temperature)[pos_i].
+    """q [N, d], k [M, d] (or batched: q [G, N, d], k [G, M, d]) -> fp32 scalar:
+    mean over queries of -log softmax_j(<q_i, k_j> / temperature)[pos_i].
 
-    positives: int64 [N] indices into k (the positive key of each query); None = identity (needs
-    N == M: query i's positive is key i, every other key is a negative). Embeddings are l2-normalized
-    first unless `normalize=False`.
+    positives: int64 [N] (batched: [G, N]) indices into k's M keys (the positive key of each query);
+    None = identity (needs N == M: query i's positive is key i, every other key is a negative). In
+    the batched form each group's queries see only that group's keys (e.g. the positions of one
+    image). Embeddings are l2-normalized first unless `normalize=False`.
     """
     problems = []
-    if q.dim() != 2 or k.dim() != 2 or q.shape[-1] != k.shape[-1]:
-        problems.append(f"q must be [N, d] and k [M, d], got {tuple(q.shape)} and {tuple(k.shape)}")
-    elif positives is None and q.shape[0] != k.shape[0]:
-        problems.append(f"positives=None needs as many queries as keys, got N={q.shape[0]}, M={k.shape[0]}")
-    elif positives is not None and (positives.shape != (q.shape[0],) or positives.dtype not in (torch.int64, torch.int32)):
-        problems.append(f"positives must be int [N={q.shape[0]}], got {positives.dtype} {tuple(positives.shape)}")
+    if q.dim() not in (2, 3) or k.dim() != q.dim() or q.shape[-1] != k.shape[-1] or q.shape[:-2] != k.shape[:-2]:
+        problems.append(f"q must be [N, d] and k [M, d] (or [G, N, d] and [G, M, d]), got {tuple(q.shape)} "
+                        f"and {tuple(k.shape)}")
+    elif positives is None and q.shape[-2] != k.shape[-2]:
+        problems.append(f"positives=None needs as many queries as keys, got N={q.shape[-2]}, M={k.shape[-2]}")
+    elif positives is not None and (positives.shape != q.shape[:-1] or positives.dtype not in (torch.int64, torch.int32)):
+        problems.append(f"positives must be int {list(q.shape[:-1])}, got {positives.dtype} {tuple(positives.shape)}")
     if not temperature > 0:
         problems.append(f"temperature must be > 0, got {temperature}")
     if problems:
         raise ValueError("info_nce: " + "; ".join(problems))
     if positives is None:
-        positives = torch.arange(q.shape[0], device=q.device)
-    return F.cross_entropy(_logits(q, k, temperature, normalize), positives.long())
+        positives = torch.arange(q.shape[-2], device=q.device).expand(q.shape[:-1])
+    logits = _logits(q, k, temperature, normalize)
+    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), positives.reshape(-1).long())
 
 
 def nt_xent(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.1) -> torch.Tensor:
