@@ -276,3 +276,26 @@ def test_pretrain_with_dali_trains_end_to_end(root, tmp_path):
     assert rc == 0
     assert out.is_dir() and any(out.iterdir())
 
+
+
+@needs_dali
+def test_loader_bench_runs_both_loaders_side_by_side(root, tmp_path, capsys):
+    import argparse
+
+    from fastmask.bench.loader import add_loader_arguments, run_loader_bench
+
+    parser = argparse.ArgumentParser()
+    add_loader_arguments(parser)
+    out = tmp_path / "lb.json"
+    args = parser.parse_args(["--root", str(root), "--img-size", "32", "--batch-size", "8", "--threads", "1",
+                              "--workers", "0", "--device", "cpu", "--warmup", "1", "--batches", "2",
+                              "--repeats", "2", "--out", str(out)])
+    res = run_loader_bench(args)
+    assert set(res["results"]) == {"dali", "torch"}
+    for r in res["results"].values():
+        assert r["shape"] == [8, 3, 32, 32] and r["dtype"] == "float32" and len(r["runs_images_per_s"]) == 2
+        assert r["images_per_s"] > 0
+    assert res["ratio_dali_over_torch"] > 0 and res["versions"]["nvidia-dali"]
+    assert "DALI / torch" in capsys.readouterr().out
+    import json
+    assert json.loads(out.read_text())["device"] == "cpu"
