@@ -9,6 +9,7 @@ import os
 import shutil
 import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -299,3 +300,27 @@ def test_loader_bench_runs_both_loaders_side_by_side(root, tmp_path, capsys):
     assert "DALI / torch" in capsys.readouterr().out
     import json
     assert json.loads(out.read_text())["device"] == "cpu"
+
+
+@needs_dali
+@pytest.mark.parametrize("on_corrupt", ["skip", "fail"])
+def test_file_broken_after_the_check_is_named_and_handled_mid_epoch(root, tmp_path, on_corrupt):
+    r = tmp_path / "later"
+    shutil.copytree(root, r)
+    loader = make(cfg(r, on_corrupt=on_corrupt, batch_size=10))
+    victim = loader.epoch_files(0)[23]  # in batch 2
+    st = os.stat(victim)
+    # Same size and mtime: the validation cache cannot notice; only DALI's decoder can.
+    Path(victim).write_bytes(np.random.default_rng(1).integers(0, 256, st.st_size, dtype=np.uint8).tobytes())
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns))
+    if on_corrupt == "fail":
+        with pytest.raises(CorruptImageError, match=victim):
+            list(loader.epoch(0))
+        return
+    with pytest.warns(UserWarning, match=victim):
+        batches = list(loader.epoch(0))
+    assert [b.shape[0] for b in batches] == [10] * loader.batches_per_epoch
+    assert victim in {p for p, _ in loader.skipped}
+    ok = list(make(cfg(root, batch_size=10)).epoch(0))  # the same epoch from the intact files
+    assert torch.equal(batches[0], ok[0]) and torch.equal(batches[-1], ok[-1])
+    assert torch.equal(batches[2][:3], ok[2][:3]) and not torch.equal(batches[2], ok[2])

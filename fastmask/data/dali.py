@@ -31,12 +31,15 @@ slightly from the CPU decoder's; repeat runs on the same GPU and DALI version ar
 but are not tested here. Changing B x world_size changes the order.
 
 Corrupt files are found before the first batch by `fastmask.data.files.image_files` (skip with a
-warning naming them, or fail, per `data.on_corrupt`). Should DALI still fail on a batch, the error
-names the files of that batch.
+warning naming them, or fail, per `data.on_corrupt`). Should DALI still fail on a batch (a file
+changed after the check), the files of that batch are checked again: the bad ones are named and,
+under `skip`, replaced by another sample of the same batch and the pipeline restarted there (so the
+epoch completes with full batches, in step with the other ranks); under `fail` the error names them.
 """
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterator
 
 import numpy as np
@@ -246,25 +249,55 @@ class DaliLoader:
     def _batches(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
-        if start == self.batches_per_epoch:
-            return
         B = self.cfg.batch_size
-        files = self.epoch_files(epoch)[start * B:]
+        files = self.epoch_files(epoch)
         windows, flips = self.epoch_params(epoch)
-        pipe = self._pipeline(files, windows[start * B:], flips[start * B:])
-        it = DALIGenericIterator(pipe, ["images"], reader_name="reader", auto_reset=False,
-                                 last_batch_policy=LastBatchPolicy.DROP)
-        try:
-            for b in range(len(files) // B):
-                try:
-                    out = next(it)
-                except StopIteration:
-                    return
-                except RuntimeError as e:
-                    batch = files[b * B:(b + 1) * B]
-                    raise RuntimeError(f"DALI failed on epoch {epoch} batch {start + b} (rank {self.rank}); "
-                                       f"one of these files is the likely cause: {batch}\n{e}") from e
-                imgs = out[0]["images"]
-                yield imgs if imgs.dtype == self.dtype else imgs.to(self.dtype)
-        finally:
-            del it, pipe  # frees the pipeline's threads and buffers now, not at the next GC
+        b = start
+        while b < self.batches_per_epoch:
+            pipe = self._pipeline(files[b * B:], windows[b * B:], flips[b * B:])
+            it = DALIGenericIterator(pipe, ["images"], reader_name="reader", auto_reset=False,
+                                     last_batch_policy=LastBatchPolicy.DROP)
+            try:
+                while b < self.batches_per_epoch:
+                    try:
+                        out = next(it)
+                    except RuntimeError as e:
+                        self._replace_bad_files(epoch, b, files, windows, flips, e)
+                        break  # rebuild the pipeline from batch b with the bad files replaced
+                    imgs = out[0]["images"]
+                    yield imgs if imgs.dtype == self.dtype else imgs.to(self.dtype)
+                    b += 1
+            finally:
+                del it, pipe  # frees the pipeline's threads and buffers now, not at the next GC
+
+    def _replace_bad_files(self, epoch: int, b: int, files: list[str], windows: np.ndarray,
+                           flips: np.ndarray, error: Exception) -> None:
+        """DALI failed at batch b: a file changed since it was checked. Find it (PIL, in the batches that
+        could be in flight) and, under on_corrupt=skip, put another sample of its batch in its place
+        (so the rank still yields full batches, in step with the other ranks); else raise naming it."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        from fastmask.data.files import CorruptImageError, _check_one
+
+        B = self.cfg.batch_size
+        lo, hi = b * B, min(len(files), (b + 3) * B)  # the failing batch and the prefetched ones
+        with ThreadPoolExecutor(max_workers=max(self.cfg.dali_threads, 4)) as pool:
+            checks = list(pool.map(_check_one, files[lo:hi]))
+        bad = {lo + k: why for k, (_, _, why) in enumerate(checks) if why is not None}
+        where = f"epoch {epoch} batch {b} (rank {self.rank})"
+        if not bad:
+            raise RuntimeError(f"DALI failed at {where}; every file of the batch still decodes with PIL, "
+                               f"so the cause is not a bad file: {files[lo:lo + B]}\n{error}") from error
+        listing = "\n".join(f"  {files[k]}: {why}" for k, why in bad.items())
+        if self.cfg.on_corrupt == "fail":
+            raise CorruptImageError(f"image file(s) that decoded before training fail now, at {where} "
+                                    f"(data.on_corrupt=fail):\n{listing}") from error
+        warnings.warn(f"skipping image file(s) that fail to decode at {where}; another sample of the "
+                      f"same batch takes each one's place (data.on_corrupt=skip):\n{listing}", stacklevel=3)
+        self.skipped.extend((files[k], why) for k, why in bad.items())
+        for k in bad:
+            batch = range((k // B) * B, min(len(files), (k // B + 1) * B))
+            good = [g for g in batch if g not in bad] or [g for g in range(lo, hi) if g not in bad]
+            if not good:
+                raise CorruptImageError(f"no decodable file left near {where}:\n{listing}") from error
+            files[k], windows[k], flips[k] = files[good[0]], windows[good[0]], flips[good[0]]
