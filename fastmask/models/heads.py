@@ -81,7 +81,9 @@ class WeightNormLinear(nn.Module):
     """x [..., in] -> [..., out]: x @ (g * v / ||v||_row)^T, no bias (DINO's weight-normed last layer).
 
     Parameters `weight_v` [out, in] and `weight_g` [out, 1] (the names torch's weight_norm used);
-    `freeze_g` keeps g = 1 (DINO's norm_last_layer), so only directions are learned.
+    `freeze_g` keeps g = 1 (DINO's norm_last_layer), so only directions are learned. Setting
+    `frozen = True` detaches the weights (DINO's cancel_gradients_last_layer in the first epoch):
+    they get no gradient and the optimizer leaves them alone.
     """
 
     def __init__(self, in_features: int, out_features: int, freeze_g: bool = True):
@@ -90,9 +92,11 @@ class WeightNormLinear(nn.Module):
         nn.init.trunc_normal_(v, std=0.02)
         self.weight_v = nn.Parameter(v)
         self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not freeze_g)
+        self.frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight_g * F.normalize(self.weight_v, dim=1)
+        g, v = (self.weight_g.detach(), self.weight_v.detach()) if self.frozen else (self.weight_g, self.weight_v)
+        w = g * F.normalize(v, dim=1)
         return F.linear(x, w.to(x.dtype))
 
 
