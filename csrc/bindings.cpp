@@ -115,11 +115,15 @@ at::Tensor patch_scatter_fwd(const at::Tensor& tokens, const at::Tensor& ids_res
               ids_restore.size(1), " places for K=", tokens.size(1), " tokens");
   TORCH_CHECK(mask_token.dim() == 1 && mask_token.size(0) == tokens.size(2), "fastmask_cuda::", op,
               ": mask_token must be [D=", tokens.size(2), "], got ", mask_token.sizes());
-  TORCH_CHECK(mask_token.scalar_type() == tokens.scalar_type(), "fastmask_cuda::", op, ": mask_token is ",
-              mask_token.scalar_type(), " but tokens are ", tokens.scalar_type());
+  TORCH_CHECK(mask_token.is_floating_point(), "fastmask_cuda::", op, ": mask_token must be floating point, got ",
+              mask_token.scalar_type());
   const c10::cuda::CUDAGuard guard(tokens.device());
+  // As the reference: the mask token enters in the tokens' dtype (a D-element cast). Its gradient
+  // comes back in fp32 from patch_scatter_bwd, so an fp32 parameter keeps an fp32 sum.
+  const at::Tensor mt = mask_token.scalar_type() == tokens.scalar_type() ? mask_token
+                                                                          : mask_token.to(tokens.scalar_type());
   at::Tensor out = at::empty({tokens.size(0), ids_restore.size(1), tokens.size(2)}, tokens.options());
-  patch_scatter_fwd_cuda(tokens, ids_restore, mask_token, out);
+  patch_scatter_fwd_cuda(tokens, ids_restore, mt, out);
   return out;
 }
 
