@@ -4,11 +4,10 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from fastmask.masking import MASKERS, Masks, RandomMasking, build_masker
 from fastmask.methods import build_method, get_method
-from fastmask.models import (MODELS, MAEDecoder, MaskedAutoencoderViT, VisionTransformer, create_model, list_models,
+from fastmask.models import (MAEDecoder, MaskedAutoencoderViT, VisionTransformer, create_model, list_models,
                              sincos_2d, vit_config)
 from fastmask.ops import reference
 

@@ -7,7 +7,7 @@ Registered ViTs: vit_{tiny,small,base,large,huge}_patch{16,14} (MAE's sizes; tin
 Parameter names follow timm and facebookresearch/mae, so their state dicts load unchanged.
 """
 from ._registry import MODELS, check_model_name, create_model, list_models, register_model
-from .blocks import Block, DropPath, LayerScale, Mlp, PatchEmbed
+from .blocks import Block, DropPath, LayerScale, Mlp, PatchConv, PatchEmbed
 from .mae import MaskedAutoencoderViT
 from .mae_decoder import MAEDecoder, MAEDecoderLayers
 from .pos_embed import sincos_2d
@@ -15,4 +15,4 @@ from .vit import VIT_ARCHS, VisionTransformer, vit_config
 
 __all__ = ["MODELS", "register_model", "create_model", "list_models", "check_model_name", "VisionTransformer",
            "vit_config", "VIT_ARCHS", "MAEDecoder", "MAEDecoderLayers", "MaskedAutoencoderViT", "Block", "Mlp",
-           "PatchEmbed", "DropPath", "LayerScale", "sincos_2d"]
+           "PatchEmbed", "PatchConv", "DropPath", "LayerScale", "sincos_2d"]

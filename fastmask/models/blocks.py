@@ -10,8 +10,10 @@ from __future__ import annotations
 from functools import partial
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
+from .. import ops
 from ..ops.nn import Attention
 
 # MAE (and timm's ViTs) use LayerNorm with eps 1e-6 everywhere.
@@ -26,15 +28,45 @@ def to_2tuple(x: int | tuple[int, int]) -> tuple[int, int]:
     return int(x), int(x)
 
 
-class PatchEmbed(nn.Module):
-    """imgs [B, C, H, W] -> tokens [B, L, D], L = (H/p)*(W/p) in row-major patch order.
+class PatchConv(nn.Conv2d):
+    """The patch-embedding Conv2d (kernel = stride = p) that can also embed only some patches.
 
-    A Conv2d with kernel = stride = p (`proj`, timm's name). `img_size` fixes the grid the
+    forward(imgs [B, C, H, W]) -> [B, D, H/p, W/p] (a plain conv);
+    forward(imgs, ids_keep [B, K]) -> [B, K, D]: the kept patches only, cut in MAE's (p, q, c)
+    order by `fastmask.ops.patch_gather` and embedded by one matmul with the conv weight permuted
+    to the same order: equal to the conv followed by a gather, without embedding the hidden
+    patches. Both paths run inside this module's forward, so wrappers that materialize a module's
+    parameters around its forward (DeepSpeed ZeRO-3) see the weight used.
+    """
+
+    def __init__(self, in_chans: int, embed_dim: int, patch_size: int, backend: str = "auto"):
+        super().__init__(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.patch_size, self.backend = patch_size, backend
+
+    def linear_weight(self) -> torch.Tensor:
+        """The weight as a [D, p*p*C] matrix in (p, q, c) order (channel last), so that
+        `patchify(imgs) @ W.T + b` equals the conv on every patch."""
+        return self.weight.permute(0, 2, 3, 1).reshape(self.weight.shape[0], -1)
+
+    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        if ids_keep is None:
+            return super().forward(imgs)
+        # `fastmask.ops.patch_embed_visible` (gather + matmul + bias fused) is not in ops yet; when
+        # it lands, call it here instead of the two steps below.
+        patches = ops.patch_gather(imgs, ids_keep, self.patch_size, backend=self.backend)  # [B, K, p*p*C]
+        return F.linear(patches, self.linear_weight(), self.bias)
+
+
+class PatchEmbed(nn.Module):
+    """imgs [B, C, H, W] -> tokens [B, L, D], L = (H/p)*(W/p) in row-major patch order;
+    with ids_keep [B, K]: the kept patches' tokens only, [B, K, D] in ids_keep's order.
+
+    `proj` (timm's name) is a Conv2d with kernel = stride = p. `img_size` fixes the grid the
     position embeddings are built for; the owning model checks inputs against it.
     """
 
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
-                 embed_dim: int = 768):
+                 embed_dim: int = 768, backend: str = "auto"):
         super().__init__()
         H, W = to_2tuple(img_size)
         problems = []
@@ -47,16 +79,12 @@ class PatchEmbed(nn.Module):
         self.img_size, self.patch_size, self.in_chans = (H, W), patch_size, in_chans
         self.grid_size = (H // patch_size, W // patch_size)
         self.num_patches = self.grid_size[0] * self.grid_size[1]
-        self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
+        self.proj = PatchConv(in_chans, embed_dim, patch_size, backend=backend)
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+        if ids_keep is not None:
+            return self.proj(imgs, ids_keep)
         return self.proj(imgs).flatten(2).transpose(1, 2)
-
-    def linear_weight(self) -> torch.Tensor:
-        """The conv weight as a [D, p*p*C] matrix in MAE's (p, q, c) patch order (channel last), so
-        that `patchify(imgs) @ W.T + b` equals the conv on every patch."""
-        w = self.proj.weight  # [D, C, p, q]
-        return w.permute(0, 2, 3, 1).reshape(w.shape[0], -1)
 
 
 class Mlp(nn.Module):

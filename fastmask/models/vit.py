@@ -15,10 +15,8 @@ Three ways in, all returning tokens after the final norm, cls first:
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .. import ops
 from ._registry import register_model
 from .blocks import Block, LayerNorm, PatchEmbed, init_mae_weights, run_blocks
 from .pos_embed import sincos_2d
@@ -54,7 +52,7 @@ class VisionTransformer(nn.Module):
             raise ValueError(f"embed_dim must be a multiple of 4 for the 2-D sin-cos embedding, got {embed_dim}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
-        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, backend=backend)
         self.patch_size, self.embed_dim, self.in_chans = patch_size, embed_dim, in_chans
         self.img_size, self.grid_size = self.patch_embed.img_size, self.patch_embed.grid_size
         self.num_patches = self.patch_embed.num_patches
@@ -134,13 +132,10 @@ class VisionTransformer(nn.Module):
         embedding of the kept patches only, in ids_keep's order.
 
         Equals `(patch_embed(imgs) + pos_embed[:, 1:]).gather(ids_keep)` (MAE embeds all L patches,
-        then gathers) but embeds only K patches: `patch_gather` cuts the kept patches in MAE's
-        (p, q, c) order and one matmul with the conv weight in the same order embeds them.
+        then gathers) but embeds only K patches (`PatchConv`: `patch_gather` cuts the kept patches
+        in MAE's (p, q, c) order, one matmul with the conv weight in the same order embeds them).
         """
-        # `fastmask.ops.patch_embed_visible` (fused gather + matmul + bias + pos) is not in ops yet;
-        # when it lands, call it here instead of the three steps below.
-        patches = ops.patch_gather(imgs, ids_keep, self.patch_size, backend=self.backend)  # [B, K, p*p*C]
-        x = F.linear(patches, self.patch_embed.linear_weight(), self.patch_embed.proj.bias)
+        x = self.patch_embed(imgs, ids_keep)  # [B, K, D], only the kept patches are embedded
         pos = self.pos_embed[0, 1:][ids_keep]  # [B, K, D]
         return x + pos
 
