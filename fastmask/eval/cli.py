@@ -1,0 +1,123 @@
+"""`fastmask eval`: k-NN and linear-probe accuracy of a checkpoint's frozen encoder.
+
+    fastmask eval --checkpoint runs/mae_tiny                   # embedded digits, k-NN (k=20) + linear probe
+    fastmask eval --checkpoint runs/mae_tiny --data my_val_dir --k 10 --out eval.json
+    fastmask eval --random-init --config mae_tiny               # the untrained baseline of the same model
+
+Data: `--data DIR` is a labeled image folder (DIR/<class>/<image>; DIR/train and DIR/val when both
+exist, else a fixed stratified split); the default is scikit-learn's handwritten digits. Images are
+resized to the model's img_size and ImageNet-normalized. Features: the cls token after the final
+norm (MAE's linear-probe feature) or `--pool mean`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .features import (embedded_labeled_set, extract_features, fixed_split, image_folder_set,
+                       to_model_input)
+from .knn import knn_accuracy
+from .linear import ProbeArgs, linear_probe_accuracy
+
+_P = ProbeArgs()
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = __doc__.splitlines()[0]
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "\n".join(__doc__.splitlines()[2:])
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help="run folder, checkpoint folder or weights file (.pt/.pth)")
+    src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialized encoder")
+    parser.add_argument("--config", default=None, help="config recipe or YAML (default: the checkpoint's config.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable (e.g. --set model=vit_small_patch16)")
+    parser.add_argument("--data", default=None, help="labeled image folder (default: the embedded digits)")
+    parser.add_argument("--data-size", type=int, default=64, help="side images from --data are read at")
+    parser.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when --data has no val/")
+    parser.add_argument("--k", type=int, default=20, help="neighbours for k-NN")
+    parser.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (DINO's 0.07)")
+    parser.add_argument("--pool", default="cls", choices=("cls", "mean"))
+    parser.add_argument("--probe-epochs", type=int, default=_P.epochs)
+    parser.add_argument("--probe-lr", type=float, default=_P.lr)
+    parser.add_argument("--no-knn", action="store_true")
+    parser.add_argument("--no-linear", action="store_true")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    parser.add_argument("--batch-size", type=int, default=128, help="feature-extraction batch")
+    parser.add_argument("--out", default=None, help="write the result JSON here")
+
+
+def load_labeled(data: str | None, test_fraction: float, data_size: int = 64):
+    """-> (uint8 train images, train labels, uint8 test images, test labels, class names, description)."""
+    if data is None:
+        imgs, labels, classes = embedded_labeled_set()
+        tr, te = fixed_split(labels, test_fraction)
+        return imgs[tr], labels[tr], imgs[te], labels[te], classes, "embedded digits (scikit-learn)"
+    root = Path(data)
+    if (root / "train").is_dir() and (root / "val").is_dir():
+        xtr, ytr, classes = image_folder_set(root / "train", data_size)
+        xte, yte, classes_te = image_folder_set(root / "val", data_size)
+        if classes_te != classes:
+            raise ValueError(f"{root}/train and {root}/val have different classes: {classes} vs {classes_te}")
+        return xtr, ytr, xte, yte, classes, str(root)
+    imgs, labels, classes = image_folder_set(root, data_size)
+    tr, te = fixed_split(labels, test_fraction)
+    return imgs[tr], labels[tr], imgs[te], labels[te], classes, str(root)
+
+
+def evaluate_encoder(encoder: torch.nn.Module, img_size: int, data: str | None = None, k: int = 20,
+                     temperature: float = 0.07, pool: str = "cls", knn: bool = True, linear: bool = True,
+                     probe: ProbeArgs = _P, test_fraction: float = 0.2, data_size: int = 64,
+                     device: str | torch.device = "cpu", batch_size: int = 128) -> dict:
+    """Frozen `encoder` (forward_features) -> {"knn_top1", "linear_top1", sizes, timings} on the labeled set."""
+    t0 = time.perf_counter()
+    xtr, ytr, xte, yte, classes, desc = load_labeled(data, test_fraction, data_size)
+    ftr = extract_features(encoder, to_model_input(xtr, img_size), pool, batch_size, device)
+    fte = extract_features(encoder, to_model_input(xte, img_size), pool, batch_size, device)
+    t_feat = time.perf_counter() - t0
+    ytr_t, yte_t = torch.as_tensor(ytr), torch.as_tensor(yte)
+    C = len(classes)
+    out = {"data": desc, "classes": C, "train_size": len(ytr), "test_size": len(yte), "img_size": img_size,
+           "pool": pool, "feature_dim": ftr.shape[1], "chance": float(np.bincount(yte).max() / len(yte)),
+           "features_s": t_feat}
+    if knn:
+        out.update(knn_top1=knn_accuracy(ftr, ytr_t, fte, yte_t, k, temperature, C), k=k, temperature=temperature)
+    if linear:
+        t1 = time.perf_counter()
+        out.update(linear_top1=linear_probe_accuracy(ftr, ytr_t, fte, yte_t, C, probe),
+                   probe_epochs=probe.epochs, probe_lr=probe.lr, linear_s=time.perf_counter() - t1)
+    return out
+
+
+def main(args: argparse.Namespace) -> int:
+    from .load import load_encoder, resolve_config
+
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    cfg = resolve_config(None if args.random_init else args.checkpoint, args.config, args.overrides)
+    encoder, cfg = load_encoder(None if args.random_init else args.checkpoint, cfg=cfg, device=device)
+    result = evaluate_encoder(encoder, cfg.data.img_size, args.data, args.k, args.temperature, args.pool,
+                              knn=not args.no_knn, linear=not args.no_linear,
+                              probe=ProbeArgs(epochs=args.probe_epochs, lr=args.probe_lr),
+                              test_fraction=args.test_fraction, data_size=args.data_size, device=device,
+                              batch_size=args.batch_size)
+    result = {"checkpoint": None if args.random_init else str(args.checkpoint), "model": cfg.model,
+              "method": cfg.method, "device": str(device),
+              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **result}
+    line = f"[eval] {result['model']} on {result['data']} ({result['test_size']} test images, chance " \
+           f"{100 * result['chance']:.1f}%):"
+    if "knn_top1" in result:
+        line += f" k-NN@{args.k} {100 * result['knn_top1']:.1f}%"
+    if "linear_top1" in result:
+        line += f", linear probe {100 * result['linear_top1']:.1f}%"
+    print(line)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        print(f"[eval] wrote {args.out}")
+    return 0

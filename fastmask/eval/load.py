@@ -1,0 +1,154 @@
+"""Find and load what `fastmask eval` and `fastmask visualize` need from a checkpoint.
+
+    method, cfg = load_method("runs/mae_b")          # a run folder, a checkpoint folder or a weights file
+    encoder, cfg = load_encoder("runs/mae_b")         # VisionTransformer with forward_features
+    encoder, cfg = load_encoder(None, cfg=cfg)        # random init (the baseline of an evaluation)
+
+What is accepted, in the order it is tried:
+- a run folder `DIR` holding `checkpoints/latest` -> the checkpoint folder it names;
+- a checkpoint folder (`DIR/checkpoints/step_N/`) -> the model-states file DeepSpeed wrote there
+  (`*model_states.pt`, key `module`; ZeRO-3 partitions must be consolidated first with the
+  engine's export);
+- a weights file (`.pt`, `.pth`, `.bin`): a state dict, or a dict holding one under `module`,
+  `model`, `state_dict` or `encoder` (official MAE checkpoints use `model`). Either the whole
+  method's state dict (encoder + decoder, official MAE key names) or an encoder-only one.
+The config is the `config.yaml` found beside the weights or in a folder above them (a run saves
+its resolved config there); `cfg` given explicitly wins. Encoder-only state dicts build
+`fastmask.models.create_model(cfg.model, img_size=cfg.data.img_size)`.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+_STATE_KEYS = ("module", "model", "state_dict", "encoder")
+_WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint path that holds nothing loadable, or weights that do not fit the config."""
+
+
+def resolve_weights(path: str | Path) -> Path:
+    """A run folder, checkpoint folder or weights file -> the weights file to read."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {p} does not exist")
+    if p.is_file():
+        return p
+    latest = p / "checkpoints" / "latest"
+    if latest.is_file():
+        tag = latest.read_text().strip()
+        return resolve_weights(p / "checkpoints" / tag)
+    states = sorted(p.glob("*model_states.pt")) or sorted(p.glob("*/*model_states.pt"))
+    if states:
+        return states[0]
+    files = sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
+    if len(files) == 1:
+        return files[0]
+    raise CheckpointError(f"{p} holds no checkpoint: expected checkpoints/latest (a run folder), a DeepSpeed "
+                          f"*model_states.pt (a checkpoint folder) or one weights file ({', '.join(_WEIGHT_SUFFIXES)}); "
+                          f"found {sorted(f.name for f in p.iterdir())[:10]}")
+
+
+def find_config(weights: Path) -> Path | None:
+    """The nearest `config.yaml` at or above the weights' folder (at most 4 levels up)."""
+    for folder in [weights.parent, *list(weights.parents)[1:4]]:
+        if (folder / "config.yaml").is_file():
+            return folder / "config.yaml"
+    return None
+
+
+def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(weights, map_location="cpu", weights_only=True)
+    except Exception:  # DeepSpeed's files hold Python objects beside the tensors (trusted local files)
+        obj = torch.load(weights, map_location="cpu", weights_only=False)
+    if isinstance(obj, dict):
+        for key in _STATE_KEYS:
+            if isinstance(obj.get(key), dict):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
+                                                       for k, v in obj.items()):
+        raise CheckpointError(f"{weights} holds no state dict (looked at the top level and under "
+                              f"{', '.join(_STATE_KEYS)})")
+    # DDP / compiled-module prefixes.
+    for prefix in ("module.", "_orig_mod."):
+        if all(k.startswith(prefix) for k in obj):
+            obj = {k[len(prefix):]: v for k, v in obj.items()}
+    return obj
+
+
+def load_config_for(weights: Path | None, cfg=None, overrides: list[str] = ()):
+    from fastmask.engine.config import load_config
+
+    if cfg is not None:
+        return cfg
+    found = find_config(weights) if weights is not None else None
+    if found is None and weights is not None:
+        raise CheckpointError(f"no config.yaml beside {weights} or in the folders above it: pass --config "
+                              f"(a recipe or YAML) and --set model=... to say what the weights are")
+    return load_config(str(found) if found else None, list(overrides))
+
+
+def resolve_config(checkpoint: str | Path | None, recipe: str | None = None, overrides: list[str] = ()):
+    """The config for a command line: `recipe` when given, else the checkpoint's config.yaml, else
+    the defaults (random init); `overrides` (key=value) apply on top in every case."""
+    from fastmask.engine.config import load_config
+
+    if recipe is None and checkpoint is not None:
+        found = find_config(resolve_weights(checkpoint))
+        if found is None:
+            raise CheckpointError(f"no config.yaml beside {checkpoint} or in the folders above it: pass --config "
+                                  f"(a recipe or YAML) and --set model=... to say what the weights are")
+        recipe = str(found)
+    return load_config(recipe, list(overrides))
+
+
+def _is_encoder_only(state: dict) -> bool:
+    return not any(k.startswith(("decoder_", "mask_token")) for k in state)
+
+
+def load_method(path: str | Path | None, cfg=None, overrides: list[str] = (), device: str | torch.device = "cpu"):
+    """-> (method with the checkpoint's weights, in eval mode, cfg). path None: random init from cfg."""
+    from fastmask.methods import build_method
+
+    weights = resolve_weights(path) if path is not None else None
+    cfg = load_config_for(weights, cfg, overrides)
+    method = build_method(cfg)
+    if weights is not None:
+        state = read_state_dict(weights)
+        if _is_encoder_only(state):
+            raise CheckpointError(f"{weights} holds only encoder weights; this needs the whole method (decoder too)")
+        _load(method, state, weights)
+    return method.to(device).eval(), cfg
+
+
+def load_encoder(path: str | Path | None, cfg=None, overrides: list[str] = (),
+                 device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
+    """-> (encoder with `forward_features(imgs) -> [B, 1+L, D]`, in eval mode, cfg). None: random init."""
+    weights = resolve_weights(path) if path is not None else None
+    cfg = load_config_for(weights, cfg, overrides)
+    state = read_state_dict(weights) if weights is not None else None
+    if state is None or _is_encoder_only(state):
+        from fastmask.models import create_model
+
+        encoder = create_model(cfg.model, img_size=cfg.data.img_size)
+        if state is not None:
+            _load(encoder, state, weights)
+        return encoder.to(device).eval(), cfg
+    method, cfg = load_method(path, cfg, overrides, device)
+    return method.encoder().eval(), cfg
+
+
+def _load(module: nn.Module, state: dict, weights: Path) -> None:
+    missing, unexpected = module.load_state_dict(state, strict=False)
+    # Fixed (never trained) buffers may be absent from exported files; anything else must match.
+    missing = [k for k in missing if not k.endswith(("pos_embed", "_extra_state"))]
+    if missing or unexpected:
+        raise CheckpointError(f"{weights} does not fit {type(module).__name__} built from the config: "
+                              f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
+                              f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
