@@ -1,10 +1,11 @@
 """Adversarial (learned) masks: ADIOS's occluder output, its penalty, gradient reversal, and a
 token-level form for patch-based objectives (MAE).
 
-    gen = AdversarialMasking(occluder, alpha_sparsity=0.9)
-    masks = gen(view2)                              # [B, N, H, W], softmax over N: a soft partition
+    gen = AdversarialMasking(occluder=occluder, alpha_sparsity=0.9)
+    masks = gen.pixel_masks(view2)                  # [B, N, H, W], softmax over N: a soft partition
     x = apply_pixel_mask(view2, grad_reverse(masks[:, k]))   # hide slot k; reversed gradient
-    loss = ssl(view1, x) + gen.penalty(masks)       # one backward trains both players
+    penalty, areas = gen.penalty(masks)
+    loss = ssl(view1, x) + penalty                  # one backward trains both players
 
 Mask convention: 1 = hidden. A pixel mask m in [0, 1] hides softly: x * (1 - m) on the normalized
 image, so a fully hidden pixel becomes 0, the dataset mean colour (YugeTen/adios).
@@ -15,8 +16,8 @@ the occluder maximizes it. Reversing the gradient at the occluder's output makes
 the gradients the official code's occluder step computes from `backward(-m_loss)` (see `penalty`),
 so both fit one optimizer step.
 
-The occluder is any module `imgs [B, C, H, W] -> masks [B, N, H, W]` (fastmask.models.unet.Occluder);
-this module does not import models, the method passes it in.
+The occluder is any module `imgs [B, C, H, W] -> masks [B, N, H, W]` (fastmask.models.unet.Occluder),
+passed in by the method; only the registry path (`build_masker("adversarial", ...)`) builds one.
 """
 from __future__ import annotations
 
@@ -25,6 +26,8 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .base import MaskGenerator, Masks, check_ratio, masks_from_shuffle, register_masker
 
 # 1/(sin(pi s) + eps): the official code's eps keeps the penalty finite at s = 0 or 1.
 SPARSITY_EPS = 1e-10
@@ -110,6 +113,16 @@ def apply_pixel_mask(imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return imgs * (1 - mask.to(imgs.dtype))
 
 
+def masked_copies(imgs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """imgs [B, C, H, W], masks [K, B, H, W] (1 = hidden) -> [K*B, C, H, W]: copy k is
+    imgs * (1 - masks[k]), stacked k-major (rows k*B .. k*B + B - 1), ready for one encoder call."""
+    if imgs.dim() != 4 or masks.dim() != 4 or masks.shape[1] != imgs.shape[0] or masks.shape[-2:] != imgs.shape[-2:]:
+        raise ValueError(f"masked_copies: imgs must be [B, C, H, W] and masks [K, B, H, W] of the same B, H, W; "
+                         f"got {tuple(imgs.shape)} and {tuple(masks.shape)}")
+    out = imgs.unsqueeze(0) * (1 - masks.to(imgs.dtype).unsqueeze(2))
+    return out.flatten(0, 1)
+
+
 def pick_slots(masks: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """masks [B, N, H, W] -> (mask [B, H, W], slot [B] int64): one slot per sample, uniformly (ADIOS-s).
 
@@ -130,9 +143,8 @@ def patch_occupancy(mask: torch.Tensor, patch_size: int) -> torch.Tensor:
     return F.avg_pool2d(mask.float().unsqueeze(1), patch_size).flatten(1)
 
 
-def token_masking_from_scores(scores: torch.Tensor, mask_ratio: float
-                              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """scores [B, L] -> (ids_keep [B, K] int64, ids_restore [B, L] int64, mask [B, L] fp32, 1 = hidden).
+def token_masking_from_scores(scores: torch.Tensor, mask_ratio: float) -> Masks:
+    """scores [B, L] -> Masks(ids_keep [B, K] int64, ids_restore [B, L] int64, mask [B, L] fp32, 1 = hidden).
 
     MAE's index triple with the random noise replaced by `scores`: ascending sort, the K = int(L *
     (1 - mask_ratio)) lowest-scoring patches are kept, so the highest scores are hidden first.
@@ -141,44 +153,55 @@ def token_masking_from_scores(scores: torch.Tensor, mask_ratio: float
     """
     if scores.dim() != 2:
         raise ValueError(f"scores must be [B, L], got {tuple(scores.shape)}")
-    if not 0.0 < mask_ratio < 1.0:
-        raise ValueError(f"mask_ratio must be in (0, 1), got {mask_ratio}")
-    B, L = scores.shape
+    mask_ratio = check_ratio(mask_ratio, "token_masking_from_scores")
+    L = scores.shape[1]
     K = int(L * (1 - mask_ratio))
     if K < 1:
         raise ValueError(f"mask_ratio {mask_ratio} keeps no patch out of L = {L}")
-    ids_shuffle = torch.argsort(scores.detach(), dim=1, stable=True)
-    ids_restore = torch.argsort(ids_shuffle, dim=1)
-    mask = torch.ones(B, L, device=scores.device)
-    mask[:, :K] = 0
-    return ids_shuffle[:, :K], ids_restore, torch.gather(mask, 1, ids_restore)
+    return masks_from_shuffle(torch.argsort(scores.detach(), dim=1, stable=True), K)
 
 
-class AdversarialMasking(nn.Module):
-    """The learned mask generator: wraps an occluder and its penalty.
+@register_masker("adversarial")
+class AdversarialMasking(MaskGenerator):
+    """The learned mask generator: an occluder plus its penalty, in pixel and in token form.
 
-    forward(imgs [B, C, H, W]) -> masks [B, N, H, W] (not reversed: callers reverse the path that
-    feeds the SSL loss, and give these raw masks to `penalty`).
+    Pixel form (ADIOS): `pixel_masks(imgs [B, C, H, W]) -> [B, N, H, W]`, not reversed: callers
+    reverse the path that feeds the SSL loss and give these raw masks to `penalty`.
+    Token form (the registry's interface, for MAE): `masker(B, grid, device, generator, imgs=imgs)
+    -> Masks`, see `token_masks`; the soft-occluded images and the penalty of that call are left
+    in `self.aux` ({"imgs_masked", "penalty", "areas", "slot"}) for the method to use.
+
+    occluder: a module imgs -> [B, N, H, W] (softmax over N); None builds
+    `fastmask.models.unet.Occluder(img_size, num_masks, fbase, norm)`.
     """
 
-    def __init__(self, occluder: nn.Module, alpha_sparsity: float = 1.0, alpha_entropy: float = 0.0):
+    def __init__(self, mask_ratio: float = 0.75, occluder: nn.Module | None = None, img_size: int = 224,
+                 num_masks: int = 4, fbase: int = 32, norm: str = "in", alpha_sparsity: float = 1.0,
+                 alpha_entropy: float = 0.0):
         super().__init__()
+        self.mask_ratio = check_ratio(mask_ratio, "adversarial masking")
+        if occluder is None:
+            from ..models.unet import Occluder  # built here only for registry use (MAE + adversarial)
+
+            occluder = Occluder(img_size, num_masks=num_masks, fbase=fbase, norm=norm)
         self.occluder = occluder
-        self.alpha_sparsity, self.alpha_entropy = alpha_sparsity, alpha_entropy
+        self.alpha_sparsity, self.alpha_entropy = float(alpha_sparsity), float(alpha_entropy)
+        self.aux: dict[str, torch.Tensor] = {}
 
     @property
     def num_masks(self) -> int:
         return self.occluder.num_masks
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+    def pixel_masks(self, imgs: torch.Tensor) -> torch.Tensor:
+        """imgs [B, C, H, W] -> soft masks [B, N, H, W], every pixel's N values summing to 1."""
         return self.occluder(imgs)
 
     def penalty(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """masks [B, N, H, W] -> (penalty fp32 scalar, areas [B, N]); see `occluder_penalty`."""
         return occluder_penalty(masks, self.alpha_sparsity, self.alpha_entropy)
 
-    def token_masks(self, imgs: torch.Tensor, mask_ratio: float, patch_size: int,
-                    generator: torch.Generator | None = None, reverse: bool = True) -> dict[str, torch.Tensor]:
+    def token_masks(self, imgs: torch.Tensor, patch_size: int, generator: torch.Generator | None = None,
+                    reverse: bool = True) -> dict[str, torch.Tensor]:
         """Adversarial masks for a patch objective (MAE): imgs [B, C, H, W] -> dict with
         ids_keep [B, K], ids_restore [B, L], mask [B, L] (1 = hidden), imgs_masked [B, C, H, W],
         penalty (scalar), areas [B, N], slot [B].
@@ -191,15 +214,29 @@ class AdversarialMasking(nn.Module):
         and the original `imgs` as the reconstruction target; `loss + penalty` then trains the
         occluder to make the visible patches less informative, within one backward.
         """
-        masks = self(imgs)
+        masks = self.pixel_masks(imgs)
         mask_px, slot = pick_slots(masks, generator)
-        ids_keep, ids_restore, mask = token_masking_from_scores(patch_occupancy(mask_px, patch_size), mask_ratio)
+        ids_keep, ids_restore, mask = token_masking_from_scores(patch_occupancy(mask_px, patch_size), self.mask_ratio)
         m = grad_reverse(mask_px) if reverse else mask_px
         pen, areas = self.penalty(masks)
         return {"ids_keep": ids_keep, "ids_restore": ids_restore, "mask": mask,
                 "imgs_masked": apply_pixel_mask(imgs, m), "penalty": pen, "areas": areas, "slot": slot}
 
+    def forward(self, batch_size: int, grid: int | tuple[int, int], device: torch.device | str | None = None,
+                generator: torch.Generator | None = None, imgs: torch.Tensor | None = None, **context) -> Masks:
+        """The registry interface: needs `imgs` [B, C, H, W] in the context and a 2-D grid (h, w)."""
+        if imgs is None or not isinstance(grid, tuple) or imgs.shape[0] != batch_size \
+                or imgs.shape[-2] % grid[0] or imgs.shape[-1] % grid[1] or imgs.shape[-2] // grid[0] != imgs.shape[-1] // grid[1]:
+            raise ValueError("adversarial masking needs imgs=[B, C, H, W] in its context and a patch grid (h, w) "
+                             f"dividing H, W with square patches; got grid={grid!r}, batch_size={batch_size}, "
+                             f"imgs={None if imgs is None else tuple(imgs.shape)}")
+        self.aux = self.token_masks(imgs, imgs.shape[-2] // grid[0], generator)
+        return Masks(self.aux["ids_keep"], self.aux["ids_restore"], self.aux["mask"])
+
+    def extra_repr(self) -> str:
+        return f"mask_ratio={self.mask_ratio}, alpha_sparsity={self.alpha_sparsity}, alpha_entropy={self.alpha_entropy}"
+
 
 __all__ = ["GradReverse", "grad_reverse", "mask_areas", "sparsity_penalty", "entropy_penalty",
-           "occluder_penalty", "apply_pixel_mask", "pick_slots", "patch_occupancy",
+           "occluder_penalty", "apply_pixel_mask", "masked_copies", "pick_slots", "patch_occupancy",
            "token_masking_from_scores", "AdversarialMasking", "SPARSITY_EPS"]

@@ -17,6 +17,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ._registry import register_model
+
 
 class BasicBlock(nn.Module):
     """x [B, cin, H, W] -> [B, cout, H/stride, W/stride]: two Conv3x3-BN with a residual, ReLU after the sum."""
@@ -95,8 +97,19 @@ class ResNet(nn.Module):
         return set()
 
 
-def resnet18(small_stem: bool = False, in_chans: int = 3) -> ResNet:
-    """ResNet-18 (BasicBlock, [2, 2, 2, 2], 11.2M parameters without fc)."""
+SMALL_STEM_MAX_SIZE = 64
+
+
+@register_model
+def resnet18(small_stem: bool | None = None, img_size: int | None = None, in_chans: int = 3) -> ResNet:
+    """ResNet-18 (BasicBlock, [2, 2, 2, 2], 11.2M parameters without fc).
+
+    small_stem None = automatic: the small stem for img_size <= 64 (CIFAR-like inputs, as
+    solo-learn's `cifar` switch), the ImageNet stem otherwise (solo-learn keeps it at 96 px for
+    STL-10 / ImageNet-100-S). img_size only drives that choice: the network takes any size.
+    """
+    if small_stem is None:
+        small_stem = img_size is not None and img_size <= SMALL_STEM_MAX_SIZE
     return ResNet((2, 2, 2, 2), in_chans=in_chans, small_stem=small_stem)
 
 

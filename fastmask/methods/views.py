@@ -1,0 +1,142 @@
+"""Two augmented views of one batch, made on the batch's device (the engine yields one view).
+
+    aug = ViewAugment(crop_scale=(0.2, 1.0))
+    v1, v2 = aug.two_views(imgs, generator)      # imgs [B, 3, H, W] normalized -> two [B, 3, H, W]
+
+SimCLR/BYOL-style pipeline on tensors, batched, without host syncs (every random draw is one
+tensor op with an explicit `torch.Generator`):
+1. random resized crop + horizontal flip as one per-sample affine `grid_sample` (bilinear): area
+   fraction ~ U(crop_scale), aspect ratio log-uniform in crop_ratio (3/4, 4/3), crop side clamped to the image
+   (torchvision retries out-of-range draws instead; clamping keeps it one kernel);
+2. colour jitter with probability `jitter_p`, in [0, 1] pixel space (the normalization is undone
+   first): brightness, contrast, saturation, hue, in that fixed order (torchvision shuffles the
+   order per sample); hue is a rotation of the chroma plane in YIQ space, a linear 3x3 per sample
+   close to torchvision's HSV shift for small angles;
+3. grayscale with probability `gray_p`; solarize (x >= 0.5 -> 1 - x) with probability `solarize_p`;
+4. re-normalize with the same mean/std.
+Gaussian blur is left out: at the 32-96 px sizes ADIOS uses for CNNs it is mostly off in the
+solo-learn scripts, and it would be the one per-sample-kernel step here.
+Defaults follow solo-learn's ImageNet-100 scripts (brightness 0.4, contrast 0.4, saturation 0.2,
+hue 0.1, p 0.8, grayscale 0.2).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+_GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_grayscale
+_RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
+# Inverted once on the CPU: linalg.inv on a GPU tensor would sync on its error check every call.
+_YIQ2RGB = torch.linalg.inv(torch.tensor(_RGB2YIQ, dtype=torch.float64)).tolist()
+
+
+@dataclass
+class ViewAugment:
+    crop_scale: tuple[float, float] = (0.2, 1.0)
+    crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
+    hflip: bool = True
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    jitter_p: float = 0.8
+    gray_p: float = 0.2
+    solarize_p: float = 0.0
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+    def __post_init__(self):
+        problems = []
+        lo, hi = self.crop_scale
+        if not 0.0 < lo <= hi <= 1.0:
+            problems.append(f"crop_scale must satisfy 0 < min <= max <= 1, got {self.crop_scale}")
+        if not 0.0 < self.crop_ratio[0] <= self.crop_ratio[1]:
+            problems.append(f"crop_ratio must satisfy 0 < min <= max, got {self.crop_ratio}")
+        for name in ("jitter_p", "gray_p", "solarize_p"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                problems.append(f"{name} must be in [0, 1], got {getattr(self, name)}")
+        for name in ("brightness", "contrast", "saturation"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                problems.append(f"{name} must be in [0, 1), got {getattr(self, name)}")
+        if not 0.0 <= self.hue <= 0.5:
+            problems.append(f"hue must be in [0, 0.5], got {self.hue}")
+        if problems:
+            raise ValueError("ViewAugment: " + "; ".join(problems))
+
+    def __call__(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+        """imgs [B, 3, H, W] normalized, float -> one augmented view, same shape and dtype."""
+        if imgs.dim() != 4 or imgs.shape[1] != 3 or not imgs.is_floating_point():
+            raise ValueError(f"ViewAugment expects float imgs [B, 3, H, W], got {imgs.dtype} {tuple(imgs.shape)}")
+        B, dev = imgs.shape[0], imgs.device
+        u = torch.rand(B, 12, device=dev, generator=generator)  # every per-sample draw at once
+        x = _crop_flip(imgs.float(), u[:, :5], self.crop_scale, self.crop_ratio, self.hflip)
+        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
+        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+        x = (x * std + mean).clamp(0, 1)
+        on = (u[:, 5] < self.jitter_p).float()  # jitter factors fall back to identity where off
+
+        def factor(v: torch.Tensor, s: float) -> torch.Tensor:
+            return (1 + on * (2 * v - 1) * s).view(B, 1, 1, 1)
+
+        x = (x * factor(u[:, 6], self.brightness)).clamp(0, 1)
+        m = _gray(x).mean(dim=(1, 2, 3), keepdim=True)
+        x = ((x - m) * factor(u[:, 7], self.contrast) + m).clamp(0, 1)
+        g = _gray(x)
+        x = (g + (x - g) * factor(u[:, 8], self.saturation)).clamp(0, 1)
+        x = _hue_rotate(x, on * (2 * u[:, 9] - 1) * self.hue).clamp(0, 1)
+        gray_on = (u[:, 10] < self.gray_p).view(B, 1, 1, 1)
+        x = torch.where(gray_on, _gray(x).expand_as(x), x)
+        sol_on = (u[:, 11] < self.solarize_p).view(B, 1, 1, 1)
+        x = torch.where(sol_on & (x >= 0.5), 1 - x, x)
+        return ((x - mean) / std).to(imgs.dtype)
+
+    def two_views(self, imgs: torch.Tensor, generator: torch.Generator | None = None
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """imgs [B, 3, H, W] -> (view1, view2), independent draws of the same pipeline (ADIOS: n_crops 2)."""
+        return self(imgs, generator), self(imgs, generator)
+
+
+def _gray(x: torch.Tensor) -> torch.Tensor:
+    w = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    return (x * w).sum(dim=1, keepdim=True)
+
+
+def _crop_flip(x: torch.Tensor, u: torch.Tensor, scale: tuple[float, float], ratio: tuple[float, float],
+               hflip: bool) -> torch.Tensor:
+    """x [B, C, H, W], u [B, 5] uniforms -> crops resized back to H x W (affine grid, bilinear)."""
+    B = x.shape[0]
+    area = scale[0] + (scale[1] - scale[0]) * u[:, 0]
+    logr = math.log(ratio[0]) + (math.log(ratio[1]) - math.log(ratio[0])) * u[:, 1]
+    ratio = logr.exp()
+    # Crop width/height as fractions of the image side (normalized coords span 2 = the full side).
+    w = (area * ratio).sqrt().clamp(max=1.0)
+    h = (area / ratio).sqrt().clamp(max=1.0)
+    cx = (2 * u[:, 2] - 1) * (1 - w)
+    cy = (2 * u[:, 3] - 1) * (1 - h)
+    sign = torch.where(u[:, 4] < 0.5, -1.0, 1.0) if hflip else torch.ones_like(w)
+    theta = torch.zeros(B, 2, 3, device=x.device, dtype=x.dtype)
+    theta[:, 0, 0], theta[:, 0, 2] = w * sign, cx
+    theta[:, 1, 1], theta[:, 1, 2] = h, cy
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def _hue_rotate(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
+    """x [B, 3, H, W] RGB in [0, 1], turns [B] (fraction of a full hue circle) -> hue-rotated x."""
+    T = torch.tensor(_RGB2YIQ, device=x.device, dtype=x.dtype)
+    Tinv = torch.tensor(_YIQ2RGB, device=x.device, dtype=x.dtype)
+    a = 2 * math.pi * turns.to(x.dtype)
+    c, s = a.cos(), a.sin()
+    R = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
+    R[:, 0, 0] = 1
+    R[:, 1, 1], R[:, 1, 2], R[:, 2, 1], R[:, 2, 2] = c, -s, s, c
+    M = Tinv @ R @ T  # [B, 3, 3]: RGB -> YIQ, rotate chroma, back
+    return torch.einsum("bij,bjhw->bihw", M, x)
+
+
+__all__ = ["ViewAugment", "IMAGENET_MEAN", "IMAGENET_STD"]
