@@ -114,6 +114,31 @@ def test_two_ranks_get_disjoint_shards_covering_the_set(root):
 
 
 @needs_dali
+def test_random_crops_land_where_drawn(root):
+    """Each output is the drawn window (x0, y0, w, h) of its file, resized and flipped as drawn."""
+    from PIL import Image
+
+    loader = make(cfg(root, img_size=33, min_scale=0.08), seed=4)
+    got = torch.cat(list(loader.epoch(0)))[:24]
+    windows, flips = loader.epoch_params(0)
+    errs, swapped = [], []
+    for k, f in enumerate(loader.epoch_files(0)[:24]):
+        x0, y0, w, h = (int(v) for v in windows[k])
+        with Image.open(f) as im:
+            im = im.convert("RGB")
+            ref = [im.resize((33, 33), Image.BICUBIC, box=box) for box in
+                   ((x0, y0, x0 + w, y0 + h), (y0, x0, y0 + h, x0 + w))]  # as drawn; axes swapped
+        for out, r in zip((errs, swapped), ref):
+            x = (torch.from_numpy(np.asarray(r).copy()).permute(2, 0, 1).float() / 255 - MEAN[:, None, None]) \
+                / STD[:, None, None]
+            out.append((got[k] - (x.flip(-1) if flips[k] else x)).abs().mean().item())
+    errs, swapped = np.array(errs), np.array(swapped)
+    assert errs.max() < 0.03, errs  # DALI and PIL agree to ~0.005 here; a wrong window is > 0.1
+    moved = np.abs(windows[:24, 0] - windows[:24, 1]) + np.abs(windows[:24, 2] - windows[:24, 3]) > 8
+    assert (swapped[moved] > 2 * errs[moved]).mean() > 0.8  # the check can tell the axes apart
+
+
+@needs_dali
 def test_uneven_split_drops_the_tail_equally_on_every_rank(root):
     c = cfg(root, batch_size=7)
     loaders = [make(c, r, 3) for r in range(3)]
