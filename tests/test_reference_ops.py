@@ -143,6 +143,61 @@ def test_patch_gather(B, C, H, W, p, dtype):
     _close(imgs.grad, imgs64.grad, "patch_gather", dtype, "grad imgs")
 
 
+# ------------------------------------------------------------------ visible-only patch embedding
+def naive_patch_embed_visible(imgs, ids_keep, weight, bias, pos_embed):
+    """The conv at each kept patch, written as a sum over the patch's pixels, plus bias and position."""
+    B, C, H, W = imgs.shape
+    D, p = weight.shape[0], weight.shape[-1]
+    w_cols = W // p
+    rows = []
+    for b in range(B):
+        toks = []
+        for idx in ids_keep[b].tolist():
+            i, j = divmod(idx, w_cols)
+            patch = imgs[b, :, i * p:(i + 1) * p, j * p:(j + 1) * p]  # [C, p, p]
+            tok = (weight * patch.unsqueeze(0)).sum(dim=(1, 2, 3))  # [D]
+            if bias is not None:
+                tok = tok + bias
+            if pos_embed is not None:
+                tok = tok + pos_embed[idx]
+            toks.append(tok)
+        rows.append(torch.stack(toks))
+    return torch.stack(rows)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("with_bias,with_pos", [(True, True), (False, False), (True, False)])
+@pytest.mark.parametrize("B,C,H,W,p,D", [(1, 3, 4, 4, 2, 8), (3, 3, 9, 15, 3, 20), (2, 1, 10, 5, 5, 7)])
+def test_patch_embed_visible(B, C, H, W, p, D, with_bias, with_pos, dtype):
+    g = _gen("embed", B, H, W, with_bias, with_pos)
+    L = (H // p) * (W // p)
+    K = max(1, L // 2)
+    imgs = _randn(g, B, C, H, W, dtype=dtype).requires_grad_()
+    ids_keep = _perms(g, B, L)[:, :K]
+    weight = (_randn(g, D, C, p, p) * 0.2).to(dtype).requires_grad_()
+    bias = _randn(g, D, dtype=dtype).requires_grad_() if with_bias else None
+    pos = _randn(g, L, D, dtype=dtype).requires_grad_() if with_pos else None
+    leaves = [t for t in (imgs, weight, bias, pos) if t is not None]
+    out = reference.patch_embed_visible(imgs, ids_keep, weight, bias, pos)
+    assert out.shape == (B, K, D)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    it = iter(leaves64)
+    i64, w64 = next(it), next(it)
+    b64 = next(it) if with_bias else None
+    p64 = next(it) if with_pos else None
+    expected = naive_patch_embed_visible(i64, ids_keep, w64, b64, p64)
+    # a dot product of p*p*C terms rounded to the output dtype: scale the tolerance with its size
+    atol, rtol = _tol("patch_embed_visible", dtype)
+    scale = max(1.0, float(expected.detach().abs().max()))
+    torch.testing.assert_close(out.double(), expected, atol=atol * scale, rtol=rtol)
+    up = _randn(g, *out.shape)
+    (out.float() * up).sum().backward()
+    (expected * up.double()).sum().backward()
+    for name, a, e in zip(("imgs", "weight", "bias", "pos"), leaves, leaves64):
+        gscale = max(1.0, float(e.grad.abs().max()))
+        torch.testing.assert_close(a.grad.double(), e.grad, atol=atol * gscale, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+
+
 # ------------------------------------------------------------------ scatter
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("B,L,K,D", [(1, 4, 1, 8), (3, 49, 12, 33), (2, 197, 49, 80), (2, 5, 5, 3)])
@@ -248,6 +303,17 @@ def test_gradcheck_patch_scatter():
     assert torch.autograd.gradcheck(lambda t, m: reference.patch_scatter(t, ids_restore, m), (tokens, mask_token))
 
 
+def test_gradcheck_patch_embed_visible():
+    g = _gen("gc-embed")
+    imgs = _randn(g, 2, 2, 4, 6, dtype=torch.float64).requires_grad_()
+    ids_keep = _perms(g, 2, 6)[:, :3]
+    weight = _randn(g, 5, 2, 2, 2, dtype=torch.float64).requires_grad_()
+    bias = _randn(g, 5, dtype=torch.float64).requires_grad_()
+    pos = _randn(g, 6, 5, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w, b, e: reference.patch_embed_visible(x, ids_keep, w, b, e),
+                                    (imgs, weight, bias, pos))
+
+
 @pytest.mark.xfail(not _LOSS_FP64, reason=_DOWNCAST, strict=True)
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_gradcheck_norm_pix_loss(norm_pix):
@@ -289,6 +355,13 @@ BAD_LOSS = [
     (lambda: ops.norm_pix_loss(torch.randn(1, 4, 47), _imgs(1, 3, 8, 8), torch.ones(1, 4), 4), r"pred must be \[B, L, p\*p\*C\]"),
     (lambda: ops.norm_pix_loss(torch.randn(1, 4, 48), _imgs(1, 3, 9, 8), torch.ones(1, 4), 4), r"9x8 is not divisible by patch size 4"),
 ]
+BAD_EMBED = [
+    (lambda: ops.patch_embed_visible(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4)), r"conv weight \[D, C, p, p\]"),
+    (lambda: ops.patch_embed_visible(_imgs(1, 3, 9, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4)), r"9x8 is not divisible by patch size 4"),
+    (lambda: ops.patch_embed_visible(_imgs(1, 1, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4)), r"1 channels, weight expects 3"),
+    (lambda: ops.patch_embed_visible(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4), torch.randn(5)), r"bias must be \[D=4\]"),
+    (lambda: ops.patch_embed_visible(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4), None, torch.randn(5, 4)), r"pos_embed must be \[L, D\]"),
+]
 BAD_ATTN = [
     (lambda: ops.attention(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)), r"\[B, heads, N, head_dim\]"),
     (lambda: ops.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)), r"shape mismatch"),
@@ -296,7 +369,7 @@ BAD_ATTN = [
 ]
 
 
-@pytest.mark.parametrize("call,match", BAD_GATHER + BAD_SCATTER + BAD_LOSS + BAD_ATTN)
+@pytest.mark.parametrize("call,match", BAD_GATHER + BAD_SCATTER + BAD_LOSS + BAD_ATTN + BAD_EMBED)
 def test_bad_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()

@@ -10,7 +10,6 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .. import ops
@@ -32,10 +31,11 @@ class PatchConv(nn.Conv2d):
     """The patch-embedding Conv2d (kernel = stride = p) that can also embed only some patches.
 
     forward(imgs [B, C, H, W]) -> [B, D, H/p, W/p] (a plain conv);
-    forward(imgs, ids_keep [B, K]) -> [B, K, D]: the kept patches only, cut in MAE's (p, q, c)
-    order by `fastmask.ops.patch_gather` and embedded by one matmul with the conv weight permuted
-    to the same order: equal to the conv followed by a gather, without embedding the hidden
-    patches. Both paths run inside this module's forward, so wrappers that materialize a module's
+    forward(imgs, ids_keep [B, K], pos_embed [L, D] | None) -> [B, K, D]: the kept patches only
+    (plus their position embedding), through `fastmask.ops.patch_embed_visible`: the patches are
+    cut in MAE's (p, q, c) order and embedded by one matmul with the conv weight permuted to the
+    same order, equal to the conv followed by a gather without embedding the hidden patches.
+    Both paths run inside this module's forward, so wrappers that materialize a module's
     parameters around its forward (DeepSpeed ZeRO-3) see the weight used.
     """
 
@@ -43,23 +43,18 @@ class PatchConv(nn.Conv2d):
         super().__init__(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size)
         self.patch_size, self.backend = patch_size, backend
 
-    def linear_weight(self) -> torch.Tensor:
-        """The weight as a [D, p*p*C] matrix in (p, q, c) order (channel last), so that
-        `patchify(imgs) @ W.T + b` equals the conv on every patch."""
-        return self.weight.permute(0, 2, 3, 1).reshape(self.weight.shape[0], -1)
-
-    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         if ids_keep is None:
             return super().forward(imgs)
-        # `fastmask.ops.patch_embed_visible` (gather + matmul + bias fused) is not in ops yet; when
-        # it lands, call it here instead of the two steps below.
-        patches = ops.patch_gather(imgs, ids_keep, self.patch_size, backend=self.backend)  # [B, K, p*p*C]
-        return F.linear(patches, self.linear_weight(), self.bias)
+        # gather + matmul (+ bias + pos_embed) in one op; its fused backends never cut out hidden patches
+        return ops.patch_embed_visible(imgs, ids_keep, self.weight, self.bias, pos_embed, backend=self.backend)
 
 
 class PatchEmbed(nn.Module):
     """imgs [B, C, H, W] -> tokens [B, L, D], L = (H/p)*(W/p) in row-major patch order;
-    with ids_keep [B, K]: the kept patches' tokens only, [B, K, D] in ids_keep's order.
+    with ids_keep [B, K]: the kept patches' tokens only, [B, K, D] in ids_keep's order;
+    pos_embed [L, D] (optional) is added at each token's patch.
 
     `proj` (timm's name) is a Conv2d with kernel = stride = p. `img_size` fixes the grid the
     position embeddings are built for; the owning model checks inputs against it.
@@ -81,10 +76,12 @@ class PatchEmbed(nn.Module):
         self.num_patches = self.grid_size[0] * self.grid_size[1]
         self.proj = PatchConv(in_chans, embed_dim, patch_size, backend=backend)
 
-    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, imgs: torch.Tensor, ids_keep: torch.Tensor | None = None,
+                pos_embed: torch.Tensor | None = None) -> torch.Tensor:
         if ids_keep is not None:
-            return self.proj(imgs, ids_keep)
-        return self.proj(imgs).flatten(2).transpose(1, 2)
+            return self.proj(imgs, ids_keep, pos_embed)
+        x = self.proj(imgs).flatten(2).transpose(1, 2)
+        return x if pos_embed is None else x + pos_embed
 
 
 class Mlp(nn.Module):

@@ -132,12 +132,9 @@ class VisionTransformer(nn.Module):
         embedding of the kept patches only, in ids_keep's order.
 
         Equals `(patch_embed(imgs) + pos_embed[:, 1:]).gather(ids_keep)` (MAE embeds all L patches,
-        then gathers) but embeds only K patches (`PatchConv`: `patch_gather` cuts the kept patches
-        in MAE's (p, q, c) order, one matmul with the conv weight in the same order embeds them).
+        then gathers) but embeds only K patches (`PatchConv` -> `fastmask.ops.patch_embed_visible`).
         """
-        x = self.patch_embed(imgs, ids_keep)  # [B, K, D], only the kept patches are embedded
-        pos = self.pos_embed[0, 1:][ids_keep]  # [B, K, D]
-        return x + pos
+        return self.patch_embed(imgs, ids_keep, self.pos_embed[0, 1:])  # only the kept patches are embedded
 
     def forward_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W], ids_keep [B, K] int64 (visible patches, any order) -> [B, 1+K, D].
