@@ -109,7 +109,7 @@ def test_two_ranks_get_disjoint_shards_covering_the_set(root):
         _, flips = loader.epoch_params(1)
         want = torch.stack([pil_reference(f, 24, bool(fl)) for f, fl in zip(loader.epoch_files(1), flips)])
         err = (got - want).abs().mean(dim=(1, 2, 3))
-        assert err.max() < 0.12, err  # decoders and resize filters differ a little from PIL's
+        assert err.max() < 0.03, err  # ~0.007 here: decoder and resize filter differ a little from PIL
         assert flips.min() == 0 and flips.max() == 1
 
 
