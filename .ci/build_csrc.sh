@@ -3,7 +3,7 @@
 # same setup.py a user runs, into a build folder outside the source tree; print the ptxas resource
 # report (registers, spills, shared memory per kernel); check the .so links and registers its ops.
 #
-# Needs: a CUDA toolkit (nvcc 13.x, same major as torch.version.cuda), a CUDA build of torch
+# Needs: fastmask installed in $PYTHON's environment (for the trace tests), a CUDA toolkit (nvcc 13.x, same major as torch.version.cuda), a CUDA build of torch
 # (torch 2.14.1+cu130 from PyPI, which also brings the nvidia/cu13 headers and libraries), g++, ninja.
 #
 # Usage: .ci/build_csrc.sh [BUILD_DIR]       (default: $TMPDIR/fastmask-csrc-build)
@@ -16,6 +16,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 BUILD="${1:-${TMPDIR:-/tmp}/fastmask-csrc-build}"
 ARCHS="${ARCHS:-9.0;8.0}"
 PYTHON="${PYTHON:-python}"
+command -v ninja >/dev/null || "$PYTHON" -c "import ninja" 2>/dev/null || echo "build_csrc: no ninja: setuptools compiles one file at a time" >&2
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
 die() { echo "build_csrc: $*" >&2; exit 1; }
@@ -120,7 +121,9 @@ for arch in ${ARCHS//;/ }; do  # every .cu compiled for every asked architecture
 done
 missing="$(LD_LIBRARY_PATH="$TORCH_LIB:${NV_LIB:+$NV_LIB:}$CUDA_HOME/lib64:$CUDA_HOME/lib" ldd "$SO" | grep "not found" || true)"
 [[ -z "$missing" ]] || die "unresolved libraries: $missing"
-"$PYTHON" - "$SO" <<'EOF'
+# Import the fresh build as fastmask._C (a GPU is not needed to load it), then run the tests that
+# need only the extension: fake impls + autograd traced through fake tensors, the record's reasons.
+(cd "$ROOT" && "$PYTHON" - "$SO" <<'EOF'
 import importlib.machinery, importlib.util, sys
 import torch
 path = sys.argv[1]
@@ -128,6 +131,7 @@ loader = importlib.machinery.ExtensionFileLoader("fastmask._C", path)
 spec = importlib.util.spec_from_file_location("fastmask._C", path, loader=loader)
 mod = importlib.util.module_from_spec(spec)
 loader.exec_module(mod)
+sys.modules["fastmask._C"] = mod  # fastmask.ops.cuda_backend's `import fastmask._C` finds this build
 ops = ["patch_gather_fwd", "patch_gather_bwd", "patch_scatter_fwd", "patch_scatter_bwd",
        "norm_pix_loss_fwd", "norm_pix_loss_bwd"]
 for name in ops:
@@ -139,6 +143,11 @@ except (NotImplementedError, RuntimeError) as e:
     assert "CPU" in str(e), e
 else:
     sys.exit("build_csrc: a CPU call to fastmask_cuda::patch_gather_fwd did not raise")
-print(f"build_csrc: imported {path} with torch {torch.__version__}; {len(ops)} ops registered; CUDA available: {torch.cuda.is_available()}")
+print(f"build_csrc: imported {path} with torch {torch.__version__}; {len(ops)} ops registered; "
+      f"CUDA available: {torch.cuda.is_available()}")
+import pytest
+sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", "tests/test_cuda_ops.py", "-k",
+                      "fake_trace or record_says_why"]))
 EOF
+) || die "the built extension failed its import or trace checks"
 echo "build_csrc: OK (${elapsed}s compile+link for $ARCHS)"

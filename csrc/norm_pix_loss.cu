@@ -25,7 +25,6 @@ namespace {
 
 constexpr int kMaxWarpsPerBlock = 8;
 constexpr int kFinalizeThreads = 1024;
-constexpr size_t kSmemLimit = 48 * 1024;
 
 struct NpGeom {
   int64_t n_patches;  // B * L
@@ -242,7 +241,8 @@ LaunchShape launch_shape(const NpGeom& g) {
   TORCH_CHECK(g.D <= kNormPixMaxPatchElems, "fastmask_cuda::norm_pix_loss: patch vector of ", g.D,
               " elements exceeds the ", kNormPixMaxPatchElems, " one warp stages in shared memory");
   LaunchShape ls;
-  ls.warps = static_cast<int>(std::min<size_t>(kMaxWarpsPerBlock, kSmemLimit / (sizeof(float) * g.D)));
+  const size_t patch_bytes = sizeof(float) * g.D;
+  ls.warps = static_cast<int>(std::min<size_t>(kMaxWarpsPerBlock, kNormPixSmemBytes / patch_bytes));
   ls.blocks = ceil_div(g.n_patches, ls.warps);
   TORCH_CHECK(ls.blocks <= 0x7fffffff, "fastmask_cuda::norm_pix_loss: too many patches (", g.n_patches, ")");
   ls.smem = sizeof(float) * g.D * ls.warps;

@@ -30,7 +30,9 @@ void norm_pix_loss_bwd_cuda(const at::TensorBase& grad_loss, const at::TensorBas
                             const at::TensorBase& grad_pred);
 
 // Largest patch vector (p*p*C elements) norm_pix_loss stages in shared memory: one warp holds one
-// fp32 patch, within the 48 KiB a block gets without an opt-in.
-constexpr int64_t kNormPixMaxPatchElems = 48 * 1024 / 4;
+// fp32 patch in the 47 KiB of dynamic shared memory a block may use (48 KiB without an opt-in, less
+// 1 KiB kept for the kernels' static shared arrays). 16x16x3 = 768, 32x32x3 = 3072 fit.
+constexpr int64_t kNormPixSmemBytes = 47 * 1024;
+constexpr int64_t kNormPixMaxPatchElems = kNormPixSmemBytes / 4;
 
 }  // namespace fastmask

@@ -114,6 +114,9 @@ void launch_patch_transpose(T* img, T* tok, const int64_t* ids, int64_t B, Patch
   constexpr int V = kVec16<T>;
   const int row_elems = g.p * g.C;
   const int row_bytes = row_elems * static_cast<int>(sizeof(T));
+  TORCH_CHECK(row_bytes <= 48 * 1024, "fastmask_cuda::patch_gather: one patch row of p*C = ", row_elems,
+              " elements exceeds the 48 KiB of shared memory a block stages");
+  TORCH_CHECK(B * g.K <= 0x7fffffff, "fastmask_cuda::patch_gather: B*K = ", B * g.K, " patches exceed the grid");
   const int chunk_rows = std::max(1, std::min(g.p, kSmemBudget / row_bytes));
   // Image runs start at multiples of p within rows of W elements: 16-byte aligned when both are
   // multiples of V and the base is. Token chunks start at multiples of p*C.

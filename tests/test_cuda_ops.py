@@ -289,6 +289,39 @@ def test_compile_fullgraph(dev):
         torch.testing.assert_close(a, b)
 
 
+# ---- runs wherever fastmask._C imports, GPU or not (.ci/build_csrc.sh runs it against the fresh build)
+
+@pytest.mark.skipif(cb._extension_reason() is not None, reason=str(cb._extension_reason()))
+def test_fake_trace_forward_and_backward():
+    """The fake impls and autograd registrations carry gather -> scatter -> loss and the whole backward
+    through fake tensors: one graph of fastmask_cuda ops with the right shapes and dtypes, no kernel run."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    B, C, H, W, p, K = 2, 3, 32, 48, 16, 2
+    L, D = (H // p) * (W // p), p * p * C
+
+    def step(imgs, ids_keep, ids_restore, mask_token, mask):
+        x = cb._patch_gather(imgs, ids_keep, p) * 2
+        x = cb._patch_scatter(x, ids_restore, mask_token)
+        loss = cb._norm_pix_loss(x, imgs.detach(), mask, p, True)
+        return (loss, *torch.autograd.grad(loss, [imgs, mask_token]))
+
+    def inputs():  # an fp64 mask token beside bf16 tokens: its gradient must come back fp64
+        return (torch.empty(B, C, H, W, dtype=torch.bfloat16, requires_grad=True),
+                torch.zeros(B, K, dtype=torch.long), torch.zeros(B, L, dtype=torch.int32),
+                torch.empty(1, 1, D, dtype=torch.float64, requires_grad=True), torch.empty(B, L))
+
+    with FakeTensorMode():
+        loss, gimgs, gmask = step(*inputs())
+    assert loss.shape == () and loss.dtype == torch.float32
+    assert gimgs.shape == (B, C, H, W) and gimgs.dtype == torch.bfloat16
+    assert gmask.shape == (1, 1, D) and gmask.dtype == torch.float64
+    graph = make_fx(step, tracing_mode="fake")(*inputs())
+    called = {n.target._opname for n in graph.graph.nodes if "fastmask_cuda" in str(n.target)}
+    assert called == {f"{op}_{d}" for op in ("patch_gather", "patch_scatter", "norm_pix_loss") for d in ("fwd", "bwd")}
+
+
 # ---- runs everywhere
 
 def test_record_says_why_when_unavailable():

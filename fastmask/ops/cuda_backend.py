@@ -25,8 +25,8 @@ import torch
 from .backends import Backend, register
 
 NAMESPACE = "fastmask_cuda"
-# csrc/ops.h kNormPixMaxPatchElems: one warp stages an fp32 patch in 48 KiB of shared memory.
-MAX_PATCH_ELEMS = 48 * 1024 // 4
+# csrc/ops.h kNormPixMaxPatchElems: one warp stages an fp32 patch in 47 KiB of shared memory.
+MAX_PATCH_ELEMS = 47 * 1024 // 4
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
 BUILD_HINT = "build it with `FASTMASK_BUILD_CUDA=1 pip install -e . --no-build-isolation` (needs nvcc and a CUDA torch)"
 
@@ -155,17 +155,21 @@ def _norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, p
 
 # ---------------------------------------------------------------- records
 
-def _image_why_not(imgs=None, **_):
-    if imgs is not None and imgs.dim() == 4 and imgs[0].numel() >= 2 ** 31:
-        return [f"one image has {imgs[0].numel()} elements (>= 2^31, 32-bit offsets within an image)"]
-    return []
+def _image_why_not(imgs=None, patch_size=None, **_):
+    reasons = []
+    if imgs is not None and imgs.dim() == 4:
+        if imgs[0].numel() >= 2 ** 31:
+            reasons.append(f"one image has {imgs[0].numel()} elements (>= 2^31, 32-bit offsets within an image)")
+        if isinstance(patch_size, int) and patch_size * imgs.shape[1] * imgs.element_size() > 48 * 1024:
+            reasons.append(f"a patch row of p*C = {patch_size * imgs.shape[1]} elements exceeds 48 KiB of shared memory")
+    return reasons
 
 
 def _loss_why_not(pred=None, imgs=None, **_):
-    reasons = _image_why_not(imgs=imgs)
+    reasons = _image_why_not(imgs=imgs)  # the loss stages whole patches: its limit is the one below
     if pred is not None and pred.dim() == 3 and pred.shape[-1] > MAX_PATCH_ELEMS:
         reasons.append(f"patch vector of {pred.shape[-1]} elements > {MAX_PATCH_ELEMS} "
-                       "(one warp stages a patch in 48 KiB of shared memory)")
+                       "(one warp stages a patch in 47 KiB of shared memory)")
     return reasons
 
 
