@@ -34,6 +34,7 @@ class DataConfig:
     hflip: bool = True
     on_corrupt: str = "skip"        # skip (report the path, drop the file) | fail (stop before training)
     dali_threads: int = 2
+    synthetic_size: int = 1_281_167  # samples per epoch of data.loader=synthetic (ImageNet-1k's train set)
 
 
 @dataclass
@@ -41,6 +42,7 @@ class EngineConfig:
     zero_stage: int = 0
     precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     steps: int | None = None        # optimizer steps; None = epochs * steps_per_epoch
+    stop_at: int | None = None      # stop (with a checkpoint) after this step without changing the schedule
     epochs: int = 1
     grad_accum: int = 1
     clip_grad: float | None = None
@@ -61,6 +63,9 @@ class EngineConfig:
     cuda_graphs: bool = False
     on_nonfinite: str = "stop"      # stop | skip
     backend: str = "auto"           # fastmask.ops backend for every fused op
+    resume: str = "auto"            # auto (resume when the run folder holds a checkpoint) | always | never
+    init_from: str | None = None    # weights to start from: an official MAE .pth or a fastmask checkpoint folder
+    fp16_initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
 
 
 @dataclass
@@ -215,8 +220,14 @@ def validate(cfg: Config) -> None:
         problems.append(f"data.on_corrupt must be skip|fail, got {cfg.data.on_corrupt!r}")
     if cfg.engine.on_nonfinite not in ("stop", "skip"):
         problems.append(f"engine.on_nonfinite must be stop|skip, got {cfg.engine.on_nonfinite!r}")
+    if cfg.engine.resume not in ("auto", "always", "never"):
+        problems.append(f"engine.resume must be auto|always|never, got {cfg.engine.resume!r}")
+    if cfg.engine.log_every < 1 or cfg.engine.keep_last < 1 or cfg.engine.checkpoint_every < 0:
+        problems.append("engine.log_every and engine.keep_last must be >= 1, engine.checkpoint_every >= 0")
     if cfg.data.batch_size < 1 or cfg.engine.grad_accum < 1:
         problems.append("data.batch_size and engine.grad_accum must be >= 1")
+    if cfg.engine.stop_at is not None and cfg.engine.stop_at < 1:
+        problems.append(f"engine.stop_at must be >= 1, got {cfg.engine.stop_at}")
     if cfg.engine.steps is not None and cfg.engine.steps < 1:
         problems.append(f"engine.steps must be >= 1, got {cfg.engine.steps}")
     if problems:

@@ -1,0 +1,372 @@
+"""The training loop: one Method, one loader, one DeepSpeed engine.
+
+    result = pretrain(load_config("mae_tiny", ["engine.steps=40"]), out="runs/tiny")
+
+What happens, in order (everything that can be wrong with the input fails before step 1):
+1. the config is validated; rank, world size and device come from the environment (a plain process
+   sets the single-process rendezvous variables itself, see `distributed`);
+2. the method is built (unknown method/model names, image size vs patch size, mask ratio: errors
+   here), seeded identically on every rank so all ranks start from the same weights; the loader is
+   built (missing/corrupt images: errors here); `engine.init_from` weights are loaded;
+3. a torch AdamW over the method's param groups (fused on CUDA) and a generated DeepSpeed config
+   (ZeRO stage, bf16/fp16/fp32, accumulation, clipping) go to `deepspeed.initialize`;
+4. resume: when the run folder holds a checkpoint (`engine.resume=auto`, the default; `always`
+   requires one, `never` ignores them), model, optimizer, loss scaler, step, data position and
+   RNG states are restored, so the continued run takes the same steps an uninterrupted one would;
+5. the loop: per optimizer step the lr is set from the step index (warmup + cosine), each
+   micro-batch runs forward/backward/step, then `method.on_step_end(step, total)`. The loss and
+   metrics are summed on the device (no host sync per step) and reduced every `log_every` steps
+   into DIR/metrics.jsonl; checkpoints every `checkpoint_every` steps and at the end.
+
+Non-finite losses: with fp16, DeepSpeed's dynamic loss scaler skips the step (counted as
+`skipped`); with bf16, DeepSpeed's overflow check skips steps with non-finite gradients (counted).
+`engine.on_nonfinite=stop` (the default) additionally stops the run at the next log or checkpoint
+boundary with the step of the first non-finite loss, before any checkpoint could hold the result
+(so the last checkpoint is the last good one). `skip` keeps going, counting; fp32 has no
+overflow check in DeepSpeed, so `skip` needs bf16 or fp16.
+"""
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+import yaml
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, to_dict, validate
+from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, dist_info, init_distributed
+from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
+from .schedule import lr_at, scaled_lr
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss went NaN/inf (bf16/fp32, engine.on_nonfinite=stop)."""
+
+    def __init__(self, step: int, last_checkpoint: str | None):
+        self.step, self.last_checkpoint = step, last_checkpoint
+        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+        super().__init__(f"non-finite loss at step {step}; stopped ({where}). Lower the lr, lengthen the warmup, "
+                         f"enable engine.clip_grad, or set engine.on_nonfinite=skip (bf16/fp16) to skip such steps.")
+
+
+@dataclasses.dataclass
+class RunResult:
+    step: int                        # optimizer steps done (total, including those before a resume)
+    total_steps: int                 # length of the lr schedule
+    losses: list[tuple[int, float]]  # (step, mean loss of the interval ending there), this invocation
+    resumed_from: int | None         # the step resumed from, or None
+    skipped_steps: int
+    out: Path | None
+    last_checkpoint: Path | None
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.losses[-1][1] if self.losses else None
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    if precision == "auto":
+        return "bf16" if device.type == "cuda" else "fp32"
+    if precision == "fp16" and device.type != "cuda":
+        raise ConfigError("engine.precision=fp16 needs a CUDA GPU (DeepSpeed's fp16 loss scaling); "
+                          "use fp32 or bf16 on CPU")
+    return precision
+
+
+def build_ds_config(cfg: Config, world_size: int, precision: str, device: torch.device,
+                    load_universal: bool = False) -> dict:
+    """The DeepSpeed config dict this run hands to deepspeed.initialize (also saved as DIR/ds_config.json)."""
+    e = cfg.engine
+    B = cfg.data.batch_size
+    zero: dict = {"stage": e.zero_stage}
+    if e.zero_stage >= 1:
+        zero.update(contiguous_gradients=True, overlap_comm=device.type == "cuda",
+                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+    if e.zero_stage == 3:
+        # Gathering the full 16-bit model for every save would cost a full copy on rank 0; we save
+        # the partitions and consolidate offline (fastmask.engine.export).
+        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+    ds = {
+        "train_micro_batch_size_per_gpu": B,
+        "gradient_accumulation_steps": e.grad_accum,
+        "train_batch_size": B * e.grad_accum * world_size,
+        "zero_optimization": zero,
+        "gradient_clipping": float(e.clip_grad or 0.0),
+        "steps_per_print": 2**31 - 1,  # our own logger reports; DeepSpeed's would sync per step
+        "wall_clock_breakdown": False,
+        "zero_allow_untested_optimizer": True,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
+                 "initial_scale_power": e.fp16_initial_scale_power, "loss_scale_window": 1000,
+                 "hysteresis": 2, "min_loss_scale": 1},
+    }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
+    return ds
+
+
+def _seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _build_method(cfg: Config, factory: Callable[[Config], torch.nn.Module] | None):
+    if factory is not None:
+        return factory(cfg)
+    from fastmask.methods import build_method
+    return build_method(cfg)
+
+
+def _enable_activation_checkpointing(method) -> None:
+    for target in (method, getattr(method, "encoder", lambda: None)()):
+        if target is not None and hasattr(target, "set_grad_checkpointing"):
+            target.set_grad_checkpointing(True)
+            return
+    raise ConfigError(f"engine.activation_checkpointing=true but method {type(method).__name__} (and its encoder) "
+                      f"has no set_grad_checkpointing()")
+
+
+def _crash_point(step: int) -> None:
+    if os.environ.get("FASTMASK_TEST_CRASH_AT", "") == f"step:{step}":
+        os._exit(137)  # a kill -9 right after optimizer step `step`, before its log or checkpoint
+
+
+def _trim_metrics(out: Path, after_step: int) -> None:
+    """Drop metrics lines past the resumed step (a crashed run logged steps that will be redone)."""
+    path = out / "metrics.jsonl"
+    if not path.is_file():
+        return
+    import json
+    keep = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= after_step:
+                keep.append(line)
+        except ValueError:
+            pass  # a line cut by the crash
+    ckpt._write_atomic(path, "".join(k + "\n" for k in keep))
+
+
+def pretrain(cfg: Config, out: str | Path | None = None,
+             method_factory: Callable[[Config], torch.nn.Module] | None = None,
+             progress: bool | None = None) -> RunResult:
+    """Run (or resume) pretraining as configured. `out` (default cfg.out) is the run folder; None
+    runs without writing anything. `method_factory(cfg) -> Method` replaces the registry (tests)."""
+    import deepspeed
+
+    validate(cfg)
+    e = cfg.engine
+    out = Path(out) if out is not None else (Path(cfg.out) if cfg.out else None)
+    info: DistInfo = dist_info()
+    device = info.device
+    precision = resolve_precision(e.precision, device)
+    if e.on_nonfinite == "skip" and precision == "fp32":
+        raise ConfigError("engine.on_nonfinite=skip needs engine.precision bf16 or fp16 (DeepSpeed skips steps "
+                          "through its overflow check, which fp32 does not run); fp32 runs stop")
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+
+    # --- everything that can be wrong with the input fails here, before any training work
+    _seed_all(e.seed)  # the same on every rank: identical initial weights
+    method = _build_method(cfg, method_factory)
+    from fastmask.data import build_loader
+    loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device)
+    steps_per_epoch = loader.batches_per_epoch // e.grad_accum
+    if steps_per_epoch < 1:
+        raise ConfigError(f"one epoch has {loader.batches_per_epoch} micro-batches per rank, fewer than "
+                          f"engine.grad_accum={e.grad_accum}")
+    total = e.steps if e.steps is not None else e.epochs * steps_per_epoch
+    stop = min(total, e.stop_at) if e.stop_at is not None else total
+    warmup = e.warmup_steps if e.warmup_steps is not None else round(e.warmup_epochs * steps_per_epoch)
+    global_batch = cfg.data.batch_size * e.grad_accum * info.world_size
+    base_lr = e.lr if e.lr is not None else scaled_lr(e.blr, global_batch)
+    if e.init_from:
+        from .export import load_pretrained
+        load_pretrained(method, e.init_from)
+    if e.activation_checkpointing:
+        _enable_activation_checkpointing(method)
+
+    resume_tag = None
+    if out is not None and e.resume != "never":
+        resume_tag = ckpt.latest_tag(out)
+    if e.resume == "always" and resume_tag is None:
+        raise ConfigError(f"engine.resume=always but {out} holds no complete checkpoint")
+    saved = ckpt.read_state(out, resume_tag) if resume_tag else None
+    load_universal = False
+    if saved is not None and saved["world_size"] != info.world_size and saved["zero_stage"] > 0:
+        load_universal = _prepare_universal(out, resume_tag, saved, info)
+
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    if out is not None and info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(config_yaml)
+
+    # --- DeepSpeed
+    init_distributed(info)
+    method.to(device)
+    optimizer = torch.optim.AdamW(method.param_groups(e.weight_decay), lr=base_lr, betas=tuple(e.betas),
+                                  eps=1e-8, fused=device.type == "cuda")
+    ds_config = build_ds_config(cfg, info.world_size, precision, device, load_universal)
+    engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
+    if e.compile:
+        engine.compile()
+    _seed_all(e.seed * 1_000_003 + info.rank + 1)  # the training stream: differs per rank
+
+    start_step = 0
+    if saved is not None:
+        if saved.get("config", {}).get("model") not in (None, cfg.model) or saved.get("config", {}).get(
+                "method") not in (None, cfg.method):
+            raise ConfigError(f"cannot resume {out}: its checkpoint is method={saved['config']['method']} "
+                              f"model={saved['config']['model']}, this run is method={cfg.method} model={cfg.model}")
+        ckpt.load(engine, out, resume_tag, info.rank, universal=load_universal)
+        start_step = int(saved["step"])
+    if out is not None and info.is_main:
+        if saved is not None:
+            _trim_metrics(out, start_step)
+        elif (out / "metrics.jsonl").exists():
+            (out / "metrics.jsonl").unlink()
+    barrier()
+
+    logger = MetricsLogger(out, info.is_main, total_steps=stop, start_step=start_step, progress=progress)
+    if saved is not None:
+        logger.message(f"resumed from {out / 'checkpoints' / resume_tag} at step {start_step}")
+    flops_per_image = method.flops_per_image() if hasattr(method, "flops_per_image") else None
+    peak = device_peak_tflops(device, precision)
+
+    step = start_step
+    epoch, start_micro = _data_position(saved, start_step, steps_per_epoch, e.grad_accum, cfg, info)
+    micro_per_epoch = steps_per_epoch * e.grad_accum
+    losses: list[tuple[int, float]] = []
+    acc: dict[str, torch.Tensor] = {}
+    n_acc = 0
+    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    last_ckpt: Path | None = ckpt.checkpoint_root(out) / resume_tag if resume_tag else None
+    t_last, step_last = time.perf_counter(), step
+
+    def log_and_check(final: bool = False) -> None:
+        nonlocal acc, n_acc, t_last, step_last
+        bad = int(all_reduce_max(first_bad).item()) if precision != "fp16" else -1
+        if bad >= 0 and e.on_nonfinite == "stop":
+            raise NonFiniteLossError(bad, str(last_ckpt) if last_ckpt else None)
+        if n_acc == 0:
+            return
+        keys = sorted(acc)
+        vec = all_reduce_mean(torch.stack([acc[k] for k in keys]) / n_acc).tolist()
+        now = time.perf_counter()
+        dt = max(now - t_last, 1e-9)
+        ips = (step - step_last) * global_batch / dt
+        rec = {"step": step, "epoch": step // steps_per_epoch, "loss": vec[keys.index("loss")],
+               "lr": lr_at(step - 1, total, base_lr, warmup, e.min_lr), "imgs_per_s": ips,
+               "step_s": dt / max(1, step - step_last), "mem_gb": peak_memory_gb(device),
+               "skipped": int(getattr(engine, "skipped_steps", 0))}
+        rec.update({k: v for k, v in zip(keys, vec) if k != "loss"})
+        if flops_per_image is not None:
+            tflops = flops_per_image * ips / info.world_size / 1e12
+            rec["tflops"] = tflops
+            if peak:
+                rec["mfu"] = tflops / peak
+        if precision == "fp16":
+            rec["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
+        losses.append((step, rec["loss"]))
+        logger.log(rec)
+        acc, n_acc = {}, 0
+        t_last, step_last = time.perf_counter(), step
+
+    try:
+        while step < stop:
+            micro = start_micro
+            for imgs in itertools.islice(loader.epoch(epoch, start_micro), micro_per_epoch - start_micro):
+                if step >= stop:
+                    break
+                if micro % e.grad_accum == 0:
+                    lr = lr_at(step, total, base_lr, warmup, e.min_lr)
+                    for g in optimizer.param_groups:
+                        g["lr"] = lr
+                outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype))
+                loss = outputs["loss"]
+                engine.backward(loss)
+                engine.step()
+                loss_d = loss.detach().float()
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d),
+                                        torch.full_like(first_bad, step + 1), first_bad)
+                for k, v in outputs.items():
+                    if isinstance(v, torch.Tensor) and v.numel() == 1:
+                        v = v.detach().float().reshape(())
+                        acc[k] = acc[k] + v if k in acc else v.clone()
+                n_acc += 1
+                micro += 1
+                if micro % e.grad_accum:
+                    continue
+                step += 1
+                if hasattr(method, "on_step_end"):
+                    method.on_step_end(step, total)
+                logger.advance()
+                _crash_point(step)
+                if step % e.log_every == 0 or step == stop:
+                    log_and_check()
+                if out is not None and ((e.checkpoint_every and step % e.checkpoint_every == 0) or step == stop):
+                    log_and_check()  # never checkpoint a run that went non-finite
+                    state = _engine_state(cfg, step, steps_per_epoch, micro_per_epoch, info, precision, total,
+                                          engine)
+                    last_ckpt = ckpt.save(engine, out, step, state, config_yaml, info.rank, e.keep_last)
+            epoch, start_micro = epoch + 1, 0
+    finally:
+        logger.close()
+    return RunResult(step=step, total_steps=total, losses=losses,
+                     resumed_from=start_step if saved is not None else None,
+                     skipped_steps=int(getattr(engine, "skipped_steps", 0)), out=out, last_checkpoint=last_ckpt)
+
+
+def _engine_state(cfg: Config, step: int, steps_per_epoch: int, micro_per_epoch: int, info: DistInfo,
+                  precision: str, total: int, engine) -> dict:
+    import deepspeed
+
+    import fastmask
+    return {
+        "step": step, "epoch": step // steps_per_epoch,
+        "batch_in_epoch": (step % steps_per_epoch) * cfg.engine.grad_accum,  # micro-batches done this epoch
+        "micro_batches_per_epoch": micro_per_epoch,
+        "samples_seen": step * cfg.data.batch_size * cfg.engine.grad_accum * info.world_size,
+        "world_size": info.world_size, "zero_stage": cfg.engine.zero_stage, "precision": precision,
+        "micro_batch": cfg.data.batch_size, "grad_accum": cfg.engine.grad_accum, "total_steps": total,
+        "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
+        "versions": {"fastmask": fastmask.__version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__},
+        "config": to_dict(cfg),
+    }
+
+
+def _data_position(saved: dict | None, step: int, steps_per_epoch: int, grad_accum: int, cfg: Config,
+                   info: DistInfo) -> tuple[int, int]:
+    """-> (epoch, micro-batch to start at) for a run at optimizer step `step`."""
+    if saved is None or (saved["world_size"] == info.world_size and saved["micro_batch"] == cfg.data.batch_size
+                         and saved["grad_accum"] == grad_accum):
+        return step // steps_per_epoch, (step % steps_per_epoch) * grad_accum
+    # A different world size or batch: continue the saved epoch at the first batch holding unseen
+    # samples (the samples of a global batch are the same whatever the world size, so this is
+    # exact whenever the old position is a multiple of the new global batch).
+    old_global = saved["micro_batch"] * saved["world_size"]
+    seen_in_epoch = saved["batch_in_epoch"] * old_global
+    new_global = cfg.data.batch_size * info.world_size
+    start = math.ceil(seen_in_epoch / new_global)
+    start -= start % grad_accum
+    if seen_in_epoch % new_global:
+        warnings.warn(f"resuming with a different global batch: epoch {saved['epoch']} continues at micro-batch "
+                      f"{start}, so up to {new_global - 1} samples of this epoch are skipped", stacklevel=2)
+    return saved["epoch"], start
+
+
+def _prepare_universal(out: Path, tag: str, saved: dict, info: DistInfo) -> bool:
+    """Resuming ZeRO partitions at another world size: convert the checkpoint to DeepSpeed's universal
+    format once (rank 0, into <tag>/universal), then every rank loads that. -> True."""
+    from .universal import ensure_universal
+    ensure_universal(ckpt.checkpoint_root(out), tag, info)
+    return True
