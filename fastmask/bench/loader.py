@@ -36,7 +36,9 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--root", default=None,
                         help="image folder (class subfolders) or .txt file list; default: the embedded "
                              "photos written as JPEGs")
-    parser.add_argument("--count", type=int, default=1024, help="embedded images to write (no --root)")
+    parser.add_argument("--count", type=int, default=None,
+                        help="embedded images to write (no --root); default: enough for warm-up + timed "
+                             "batches, at least 1024")
     parser.add_argument("--src-size", type=int, default=200, help="side of the embedded JPEGs (no --root)")
     parser.add_argument("--img-size", type=int, default=224, help="output side S")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -45,7 +47,7 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--min-scale", type=float, default=0.2)
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per repeat")
-    parser.add_argument("--batches", type=int, default=6, help="timed batches per repeat")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per repeat")
     parser.add_argument("--repeats", type=int, default=3, help="repeats per loader (median reported)")
     parser.add_argument("--loaders", default=",".join(LOADERS), help="comma-separated subset of dali,torch")
     parser.add_argument("--seed", type=int, default=0)
@@ -137,6 +139,8 @@ def run_loader_bench(args: argparse.Namespace) -> dict:
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
+    if args.root is None and args.count is None:
+        args.count = max(1024, -(-(args.warmup + args.batches) * args.batch_size // 512) * 512)
     root = args.root if args.root is not None else str(bench_root(args.count, args.src_size))
 
     loaders, results = {}, {}
