@@ -488,6 +488,13 @@ def test_mae_from_config():
     assert set(out) == {"loss", "mask_ratio"} and all(isinstance(v, torch.Tensor) for v in out.values())
 
 
+@pytest.mark.parametrize("masking", ["random", "block"])
+def test_mae_with_other_generators(masking):
+    mae = _tiny_mae(img_size=64, masking=masking, mask_ratio=0.5)
+    out = mae(_imgs(2, size=64, seed=4))
+    assert torch.isfinite(out["loss"]) and 0 < float(out["mask_ratio"]) < 1
+
+
 def test_bad_image_sizes_are_errors_before_any_work():
     with pytest.raises(ValueError, match=r"img_size 30x30 is not divisible by patch size 16"):
         create_model("vit_tiny_patch16", img_size=30)

@@ -103,13 +103,14 @@ class MAE(MaskedAutoencoderViT, Method):
         return self._mask_gen
 
     @torch.compiler.disable  # generator objects and a Python counter: keep them out of compiled graphs
-    def draw_masks(self, batch_size: int, device: torch.device) -> Masks:
+    def draw_masks(self, batch_size: int, device: torch.device, **context) -> Masks:
         """Masks for one batch: ids_keep [B, K], ids_restore [B, L], mask [B, L] (1 = hidden),
-        from draw number `mask_draws` of this rank's stream (see the module docstring)."""
+        from draw number `mask_draws` of this rank's stream (see the module docstring). `context`
+        (e.g. imgs=) goes to generators that look at the data (adversarial)."""
         g = self._generator(device)
         g.manual_seed(_mix(self.mask_seed, _rank(), self.mask_draws))
         self.mask_draws += 1
-        return self.masker(batch_size, self.grid_size, device=device, generator=g)
+        return self.masker(batch_size, self.grid_size, device=device, generator=g, **context)
 
     def get_extra_state(self) -> dict:
         return {"mask_seed": self.mask_seed, "mask_draws": self.mask_draws}
@@ -139,7 +140,7 @@ class MAE(MaskedAutoencoderViT, Method):
 
     def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_images(imgs)
-        masks = self.draw_masks(imgs.shape[0], imgs.device)
+        masks = self.draw_masks(imgs.shape[0], imgs.device, imgs=imgs)
         latent = self.forward_encoder(imgs, masks.ids_keep)      # [B, 1+K, D]
         pred = self.forward_decoder(latent, masks.ids_restore)   # [B, L, p*p*C]
         loss = self.objective(pred, imgs, masks.mask)
