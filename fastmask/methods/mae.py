@@ -148,3 +148,17 @@ class MAE(MaskedAutoencoderViT, Method):
 
     def encoder(self):
         return self.encoder_view()
+
+    def flops_per_image(self) -> float | None:
+        """Matmul FLOPs of one training step per image (forward + backward = 3x forward), counted as
+        `fastmask.bench.flops` does (PERFORMANCE.md's convention); None for non-square images."""
+        from ..bench.flops import MAEShape, mae_train_flops  # lazy: only the engine's logging needs it
+
+        if self.img_size[0] != self.img_size[1]:
+            return None
+        shape = MAEShape(img_size=self.img_size[0], patch_size=self.patch_size, in_chans=self.in_chans,
+                         embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=self.blocks[0].attn.num_heads,
+                         decoder_embed_dim=self.decoder_embed_dim, decoder_depth=len(self.decoder_blocks),
+                         decoder_num_heads=self.decoder_blocks[0].attn.num_heads if len(self.decoder_blocks) else 1,
+                         mask_ratio=self.mask_ratio)
+        return float(mae_train_flops(shape))
