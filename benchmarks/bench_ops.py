@@ -116,7 +116,8 @@ def build_cases(device: str, batch: int, dtype: torch.dtype, models=tuple(MODELS
 
         def attn(seed, N, H, Dh, B=B):
             torch.manual_seed(seed)
-            q, k, v = (torch.randn(B, H, N, Dh, device=device, dtype=dtype, requires_grad=True) for _ in range(3))
+            q, k, v = (torch.randn(B, H, N, Dh, device=device, dtype=dtype, requires_grad=True)
+                       for _ in range(3))
             return (q, k, v, None), (q, k, v)
 
         def embed(seed, B=B, L=L, K=K, p=p, dim=dim):
@@ -138,13 +139,15 @@ def build_cases(device: str, batch: int, dtype: torch.dtype, models=tuple(MODELS
         if "norm_pix_loss" in ops:
             hidden = B * (L - K) * P * e
             cases.append(Case("norm_pix_loss", name, dict(B=B, L=L, P=P), loss,
-                              bytes_fwd=2 * hidden + B * L * 4, bytes_bwd=2 * hidden + B * L * P * e + B * L * 4))
+                              bytes_fwd=2 * hidden + B * L * 4,
+                              bytes_bwd=2 * hidden + B * L * P * e + B * L * 4))
         if "attention" in ops:
             for part, N, H, Dh in (("encoder", K + 1, heads, dim // heads),
                                    ("decoder", L + 1, DECODER_HEADS, DECODER_DIM // DECODER_HEADS)):
                 f = 4.0 * B * H * N * N * Dh
                 cases.append(Case("attention", f"{name}.{part}", dict(B=B, H=H, N=N, Dh=Dh),
-                                  lambda s, N=N, H=H, Dh=Dh: attn(s, N, H, Dh), flops_fwd=f, flops_bwd=2.5 * f))
+                                  lambda s, N=N, H=H, Dh=Dh: attn(s, N, H, Dh),
+                                  flops_fwd=f, flops_bwd=2.5 * f))  # FlashAttention's count: bwd = 2.5 fwd
         if "patch_embed_visible" in ops:
             f = 2.0 * B * K * P * dim
             cases.append(Case("patch_embed_visible", name, dict(B=B, K=K, P=P, D=dim), embed,
@@ -261,7 +264,8 @@ def run(device: str, batch: int, dtype: torch.dtype, models, ops, reps: int, war
 
 def _ratios(rows: list[dict]) -> list[dict]:
     """time(torch) / time(impl) per (op, model, pass): > 1 means faster than plain PyTorch."""
-    base = {(r["op"], r["model"], r["pass_"]): r["ms"] for r in rows if r.get("impl") == "torch" and "ms" in r}
+    base = {(r["op"], r["model"], r["pass_"]): r["ms"] for r in rows
+            if r.get("impl") == "torch" and "ms" in r}
     out = []
     for r in rows:
         key = (r["op"], r["model"], r.get("pass_"))
@@ -279,9 +283,10 @@ def _meta(device: str, batch: int, dtype: torch.dtype) -> dict:
         triton_version = None
     return dict(
         date=_dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        device=torch.cuda.get_device_name() if device == "cuda" else f"cpu ({platform.processor() or 'unknown'}, "
-        f"{torch.get_num_threads()} threads)",
-        torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda, python=platform.python_version(),
+        device=torch.cuda.get_device_name() if device == "cuda"
+        else f"cpu ({platform.processor() or 'unknown'}, {torch.get_num_threads()} threads)",
+        torch=torch.__version__, triton=triton_version, cuda=torch.version.cuda,
+        python=platform.python_version(),
         batch=batch, dtype=str(dtype).replace("torch.", ""), image=IMG, mask_ratio=MASK_RATIO,
         decoder=dict(dim=DECODER_DIM, heads=DECODER_HEADS), models={k: MODELS[k] for k in MODELS},
         triton_interpret=os.environ.get("TRITON_INTERPRET"),
@@ -295,18 +300,21 @@ def main(argv=None) -> int:
     ap.add_argument("--batch", type=int, default=None, help="default 256 on CUDA, 2 on CPU")
     ap.add_argument("--dtype", default=None, choices=["bfloat16", "float16", "float32"],
                     help="default bfloat16 on CUDA, float32 on CPU")
-    ap.add_argument("--models", nargs="+", default=None, choices=list(MODELS), help="default all on CUDA, vit_b on CPU")
+    ap.add_argument("--models", nargs="+", default=None, choices=list(MODELS),
+                    help="default all on CUDA, vit_b on CPU")
     ap.add_argument("--ops", nargs="+", default=list(OPS), choices=list(OPS))
     ap.add_argument("--reps", type=int, default=None, help="timed runs per row (default 50 CUDA, 7 CPU)")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile rows")
-    ap.add_argument("--out", default=None, help="JSON path (default benchmarks/results/<date>_<device>.json on CUDA)")
+    ap.add_argument("--out", default=None,
+                    help="JSON path (default benchmarks/results/<date>_<device>_ops.json on CUDA)")
     a = ap.parse_args(argv)
     on_gpu = a.device == "cuda"
     batch = a.batch or (256 if on_gpu else 2)
     dtype = getattr(torch, a.dtype or ("bfloat16" if on_gpu else "float32"))
     models = a.models or (list(MODELS) if on_gpu else ["vit_b"])
-    reps, warmup = a.reps or (50 if on_gpu else 7), a.warmup if a.warmup is not None else (10 if on_gpu else 2)
+    reps = a.reps or (50 if on_gpu else 7)
+    warmup = a.warmup if a.warmup is not None else (10 if on_gpu else 2)
     result = run(a.device, batch, dtype, models, a.ops, reps, warmup, not a.no_compile)
     out = a.out
     if out is None and on_gpu:
@@ -319,7 +327,8 @@ def main(argv=None) -> int:
             json.dump(result, f, indent=1)
         print(f"wrote {out}")
     for r in result["ratios"]:
-        print(f"{r['op']:20s} {r['model']:14s} {r['pass_']:8s} {r['impl']:14s} {r['speedup_vs_torch']:.2f}x vs torch")
+        print(f"{r['op']:20s} {r['model']:14s} {r['pass_']:8s} {r['impl']:14s} "
+              f"{r['speedup_vs_torch']:.2f}x vs torch")
     return 0
 
 

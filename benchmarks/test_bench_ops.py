@@ -54,7 +54,8 @@ def test_fwd_bwd(benchmark, case, impl):
     assert all(torch.isfinite(g).all() for g in res)
     median_s = benchmark.stats.stats.median
     nbytes, flops = case.bytes_fwd + case.bytes_bwd, case.flops_fwd + case.flops_bwd
-    benchmark.extra_info.update(shapes=case.shapes, device=DEVICE, dtype=str(DTYPE), bytes=nbytes, flops=flops)
+    benchmark.extra_info.update(shapes=case.shapes, device=DEVICE, dtype=str(DTYPE), bytes=nbytes,
+                                flops=flops)
     if nbytes:
         benchmark.extra_info["GB/s"] = nbytes / median_s / 1e9
     if flops:

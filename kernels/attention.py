@@ -5,7 +5,8 @@ projection are used in place, no copies). Out [B, H, Nq, Dh] is a view of a [B, 
 layout the output projection wants (so `out.transpose(1, 2).reshape(B, Nq, H*Dh)` is free), as torch's
 flash SDPA does. lse [B*H, Nq] fp32 is the row log-sum-exp in base-2 units of the scaled scores.
 
-Forward: one program per (BLOCK_M query rows, batch*head); it walks the keys BLOCK_N at a time with the
+Grid (batch*head, row blocks): batch*head on axis 0, which has no 65535 limit. Forward: one program
+per (batch*head, BLOCK_M query rows); it walks the keys BLOCK_N at a time with the
 online softmax (running max m, running sum l, rescaled accumulator), in base 2 (exp2 with the scale
 pre-multiplied by log2 e: one multiply per score instead of a multiply and an exp). Keys past Nk score
 -inf; query rows past Nq compute on zeros and are not stored. The head dim is padded to a power of two
@@ -55,8 +56,8 @@ def _attention_fwd_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -97,15 +98,16 @@ def _attention_bwd_delta_kernel(
     O, DO, DELTA, s_ob, s_oh, s_on, s_od, s_gb, s_gh, s_gn, s_gd, H, NQ, DH,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     ok = (offs_m < NQ)[:, None] & (offs_d < DH)[None, :]
     o = tl.load(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od, mask=ok, other=0.0)
-    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=ok, other=0.0)
+    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=ok,
+                 other=0.0)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), axis=1)
     tl.store(DELTA + bh.to(tl.int64) * NQ + offs_m, delta, mask=offs_m < NQ)
 
@@ -118,8 +120,8 @@ def _attention_bwd_dkdv_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_n = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_n = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -127,8 +129,10 @@ def _attention_bwd_dkdv_kernel(
     n_ok = offs_n < NK
     d_ok = offs_d < DH
     nd_ok = n_ok[:, None] & d_ok[None, :]
-    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=nd_ok, other=0.0)
-    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=nd_ok, other=0.0)
+    k = tl.load(K + b * s_kb + h * s_kh + offs_n[:, None] * s_kn + offs_d[None, :] * s_kd, mask=nd_ok,
+                other=0.0)
+    v = tl.load(V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd, mask=nd_ok,
+                other=0.0)
     dk = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), dtype=tl.float32)
     q_base = Q + b * s_qb + h * s_qh
@@ -164,8 +168,8 @@ def _attention_bwd_dq_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     IEEE: tl.constexpr, UPCAST: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
-    bh = tl.program_id(1)
+    pid_m = tl.program_id(1)
+    bh = tl.program_id(0)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -173,8 +177,10 @@ def _attention_bwd_dq_kernel(
     m_ok = offs_m < NQ
     d_ok = offs_d < DH
     md_ok = m_ok[:, None] & d_ok[None, :]
-    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=md_ok, other=0.0)
-    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=md_ok, other=0.0)
+    q = tl.load(Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qn + offs_d[None, :] * s_qd, mask=md_ok,
+                other=0.0)
+    do = tl.load(DO + b * s_gb + h * s_gh + offs_m[:, None] * s_gn + offs_d[None, :] * s_gd, mask=md_ok,
+                 other=0.0)
     row_base = bh.to(tl.int64) * NQ
     lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
     delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
@@ -204,6 +210,8 @@ def _config(dtype: torch.dtype, block_d: int, backward: bool = False) -> tuple[i
     cover several blocks and ragged edges at tiny N."""
     if interpreting():
         return 16, 16, 4, 1
+    if block_d > 128:  # 256-wide heads: keep fp32 tiles under ~100 KB of shared memory (sm_86/89 limits)
+        return (32, 16, 4, 1) if backward else (32, 32, 4, 1)
     wide = block_d > 64 or dtype == torch.float32
     if backward:
         return (32, 32, 4, 2) if wide else (64, 64, 4, 2)
@@ -232,7 +240,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     lse = new_output((B * H, NQ), torch.float32, q.device)
     bd = max(16, next_pow2(DH))
     bm, bn, nw, ns = _config(q.dtype, bd)
-    grid = (triton.cdiv(NQ, bm), B * H)
+    grid = (B * H, triton.cdiv(NQ, bm))
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, sm_scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, NQ, NK, DH, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=_ieee(q.dtype),
@@ -250,17 +258,17 @@ def attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     bd = max(16, next_pow2(DH))
     bm, bn, nw, ns = _config(q.dtype, bd, backward=True)
     delta = new_output((B * H, NQ), torch.float32, q.device)
-    _attention_bwd_delta_kernel[(triton.cdiv(NQ, bm), B * H)](
+    _attention_bwd_delta_kernel[(B * H, triton.cdiv(NQ, bm))](
         out, grad, delta, *out.stride(), *grad.stride(), H, NQ, DH, BLOCK_M=bm, BLOCK_D=bd)
     dq = new_output((B, H, NQ, DH), q.dtype, q.device)
     dk = new_output((B, H, NK, DH), k.dtype, k.device)
     dv = new_output((B, H, NK, DH), v.dtype, v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad.stride())
     ieee, up = _ieee(q.dtype), _upcast(q.dtype)
-    _attention_bwd_dkdv_kernel[(triton.cdiv(NK, bn), B * H)](
+    _attention_bwd_dkdv_kernel[(B * H, triton.cdiv(NK, bn))](
         q, k, v, grad, lse, delta, dk, dv, sm_scale * LOG2E, sm_scale, *strides, H, NQ, NK, DH,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, UPCAST=up, num_warps=nw, num_stages=ns)
-    _attention_bwd_dq_kernel[(triton.cdiv(NQ, bm), B * H)](
+    _attention_bwd_dq_kernel[(B * H, triton.cdiv(NQ, bm))](
         q, k, v, grad, lse, delta, dq, sm_scale * LOG2E, sm_scale, *strides, H, NQ, NK, DH,
         BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, UPCAST=up, num_warps=nw, num_stages=ns)
     return dq, dk, dv

@@ -48,7 +48,8 @@ def _load_rows(pred_ptr, imgs_ptr, mask_ptr, rows, n_rows, L, C, P, w, p,
     t = tl.load(imgs_ptr + (b * s_ib)[:, None] + (c * s_ic)[None, :]
                 + (hi[:, None] * p + pi[None, :]) * s_ih + (wi[:, None] * p + qj[None, :]) * s_iw,
                 mask=ok, other=0.0).to(tl.float32)
-    x = tl.load(pred_ptr + (b * s_pb + l * s_pl)[:, None] + e[None, :] * s_pe, mask=ok, other=0.0).to(tl.float32)
+    x = tl.load(pred_ptr + (b * s_pb + l * s_pl)[:, None] + e[None, :] * s_pe, mask=ok, other=0.0)
+    x = x.to(tl.float32)
     if NORM:
         mean = tl.sum(t, axis=1) / P
         diff = tl.where(ok, t - mean[:, None], 0.0)
@@ -85,7 +86,8 @@ def _norm_pix_loss_bwd_kernel(
     g = err * (coef * m)[:, None]
     e = tl.arange(0, BLOCK_P)
     ok = (rows < n_rows)[:, None] & (e < P)[None, :]
-    tl.store(gpred_ptr + rows.to(tl.int64)[:, None] * P + e[None, :], g.to(gpred_ptr.dtype.element_ty), mask=ok)
+    tl.store(gpred_ptr + rows.to(tl.int64)[:, None] * P + e[None, :], g.to(gpred_ptr.dtype.element_ty),
+             mask=ok)
 
 
 def _config(P: int) -> tuple[int, int, int]:

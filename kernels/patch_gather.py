@@ -100,7 +100,9 @@ def patch_gather_fwd(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int
 
 def patch_gather_bwd(grad: torch.Tensor, ids_keep: torch.Tensor, channels: int, height: int, width: int,
                      patch_size: int) -> torch.Tensor:
-    """grad [B, K, p*p*C], ids_keep [B, K] -> image gradient [B, C, H, W] (grad's dtype), zero where not kept."""
+    """grad [B, K, p*p*C], ids_keep [B, K] -> image gradient [B, C, H, W] (grad's dtype).
+
+    Zero at the patches ids_keep does not name."""
     B, K, P = grad.shape
     p = patch_size
     w = width // p

@@ -73,7 +73,8 @@ def _blocks(D: int) -> tuple[int, int]:
     return max(1, 4096 // bd), bd
 
 
-def patch_scatter_fwd(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+def patch_scatter_fwd(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor
+                      ) -> torch.Tensor:
     """tokens [B, K, D], ids_restore [B, L] int32|int64, mask_token [D] -> [B, L, D] (tokens' dtype)."""
     B, K, D = tokens.shape
     L = ids_restore.shape[1]
@@ -90,7 +91,7 @@ def patch_scatter_fwd(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_toke
 
 def patch_scatter_bwd(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int
                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """grad [B, L, D], ids_restore [B, L] -> (grad_tokens [B, K, D] grad's dtype, grad_mask_token [D] fp32)."""
+    """grad [B, L, D], ids_restore [B, L] -> (grad_tokens [B, K, D] grad's dtype, grad_mask [D] fp32)."""
     B, L, D = grad.shape
     K = num_visible
     gtok = new_output((B, K, D), grad.dtype, grad.device)

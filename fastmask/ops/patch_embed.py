@@ -7,8 +7,8 @@ from . import reference
 from ._checks import ALL_DEVICES, TORCH_DTYPES, check_images, check_index, fail_if
 from .backends import Backend, register, select
 
-register(Backend(op="patch_embed_visible", name="torch", fn=reference.patch_embed_visible, devices=ALL_DEVICES,
-                 dtypes=TORCH_DTYPES, key_input="imgs"))
+register(Backend(op="patch_embed_visible", name="torch", fn=reference.patch_embed_visible,
+                 devices=ALL_DEVICES, dtypes=TORCH_DTYPES, key_input="imgs"))
 
 
 def check_patch_embed_visible(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
@@ -29,7 +29,8 @@ def check_patch_embed_visible(imgs: torch.Tensor, ids_keep: torch.Tensor, weight
         if bias is not None and tuple(bias.shape) != (D,):
             problems.append(f"bias must be [D={D}], got shape {tuple(bias.shape)}")
         if pos_embed is not None and tuple(pos_embed.shape) != (L, D):
-            problems.append(f"pos_embed must be [L, D] = {(L, D)} (MAE: pos_embed[0, 1:]), got {tuple(pos_embed.shape)}")
+            problems.append(f"pos_embed must be [L, D] = {(L, D)} (MAE: pos_embed[0, 1:]), "
+                            f"got {tuple(pos_embed.shape)}")
         for name, t in (("weight", weight), ("bias", bias), ("pos_embed", pos_embed)):
             if t is not None and t.device != imgs.device:
                 problems.append(f"{name} is on {t.device}, imgs on {imgs.device}")

@@ -56,8 +56,8 @@ def _(imgs, ids_keep, patch_size):
 
 
 @torch.library.custom_op("fastmask::patch_gather_bwd_triton", mutates_args=())
-def patch_gather_bwd_triton(grad: torch.Tensor, ids_keep: torch.Tensor, channels: int, height: int, width: int,
-                            patch_size: int) -> torch.Tensor:
+def patch_gather_bwd_triton(grad: torch.Tensor, ids_keep: torch.Tensor, channels: int, height: int,
+                            width: int, patch_size: int) -> torch.Tensor:
     from fastmask.kernels.patch_gather import patch_gather_bwd
 
     return patch_gather_bwd(grad, ids_keep, channels, height, width, patch_size)
@@ -191,8 +191,9 @@ def _(q, k, v, scale):
 
 
 @torch.library.custom_op("fastmask::attention_bwd_triton", mutates_args=())
-def attention_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-                         lse: torch.Tensor, scale: float | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def attention_bwd_triton(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                         out: torch.Tensor, lse: torch.Tensor, scale: float | None
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastmask.kernels.attention import attention_bwd
 
     return attention_bwd(grad, q, k, v, out, lse, scale)
@@ -260,7 +261,8 @@ def _patch_embed_visible(imgs, ids_keep, weight, bias=None, pos_embed=None):
 
 def _loss_why_not(pred=None, **_):
     if pred is not None and pred.dim() == 3 and pred.shape[-1] > MAX_PATCH_ELEMS:
-        return [f"patch vector of {pred.shape[-1]} elements > {MAX_PATCH_ELEMS} (one patch per program in registers)"]
+        return [f"patch vector of {pred.shape[-1]} elements > {MAX_PATCH_ELEMS} "
+                "(one patch per program, in registers)"]
     return []
 
 
@@ -271,8 +273,9 @@ def _attention_why_not(q=None, **_):
 
 
 def _embed_why_not(weight=None, imgs=None, **_):
-    if weight is not None and imgs is not None and weight.dtype != imgs.dtype and not torch.is_autocast_enabled(
-            imgs.device.type):
+    if weight is None or imgs is None:
+        return []
+    if weight.dtype != imgs.dtype and not torch.is_autocast_enabled(imgs.device.type):
         return [f"weight dtype {weight.dtype} != imgs dtype {imgs.dtype} outside autocast"]
     return []
 
@@ -286,7 +289,8 @@ _EMBED_TOL = {torch.float32: (1e-4, 1e-4), torch.float16: (1e-2, 1e-2), torch.bf
 
 _COMMON = dict(name="triton", devices=_DEVICES, dtypes=_LOW, available=_available)
 
-register(Backend(op="patch_gather", fn=patch_gather_fwd_triton, key_input="imgs", tolerances=_COPY_TOL, **_COMMON))
+register(Backend(op="patch_gather", fn=patch_gather_fwd_triton, key_input="imgs", tolerances=_COPY_TOL,
+                 **_COMMON))
 register(Backend(op="patch_scatter", fn=patch_scatter_fwd_triton, key_input="tokens", tolerances=_COPY_TOL,
                  **_COMMON))
 register(Backend(op="norm_pix_loss", fn=norm_pix_loss_fwd_triton, key_input="pred", tolerances=_LOSS_TOL,
