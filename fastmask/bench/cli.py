@@ -49,6 +49,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="peak TFLOP/s for MFU (default: datasheet figure for known GPUs, none on CPU)")
     parser.add_argument("--num-inputs", type=int, default=_D.num_inputs, help="distinct batches rotated")
     parser.add_argument("--seed", type=int, default=_D.seed)
+    parser.add_argument("--no-memory", dest="memory", action="store_false",
+                        help="skip the extra step per path that measures peak memory (saved activations stay)")
     parser.add_argument("--out", default=None, help="write the result JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
 

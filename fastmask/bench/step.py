@@ -67,6 +67,7 @@ class StepBenchArgs:
     overrides: tuple[str, ...] = ()     # extra key=value config overrides
     peak_tflops: float | None = None    # for MFU; None: the known-device table (GPU), else no MFU
     num_inputs: int = 3                 # distinct random batches rotated through the timed calls
+    memory: bool = True                 # run one more step per path to measure its peak memory
     seed: int = 0
 
 
@@ -319,7 +320,8 @@ def run_step_bench(args: StepBenchArgs, log: Callable[[str], None] = print) -> d
         t = timings[name]
         flops_step = (F.mae_train_flops(shape, args.batch_size, all_tokens=name.endswith("_all_tokens"))
                       if shape is not None else None)
-        mem = measure_peak_memory(lambda n=name: steps[n](inputs[0]), device)
+        mem = measure_peak_memory(lambda n=name: steps[n](inputs[0]), device) if args.memory else \
+            {"peak_bytes": None, "kind": "not measured"}
         results[name] = {
             "step_s_median": t.median_s,
             "step_s_min": t.min_s,

@@ -5,10 +5,8 @@
     encoder, cfg = load_encoder(None, cfg=cfg)        # random init (the baseline of an evaluation)
 
 What is accepted, in the order it is tried:
-- a run folder `DIR` holding `checkpoints/latest` -> the checkpoint folder it names;
-- a checkpoint folder (`DIR/checkpoints/step_N/`) -> the model-states file DeepSpeed wrote there
-  (`*model_states.pt`, key `module`; ZeRO-3 partitions must be consolidated first with the
-  engine's export);
+- a run folder `DIR` (holding `checkpoints/`) or a checkpoint folder (`DIR/checkpoints/step_N/`):
+  read with `fastmask.engine.export.consolidated_state_dict` (fp32, any ZeRO stage);
 - a weights file (`.pt`, `.pth`, `.bin`): a state dict, or a dict holding one under `module`,
   `model`, `state_dict` or `encoder` (official MAE checkpoints use `model`). Either the whole
   method's state dict (encoder + decoder, official MAE key names) or an encoder-only one.
@@ -32,29 +30,30 @@ class CheckpointError(ValueError):
 
 
 def resolve_weights(path: str | Path) -> Path:
-    """A run folder, checkpoint folder or weights file -> the weights file to read."""
+    """A run folder, checkpoint folder or weights file -> the weights file, or the checkpoint
+    folder (read through `fastmask.engine.export`, which consolidates every ZeRO stage)."""
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"checkpoint {p} does not exist")
     if p.is_file():
         return p
-    latest = p / "checkpoints" / "latest"
-    if latest.is_file():
-        tag = latest.read_text().strip()
-        return resolve_weights(p / "checkpoints" / tag)
-    states = sorted(p.glob("*model_states.pt")) or sorted(p.glob("*/*model_states.pt"))
-    if states:
-        return states[0]
+    if (p / "checkpoints").is_dir() or any(p.glob("*model_states.pt")):
+        return p
     files = sorted(f for f in p.iterdir() if f.suffix in _WEIGHT_SUFFIXES)
     if len(files) == 1:
         return files[0]
-    raise CheckpointError(f"{p} holds no checkpoint: expected checkpoints/latest (a run folder), a DeepSpeed "
+    raise CheckpointError(f"{p} holds no checkpoint: expected checkpoints/ (a run folder), DeepSpeed's "
                           f"*model_states.pt (a checkpoint folder) or one weights file ({', '.join(_WEIGHT_SUFFIXES)}); "
                           f"found {sorted(f.name for f in p.iterdir())[:10]}")
 
 
 def find_config(weights: Path) -> Path | None:
-    """The nearest `config.yaml` at or above the weights' folder (at most 4 levels up)."""
+    """The config saved with the weights: the checkpoint folder's own `config.yaml` (for a run
+    folder: its latest checkpoint's), else the nearest one above (at most 4 levels up)."""
+    if weights.is_dir() and (weights / "checkpoints").is_dir():
+        from fastmask.engine.export import resolve_checkpoint
+
+        weights = resolve_checkpoint(weights) / "config.yaml"
     for folder in [weights.parent, *list(weights.parents)[1:4]]:
         if (folder / "config.yaml").is_file():
             return folder / "config.yaml"
@@ -62,9 +61,13 @@ def find_config(weights: Path) -> Path | None:
 
 
 def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
+    if weights.is_dir():
+        from fastmask.engine.export import consolidated_state_dict
+
+        return consolidated_state_dict(weights)
     try:
         obj = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception:  # DeepSpeed's files hold Python objects beside the tensors (trusted local files)
+    except Exception:  # files holding Python objects beside the tensors (trusted local files)
         obj = torch.load(weights, map_location="cpu", weights_only=False)
     if isinstance(obj, dict):
         for key in _STATE_KEYS:
