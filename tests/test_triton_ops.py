@@ -8,6 +8,8 @@ allocate is NaN-poisoned (FASTMASK_POISON_OUTPUTS=1), so an element a kernel for
 comparison. Tolerances come from the backend records, not from this file.
 """
 import os
+import subprocess
+import sys
 
 import torch
 
@@ -359,3 +361,16 @@ def test_compile_tiny_mae_fullgraph(backend):
     for a, b in zip(grads, eager_grads):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     assert torch.isfinite(loss)
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_hopper():
+    """The interpreter never runs Triton's GPU code generator: lower every kernel to an sm_90 cubin
+    (ptxas ships with triton, no GPU needed) so a GPU-only compile error fails here, not on the GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    cmd = [sys.executable, "-m", "fastmask.kernels._compile_check", "--arch", "90", "--head-dims", "32", "80"]
+    res = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    if res.returncode and "ptxas" in res.stderr and ("No such file" in res.stderr or "not found" in res.stderr):
+        pytest.skip("triton's ptxas is not available here")
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "_attention_bwd_dq_kernel bf16 Dh=80" in res.stdout
