@@ -274,20 +274,6 @@ def test_attention_explicit_scale():
 
 
 # ------------------------------------------------------------------ gradcheck in fp64
-def _computes_in_fp64(fn) -> bool:
-    """The fp64 gradcheck needs the reference to keep fp64 inputs in fp64 (not downcast to fp32)."""
-    x = torch.randn(1, 1, 3, 4, dtype=torch.float64) * 3
-    out = fn(x)
-    return torch.allclose(out, naive_attention(x, x, x), atol=1e-12, rtol=1e-12) if out.shape == x.shape else True
-
-
-_ATTN_FP64 = _computes_in_fp64(lambda x: reference.attention(x, x, x))
-_LOSS_FP64 = float(reference.norm_pix_loss(torch.full((1, 1, 4), 1 / 3, dtype=torch.float64),
-                                           torch.zeros(1, 1, 2, 2, dtype=torch.float64), torch.ones(1, 1), 2,
-                                           norm_pix=False)) == 1 / 9
-_DOWNCAST = "reference computes fp64 inputs in fp32 (`.float()`); upcast only bf16/fp16 to keep fp64 for gradcheck"
-
-
 def test_gradcheck_patch_gather():
     g = _gen("gc-gather")
     imgs = _randn(g, 2, 2, 6, 9, dtype=torch.float64).requires_grad_()
@@ -314,7 +300,6 @@ def test_gradcheck_patch_embed_visible():
                                     (imgs, weight, bias, pos))
 
 
-@pytest.mark.xfail(not _LOSS_FP64, reason=_DOWNCAST, strict=True)
 @pytest.mark.parametrize("norm_pix", [True, False])
 def test_gradcheck_norm_pix_loss(norm_pix):
     g = _gen("gc-loss", norm_pix)
@@ -324,7 +309,6 @@ def test_gradcheck_norm_pix_loss(norm_pix):
     assert torch.autograd.gradcheck(lambda a, b: reference.norm_pix_loss(a, b, mask, 2, norm_pix), (pred, imgs))
 
 
-@pytest.mark.xfail(not _ATTN_FP64, reason=_DOWNCAST, strict=True)
 def test_gradcheck_attention():
     g = _gen("gc-attn")
     q, k, v = (_randn(g, 1, 2, 5, 4, dtype=torch.float64).requires_grad_() for _ in range(3))

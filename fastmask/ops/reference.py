@@ -12,6 +12,11 @@ import torch
 import torch.nn.functional as F
 
 
+def _upcast(x: torch.Tensor) -> torch.Tensor:
+    """fp16/bf16 -> fp32 for the arithmetic; fp32 and fp64 stay as they are (fp64 for gradcheck)."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def patchify(imgs: torch.Tensor, patch_size: int) -> torch.Tensor:
     """imgs [B, C, H, W] -> patches [B, L, p*p*C], L = (H/p)*(W/p), (p, q, c) order within a patch."""
     B, C, H, W = imgs.shape
@@ -57,16 +62,16 @@ def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, pa
 
     MAE's forward_loss: per-patch target normalized by its own mean and unbiased variance
     (t - mean) / sqrt(var + 1e-6), squared error averaged over the patch, then averaged over hidden
-    patches only. Computed in fp32 whatever the input dtype.
+    patches only. Computed in fp32 for fp32/bf16/fp16 inputs (fp64 stays fp64).
     """
-    target = patchify(imgs, patch_size).float()
+    target = _upcast(patchify(imgs, patch_size))
     if norm_pix:
         mean = target.mean(dim=-1, keepdim=True)
         var = target.var(dim=-1, keepdim=True)  # unbiased, as the official code
         target = (target - mean) / (var + eps) ** 0.5
-    loss = (pred.float() - target) ** 2
+    loss = (_upcast(pred) - target) ** 2
     loss = loss.mean(dim=-1)
-    mask = mask.float()
+    mask = mask.to(loss.dtype)
     return (loss * mask).sum() / mask.sum()
 
 
@@ -76,9 +81,9 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
     Materializes the N x N matrix in fp32: the oracle, not a path for long sequences.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    s = torch.matmul(q.float(), k.float().transpose(-2, -1)) * scale
+    s = torch.matmul(_upcast(q), _upcast(k).transpose(-2, -1)) * scale
     p = F.softmax(s, dim=-1)
-    return torch.matmul(p, v.float()).to(q.dtype)
+    return torch.matmul(p, _upcast(v)).to(q.dtype)
 
 
 def patch_embed_visible(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
