@@ -374,3 +374,33 @@ def test_kernels_compile_for_hopper():
         pytest.skip("triton's ptxas is not available here")
     assert res.returncode == 0, res.stderr[-3000:]
     assert "_attention_bwd_dq_kernel bf16 Dh=80" in res.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.skipif("cpu" not in tb._DEVICES, reason="triton on CPU needs TRITON_INTERPRET=1")
+def test_compile_mae_model_with_triton_ops():
+    """The project's own MAE (encoder on visible patches, decoder, loss) with backend="triton" compiles with
+    fullgraph=True and matches the same weights run eagerly with backend="torch"."""
+    from fastmask.models.mae import MaskedAutoencoderViT
+
+    torch._dynamo.reset()
+    kw = dict(img_size=16, patch_size=4, embed_dim=32, depth=1, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+              decoder_num_heads=2)
+    torch.manual_seed(0)
+    ref_model = MaskedAutoencoderViT(backend="torch", **kw)
+    model = MaskedAutoencoderViT(backend="triton", **kw)
+    model.load_state_dict(ref_model.state_dict())
+    g = _gen("mae-compile")
+    imgs = torch.randn(2, 3, 16, 16, generator=g)
+    ids_keep, ids_restore, mask = _masking(g, 2, 16, 4, "cpu")
+
+    def step(m, backend):
+        return ops.norm_pix_loss(m(imgs, ids_keep, ids_restore), imgs, mask, 4, backend=backend)
+
+    expected = step(ref_model, "torch")
+    expected_grads = torch.autograd.grad(expected, [p for p in ref_model.parameters() if p.requires_grad])
+    loss = torch.compile(lambda: step(model, "triton"), fullgraph=True, backend="aot_eager")()
+    grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad])
+    torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+    for a, b in zip(grads, expected_grads):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
