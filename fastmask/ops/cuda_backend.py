@@ -18,8 +18,6 @@ int64 indices, a float32 mask for the loss, imgs in pred's dtype or fp32.
 """
 from __future__ import annotations
 
-import functools
-
 import torch
 
 from .backends import Backend, register
@@ -31,18 +29,30 @@ _LOW = (torch.float32, torch.float16, torch.bfloat16)
 BUILD_HINT = "build it with `FASTMASK_BUILD_CUDA=1 pip install -e . --no-build-isolation` (needs nvcc and a CUDA torch)"
 
 
-@functools.lru_cache(maxsize=1)
+_state: dict = {}  # "reason": why fastmask._C cannot be used (None: loaded), set on the first call
+
+
 def _extension_reason() -> str | None:
-    """Import fastmask._C once and attach the fake and autograd registrations; the reason it failed, else None."""
-    try:
-        import fastmask._C  # noqa: F401  (importing it registers torch.ops.fastmask_cuda.*)
-    except ImportError as e:  # not built, or built against another torch (undefined symbol)
-        return f"the CUDA extension fastmask._C is not importable ({e}); {BUILD_HINT}"
-    _register_python_side()
-    return None
+    """Import fastmask._C once and attach the fake and autograd registrations; the reason it failed, else None.
+
+    A plain module-level cache rather than functools.lru_cache: Dynamo ignores lru_cache wrappers and
+    would re-run the import inside a compiled region (a graph break under fullgraph=True).
+    """
+    if "reason" not in _state:
+        try:
+            import fastmask._C  # noqa: F401  (importing it registers torch.ops.fastmask_cuda.*)
+        except ImportError as e:  # not built, or built against another torch (undefined symbol)
+            _state["reason"] = f"the CUDA extension fastmask._C is not importable ({e}); {BUILD_HINT}"
+        else:
+            _register_python_side()
+            _state["reason"] = None
+    return _state["reason"]
 
 
+@torch.compiler.assume_constant_result
 def _available() -> str | None:
+    # assume_constant_result: under torch.compile this runs eagerly once and its answer is a constant,
+    # so backend selection inside a compiled model adds no graph break and no guard on the import.
     reasons = []
     ext = _extension_reason()
     if ext:
