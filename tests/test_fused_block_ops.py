@@ -110,3 +110,29 @@ def test_bad_shapes_are_clear_errors():
         bias_gelu(torch.randn(2, 8), torch.randn(7))
     with pytest.raises(ValueError, match="residual shape"):
         add_layer_norm(torch.randn(2, 8), torch.randn(2, 9), torch.ones(8), torch.zeros(8))
+
+
+@pytest.mark.parametrize("checkpoint", [False, True])
+def test_vit_fused_block_chain_matches_eager_blocks(checkpoint):
+    """The ViT's blocks run as one fused chain (add+LN, bias+GELU) when a fused backend is named, and
+    give the eager model's features and gradients."""
+    from fastmask.models import create_model
+    from fastmask.models.blocks import fused_chain_backend
+
+    torch.manual_seed(0)
+    fused = create_model("vit_tiny_patch16", img_size=32, depth=2, backend="triton")
+    eager = create_model("vit_tiny_patch16", img_size=32, depth=2, backend="torch")
+    eager.load_state_dict(fused.state_dict())
+    fused.set_grad_checkpointing(checkpoint)
+    imgs = torch.randn(2, 3, 32, 32)
+    x = torch.randn(2, 5, 192)
+    assert fused_chain_backend(fused.blocks, x, fused.norm, "triton") == "triton"
+    assert fused_chain_backend(eager.blocks, x, eager.norm, "torch") is None
+    out_f, out_e = fused.forward_features(imgs), eager.forward_features(imgs)
+    torch.testing.assert_close(out_f, out_e, atol=2e-5, rtol=2e-5)
+    g = torch.randn_like(out_f)
+    (out_f * g).sum().backward()
+    (out_e * g).sum().backward()
+    for (name, pf), pe in zip(fused.named_parameters(), eager.parameters()):
+        if pf.grad is not None or pe.grad is not None:
+            torch.testing.assert_close(pf.grad, pe.grad, atol=1e-4, rtol=1e-4, msg=name)

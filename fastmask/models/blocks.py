@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .. import ops
+from .. import ops
 from ..ops.nn import Attention
 
 # MAE (and timm's ViTs) use LayerNorm with eps 1e-6 everywhere.
@@ -171,15 +172,59 @@ def init_mae_weights(module: nn.Module) -> None:
             nn.init.zeros_(module.bias)
 
 
-def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpoint: bool) -> torch.Tensor:
-    """Apply `blocks` in order; with `checkpoint`, recompute each block's activations in backward
-    (torch.utils.checkpoint, non-reentrant so it composes with autocast and DeepSpeed)."""
-    if checkpoint and torch.is_grad_enabled():
-        from torch.utils.checkpoint import checkpoint as ckpt
+def _plain_gelu_mlp(blk: "Block") -> bool:
+    act = blk.mlp.act
+    return isinstance(act, nn.GELU) and act.approximate == "none" and blk.mlp.fc1.bias is not None
 
-        for blk in blocks:
-            x = ckpt(blk, x, use_reentrant=False)
-        return x
+
+def fused_chain_backend(blocks: nn.ModuleList, x: torch.Tensor, final_norm: nn.Module | None,
+                        backend: str) -> str | None:
+    """The add_layer_norm backend the fused chain would use for `x`, or None when the chain should not
+    run: no final norm to end it on, blocks that are not plain pre-LN GELU blocks, or `auto` landing
+    on the reference (then the eager per-block path is the same math with fewer Python calls)."""
+    if final_norm is None or len(blocks) == 0 or not isinstance(final_norm, nn.LayerNorm):
+        return None
+    if not all(isinstance(b, Block) and _plain_gelu_mlp(b) for b in blocks):
+        return None
+    n = final_norm
+    name = ops.select("add_layer_norm", backend, x=x, residual=x, weight=n.weight, bias=n.bias).name
+    return None if name == "torch" else name
+
+
+def _add_norm(a: torch.Tensor, h: torch.Tensor | None, norm: nn.LayerNorm, backend: str):
+    return ops.add_layer_norm(a, h, norm.weight, norm.bias, norm.eps, backend=backend)
+
+
+def _fused_block(blk: "Block", y: torch.Tensor, h: torch.Tensor, next_norm: nn.LayerNorm, backend: str):
+    """One pre-LN block on (y = norm1(h), h) -> (next_norm(h'), h'): each residual add is fused with
+    the LayerNorm that follows it, fc1's bias with its GELU."""
+    a = blk.drop_path1(blk.ls1(blk.attn(y)))
+    y, h = _add_norm(a, h, blk.norm2, backend)
+    u = torch.nn.functional.linear(y, blk.mlp.fc1.weight)
+    m = blk.drop_path2(blk.ls2(blk.mlp.fc2(ops.bias_gelu(u, blk.mlp.fc1.bias, backend=backend))))
+    return _add_norm(m, h, next_norm, backend)
+
+
+def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpoint: bool, final_norm: nn.Module | None = None,
+               backend: str = "auto") -> torch.Tensor:
+    """Apply `blocks` in order, then `final_norm` when given; with `checkpoint`, recompute each block's
+    activations in backward (torch.utils.checkpoint, non-reentrant so it composes with autocast and DeepSpeed).
+
+    With a final norm and a fused add_layer_norm backend for `x` (Triton on CUDA; `backend="triton"`
+    names it anywhere it runs), the blocks run as one chain where every residual add is fused with the
+    next LayerNorm (the next block's norm1, or `final_norm` after the last block) and fc1's bias with
+    GELU: the same function with two fewer memory passes per sublayer.
+    """
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    use_ckpt = checkpoint and torch.is_grad_enabled()
+    if fused_chain_backend(blocks, x, final_norm, backend) is not None:
+        y, h = _add_norm(x, None, blocks[0].norm1, backend)
+        for i, blk in enumerate(blocks):
+            nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else final_norm
+            y, h = (ckpt(_fused_block, blk, y, h, nxt, backend, use_reentrant=False) if use_ckpt
+                    else _fused_block(blk, y, h, nxt, backend))
+        return y
     for blk in blocks:
-        x = blk(x)
-    return x
+        x = ckpt(blk, x, use_reentrant=False) if use_ckpt else blk(x)
+    return final_norm(x) if final_norm is not None else x

@@ -65,8 +65,8 @@ class MAEDecoderLayers:
         x = self.decoder_embed(latent)
         body = ops.patch_scatter(x[:, 1:], ids_restore, self.mask_token.reshape(-1), backend=self.decoder_backend)
         x = torch.cat([x[:, :1], body], dim=1) + self.decoder_pos_embed.to(x.dtype)
-        x = run_blocks(self.decoder_blocks, x, self.decoder_grad_checkpointing)
-        return self.decoder_pred(self.decoder_norm(x))[:, 1:]
+        x = run_blocks(self.decoder_blocks, x, self.decoder_grad_checkpointing, self.decoder_norm, self.decoder_backend)
+        return self.decoder_pred(x)[:, 1:]
 
 
 class MAEDecoder(MAEDecoderLayers, nn.Module):

@@ -118,8 +118,7 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
-        x = run_blocks(self.blocks, self._prepend_cls(x), self.grad_checkpointing)
-        return self.norm(x)
+        return run_blocks(self.blocks, self._prepend_cls(x), self.grad_checkpointing, self.norm, self.backend)
 
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W] -> [B, 1+L, D]: every patch, after the final norm (cls token first)."""
