@@ -3,8 +3,9 @@
 # same setup.py a user runs, into a build folder outside the source tree; print the ptxas resource
 # report (registers, spills, shared memory per kernel); check the .so links and registers its ops.
 #
-# Needs: fastmask installed in $PYTHON's environment (for the trace tests), a CUDA toolkit (nvcc 13.x, same major as torch.version.cuda), a CUDA build of torch
-# (torch 2.14.1+cu130 from PyPI, which also brings the nvidia/cu13 headers and libraries), g++, ninja.
+# Needs: a CUDA toolkit (nvcc 13.x, the major version of torch.version.cuda); a CUDA build of torch
+# (torch 2.14.1+cu130 from PyPI, which also brings the nvidia/cu13 headers and libraries); g++, ninja,
+# binutils (nm, readelf, c++filt); fastmask installed in $PYTHON's environment (for the trace tests).
 #
 # Usage: .ci/build_csrc.sh [BUILD_DIR]       (default: $TMPDIR/fastmask-csrc-build)
 #   ARCHS="9.0"        architectures (default "9.0;8.0")
@@ -55,12 +56,13 @@ EOF
 [[ "$TORCH_CUDA" != "None" ]] || die "torch $TORCH_VERSION is not a CUDA build (the CPU wheel lacks c10/cuda headers)"
 NV_INCLUDE="$(ls -d "$SITE"/nvidia/cu*/include 2>/dev/null | head -1 || true)"
 NV_LIB="$(ls -d "$SITE"/nvidia/cu*/lib 2>/dev/null | head -1 || true)"
-[[ -n "$NV_INCLUDE" ]] && export CPATH="$NV_INCLUDE${CPATH:+:$CPATH}"
+if [[ -n "$NV_INCLUDE" ]]; then export CPATH="$NV_INCLUDE${CPATH:+:$CPATH}"; fi
 NVCC_VERSION="$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 echo "build_csrc: torch $TORCH_VERSION (CUDA $TORCH_CUDA), nvcc $NVCC_VERSION at $CUDA_HOME, archs $ARCHS, $MAX_JOBS jobs"
 echo "build_csrc: CPATH=${CPATH:-} LIBRARY_PATH=$LIBRARY_PATH"
 
 # --- build through setup.py, outside the source tree ---
+case "$(realpath -m "$BUILD")/" in "$ROOT"/*) die "build folder $BUILD is inside the source tree $ROOT";; esac
 rm -rf "$BUILD"
 mkdir -p "$BUILD"
 LOG="$BUILD/build.log"
