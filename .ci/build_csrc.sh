@@ -21,6 +21,7 @@ command -v ninja >/dev/null || "$PYTHON" -c "import ninja" 2>/dev/null || echo "
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 
 die() { echo "build_csrc: $*" >&2; exit 1; }
+case "$(realpath -m "$BUILD")/" in "$ROOT"/*) die "build folder $BUILD is inside the source tree $ROOT";; esac
 
 # --- toolkit: CUDA_HOME, else the folder beside the nvcc on PATH (which may be a wrapper script) ---
 find_cuda_home() {
@@ -62,7 +63,6 @@ echo "build_csrc: torch $TORCH_VERSION (CUDA $TORCH_CUDA), nvcc $NVCC_VERSION at
 echo "build_csrc: CPATH=${CPATH:-} LIBRARY_PATH=$LIBRARY_PATH"
 
 # --- build through setup.py, outside the source tree ---
-case "$(realpath -m "$BUILD")/" in "$ROOT"/*) die "build folder $BUILD is inside the source tree $ROOT";; esac
 rm -rf "$BUILD"
 mkdir -p "$BUILD"
 LOG="$BUILD/build.log"
