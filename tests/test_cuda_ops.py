@@ -108,7 +108,8 @@ def test_patch_gather_strided_and_int32(dev):
     imgs = _randn(g, 2, 3, 32, 16, device=dev).to(memory_format=torch.channels_last)
     ids_keep, _, _ = _masking(g, 2, 2, 1, dev)
     out = ops.patch_gather(imgs, ids_keep.int(), 16, backend="cuda")
-    _close(out, reference.patch_gather(imgs.contiguous(), ids_keep, 16), _tol("patch_gather", torch.float32), "fwd")
+    expected = reference.patch_gather(imgs.contiguous(), ids_keep, 16)
+    _close(out, expected, _tol("patch_gather", torch.float32), "fwd")
 
 
 # (B, L, K, D): L odd, K = 1 with B = 1, D = 3 (scalar rows), D = 80 (fp32 vectors, scalar 16-bit),
@@ -186,8 +187,8 @@ def test_norm_pix_loss_fp32_images_16bit_pred(dev, pred_dtype):
     _close(loss, ref, _tol("norm_pix_loss", torch.float32), "loss")
     loss.backward()
     ref.backward()
-    _close(pred.grad, ref_pred.grad, _tol("norm_pix_loss", pred_dtype, scale=ref_pred.grad.abs().max().item()),
-           "pred grad")
+    tol = _tol("norm_pix_loss", pred_dtype, scale=ref_pred.grad.abs().max().item())
+    _close(pred.grad, ref_pred.grad, tol, "pred grad")
 
 
 @cuda_test
@@ -198,8 +199,9 @@ def test_norm_pix_loss_strided_pred(dev):
     full = _randn(g, 2, 7, 48, device=dev)
     _, _, mask = _masking(g, 2, 6, 2, dev)
     pred = full[:, 1:]
-    _close(ops.norm_pix_loss(pred, imgs, mask, 4, backend="cuda"), reference.norm_pix_loss(pred, imgs, mask, 4),
-           _tol("norm_pix_loss", torch.float32), "loss")
+    expected = reference.norm_pix_loss(pred, imgs, mask, 4)
+    loss = ops.norm_pix_loss(pred, imgs, mask, 4, backend="cuda")
+    _close(loss, expected, _tol("norm_pix_loss", torch.float32), "loss")
 
 
 @cuda_test
@@ -231,17 +233,20 @@ def test_kernels_check_their_inputs(dev):
     with pytest.raises(RuntimeError, match="must be contiguous"):
         op.patch_gather_fwd(imgs.transpose(2, 3), torch.zeros(1, 2, dtype=torch.long, device=dev), 4)
     with pytest.raises(RuntimeError, match="mask_token must be"):
-        op.patch_scatter_fwd(torch.randn(1, 2, 8, device=dev), torch.arange(4, device=dev)[None], torch.randn(7, device=dev))
+        op.patch_scatter_fwd(torch.randn(1, 2, 8, device=dev), torch.arange(4, device=dev)[None],
+                             torch.randn(7, device=dev))
     with pytest.raises(RuntimeError, match="pred must be"):
         op.norm_pix_loss_fwd(torch.randn(1, 4, 47, device=dev), imgs, torch.ones(1, 4, device=dev), 4, True)
     with pytest.raises(RuntimeError, match="mask must be fp32"):
-        op.norm_pix_loss_fwd(torch.randn(1, 4, 48, device=dev), imgs, torch.ones(1, 4, device=dev).bool(), 4, True)
+        op.norm_pix_loss_fwd(torch.randn(1, 4, 48, device=dev), imgs, torch.ones(1, 4, device=dev).bool(), 4,
+                             True)
 
 
 def _opcheck_cases(dev):
     g = _gen("opcheck")
     imgs = _randn(g, 2, 3, 8, 8, device=dev)
     ids_keep, ids_restore, mask = _masking(g, 2, 4, 2, dev)
+    pred = _randn(g, 2, 4, 48, device=dev)
     op = torch.ops.fastmask_cuda
     return [
         (op.patch_gather_fwd.default, (imgs.clone().requires_grad_(), ids_keep, 4)),
@@ -249,9 +254,8 @@ def _opcheck_cases(dev):
         (op.patch_scatter_fwd.default, (_randn(g, 2, 2, 16, device=dev).requires_grad_(), ids_restore,
                                         _randn(g, 16, device=dev).requires_grad_())),
         (op.patch_scatter_bwd.default, (_randn(g, 2, 4, 16, device=dev), ids_restore, 2)),
-        (op.norm_pix_loss_fwd.default, (_randn(g, 2, 4, 48, device=dev).requires_grad_(), imgs, mask, 4, True)),
-        (op.norm_pix_loss_bwd.default, (torch.tensor(1.5, device=dev), _randn(g, 2, 4, 48, device=dev), imgs, mask, 4,
-                                        False)),
+        (op.norm_pix_loss_fwd.default, (pred.clone().requires_grad_(), imgs, mask, 4, True)),
+        (op.norm_pix_loss_bwd.default, (torch.tensor(1.5, device=dev), pred, imgs, mask, 4, False)),
     ]
 
 
@@ -319,7 +323,8 @@ def test_fake_trace_forward_and_backward():
     assert gmask.shape == (1, 1, D) and gmask.dtype == torch.float64
     graph = make_fx(step, tracing_mode="fake")(*inputs())
     called = {n.target._opname for n in graph.graph.nodes if "fastmask_cuda" in str(n.target)}
-    assert called == {f"{op}_{d}" for op in ("patch_gather", "patch_scatter", "norm_pix_loss") for d in ("fwd", "bwd")}
+    ops_ = ("patch_gather", "patch_scatter", "norm_pix_loss")
+    assert called == {f"{op}_{d}" for op in ops_ for d in ("fwd", "bwd")}
 
 
 # ---- runs everywhere
@@ -329,9 +334,10 @@ def test_record_says_why_when_unavailable():
     imgs, ids = torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long)
     calls = {
         "patch_gather": lambda: ops.patch_gather(imgs, ids, 4, backend="cuda"),
-        "patch_scatter": lambda: ops.patch_scatter(torch.randn(1, 2, 8), torch.arange(4)[None], torch.randn(8),
+        "patch_scatter": lambda: ops.patch_scatter(torch.randn(1, 2, 8), torch.arange(4)[None],
+                                                   torch.randn(8), backend="cuda"),
+        "norm_pix_loss": lambda: ops.norm_pix_loss(torch.randn(1, 4, 48), imgs, torch.ones(1, 4), 4,
                                                    backend="cuda"),
-        "norm_pix_loss": lambda: ops.norm_pix_loss(torch.randn(1, 4, 48), imgs, torch.ones(1, 4), 4, backend="cuda"),
     }
     for op, call in calls.items():
         rec = backends.backends_for(op)["cuda"]
@@ -341,7 +347,8 @@ def test_record_says_why_when_unavailable():
         if reason is None:  # extension built and a GPU present: CPU tensors are declined by device
             expected = "device cpu"
         else:
-            assert ("fastmask._C" in reason and "FASTMASK_BUILD_CUDA=1" in reason) or "no CUDA device" in reason
+            built = "fastmask._C" in reason and "FASTMASK_BUILD_CUDA=1" in reason
+            assert built or "no CUDA device" in reason
             expected = reason.split(";")[0].split("(")[0].strip()
         with pytest.raises(ops.BackendUnavailable, match="backend 'cuda' cannot run") as e:
             call()

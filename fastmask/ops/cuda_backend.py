@@ -26,14 +26,15 @@ NAMESPACE = "fastmask_cuda"
 # csrc/ops.h kNormPixMaxPatchElems: one warp stages an fp32 patch in 47 KiB of shared memory.
 MAX_PATCH_ELEMS = 47 * 1024 // 4
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
-BUILD_HINT = "build it with `FASTMASK_BUILD_CUDA=1 pip install -e . --no-build-isolation` (needs nvcc and a CUDA torch)"
+BUILD_HINT = ("build it with `FASTMASK_BUILD_CUDA=1 pip install -e . --no-build-isolation` "
+              "(needs nvcc and a CUDA torch)")
 
 
 _state: dict = {}  # "reason": why fastmask._C cannot be used (None: loaded), set on the first call
 
 
 def _extension_reason() -> str | None:
-    """Import fastmask._C once and attach the fake and autograd registrations; the reason it failed, else None.
+    """Import fastmask._C once and attach the fake and autograd registrations; why not, else None.
 
     A plain module-level cache rather than functools.lru_cache: Dynamo ignores lru_cache wrappers and
     would re-run the import inside a compiled region (a graph break under fullgraph=True).
@@ -99,7 +100,8 @@ def _register_python_side() -> None:
         return torch.empty_like(pred)
 
     torch.library.register_autograd(lib + "patch_gather_fwd", _gather_backward, setup_context=_gather_setup)
-    torch.library.register_autograd(lib + "patch_scatter_fwd", _scatter_backward, setup_context=_scatter_setup)
+    torch.library.register_autograd(lib + "patch_scatter_fwd", _scatter_backward,
+                                    setup_context=_scatter_setup)
     torch.library.register_autograd(lib + "norm_pix_loss_fwd", _loss_backward, setup_context=_loss_setup)
 
 
@@ -137,7 +139,8 @@ def _loss_setup(ctx, inputs, output):
 def _loss_backward(ctx, grad):
     # Gradient with respect to pred only: the target side (imgs, mask) is data in every method.
     pred, imgs, mask = ctx.saved_tensors
-    gpred = _ops().norm_pix_loss_bwd(grad.float().contiguous(), pred, imgs, mask, ctx.patch_size, ctx.norm_pix)
+    gpred = _ops().norm_pix_loss_bwd(grad.float().contiguous(), pred, imgs, mask, ctx.patch_size,
+                                     ctx.norm_pix)
     return gpred, None, None, None, None
 
 
@@ -169,9 +172,11 @@ def _image_why_not(imgs=None, patch_size=None, **_):
     reasons = []
     if imgs is not None and imgs.dim() == 4:
         if imgs[0].numel() >= 2 ** 31:
-            reasons.append(f"one image has {imgs[0].numel()} elements (>= 2^31, 32-bit offsets within an image)")
+            reasons.append(f"one image has {imgs[0].numel()} elements "
+                           "(>= 2^31, 32-bit offsets within an image)")
         if isinstance(patch_size, int) and patch_size * imgs.shape[1] * imgs.element_size() > 48 * 1024:
-            reasons.append(f"a patch row of p*C = {patch_size * imgs.shape[1]} elements exceeds 48 KiB of shared memory")
+            reasons.append(f"a patch row of p*C = {patch_size * imgs.shape[1]} elements "
+                           "exceeds 48 KiB of shared memory")
     return reasons
 
 
