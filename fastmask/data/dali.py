@@ -184,6 +184,7 @@ class DaliLoader:
         self.rank, self.world_size, self.seed = rank, world_size, seed
         self.device, self.dtype = device, dtype
         self.files, self._sizes, self.skipped = image_files(data_cfg, threads=max(data_cfg.dali_threads, 4))
+        self._pending = None  # (epoch, Future of (plan, iterator)): the next epoch, built ahead
         G = data_cfg.batch_size * world_size
         self.batches_per_epoch = len(self.files) // G
         if self.batches_per_epoch == 0:
@@ -246,19 +247,58 @@ class DaliLoader:
             raise ValueError(f"start must be in [0, {self.batches_per_epoch}], got {start}")
         return self._batches(epoch, start)
 
-    def _batches(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+    def _plan(self, epoch: int) -> tuple[list[str], np.ndarray, np.ndarray]:
+        """-> this rank's (files, windows, flips) of `epoch` (fresh, mutable copies)."""
+        return (self.epoch_files(epoch), *self.epoch_params(epoch))
+
+    def _start(self, files: list[str], windows: np.ndarray, flips: np.ndarray, b: int):
+        """-> a DALI iterator over batches b, b+1, ... of the plan (files, windows, flips)."""
         from nvidia.dali.plugin.pytorch import DALIGenericIterator, LastBatchPolicy
 
         B = self.cfg.batch_size
-        files = self.epoch_files(epoch)
-        windows, flips = self.epoch_params(epoch)
+        pipe = self._pipeline(files[b * B:], windows[b * B:], flips[b * B:])
+        # prepare_first_batch=False: a decode error surfaces in next(), where it is handled.
+        return DALIGenericIterator(pipe, ["images"], reader_name="reader", auto_reset=False,
+                                   last_batch_policy=LastBatchPolicy.DROP, prepare_first_batch=False)
+
+    def _prebuild(self, epoch: int) -> None:
+        """Build epoch `epoch`'s pipeline in a background thread while the current epoch ends: listing
+        an epoch's files into DALI and starting its reader takes ~seconds for ImageNet-sized shards."""
+        from concurrent.futures import ThreadPoolExecutor
+
+        if self._pending is not None:
+            return
+        def build():
+            plan = self._plan(epoch)
+            return plan, self._start(*plan, 0)
+        pool = ThreadPoolExecutor(max_workers=1)
+        self._pending = (epoch, pool.submit(build))
+        pool.shutdown(wait=False)
+
+    def _take_pending(self, epoch: int, start: int):
+        """-> (plan, iterator) prebuilt for (epoch, 0) if that is what is asked, else None (dropped)."""
+        pending, self._pending = self._pending, None
+        if pending is None:
+            return None
+        key, future = pending
+        try:
+            result = future.result()
+        except Exception:  # noqa: BLE001 - the foreground build below reports any real problem
+            return None
+        return result if (key, 0) == (epoch, start) else None
+
+    def _batches(self, epoch: int, start: int) -> Iterator[torch.Tensor]:
+        bpe = self.batches_per_epoch
+        ready = self._take_pending(epoch, start)
+        files, windows, flips = ready[0] if ready else self._plan(epoch)
         b = start
-        while b < self.batches_per_epoch:
-            pipe = self._pipeline(files[b * B:], windows[b * B:], flips[b * B:])
-            it = DALIGenericIterator(pipe, ["images"], reader_name="reader", auto_reset=False,
-                                     last_batch_policy=LastBatchPolicy.DROP)
+        while b < bpe:
+            it = ready[1] if ready else self._start(files, windows, flips, b)
+            ready = None
             try:
-                while b < self.batches_per_epoch:
+                while b < bpe:
+                    if b == bpe - 1:
+                        self._prebuild(epoch + 1)  # overlaps the next epoch's start with this last batch
                     try:
                         out = next(it)
                     except RuntimeError as e:
@@ -268,7 +308,7 @@ class DaliLoader:
                     yield imgs if imgs.dtype == self.dtype else imgs.to(self.dtype)
                     b += 1
             finally:
-                del it, pipe  # frees the pipeline's threads and buffers now, not at the next GC
+                del it  # frees the pipeline's threads and buffers now, not at the next GC
 
     def _replace_bad_files(self, epoch: int, b: int, files: list[str], windows: np.ndarray,
                            flips: np.ndarray, error: Exception) -> None:
