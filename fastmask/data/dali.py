@@ -7,7 +7,9 @@
 Per batch, inside DALI: `fn.readers.file` -> `fn.decoders.image_slice` (the "mixed" nvJPEG decoder
 on GPU, decoding only the crop window; libjpeg-turbo on CPU) -> `fn.resize` to S x S (bicubic,
 antialiased) -> `fn.crop_mirror_normalize` (flip, (x - mean) / std, HWC -> CHW, output dtype) ->
-`DALIGenericIterator`. On CPU the pipeline runs with `device_id=None`.
+`DALIGenericIterator`. On CPU the pipeline runs with `device_id=None`. One pipeline per epoch (its
+file list is the epoch's order); the next epoch's is built in a background thread while the last
+batch of the current one is consumed, so an epoch boundary does not stall on DALI's reader setup.
 
 What is decided in numpy rather than by DALI's random operators, and why:
 - Order and sharding. Each epoch, one permutation of all files drawn from (seed, epoch), cut into
