@@ -155,6 +155,17 @@ def test_random_crops_land_where_drawn(root):
 
 
 @needs_dali
+def test_dali_and_torch_loaders_walk_the_same_files_in_the_same_order(root):
+    from fastmask.data.torch_loader import TorchLoader
+
+    for rank in (0, 1):
+        c = cfg(root, batch_size=6, num_workers=0)
+        d, t = make(c, rank, 2, seed=1), TorchLoader(c, rank, 2, 1, "cpu")
+        assert d.batches_per_epoch == t.batches_per_epoch
+        assert np.array_equal(d.epoch_indices(3), t.epoch_indices(3))
+
+
+@needs_dali
 def test_uneven_split_drops_the_tail_equally_on_every_rank(root):
     c = cfg(root, batch_size=7)
     loaders = [make(c, r, 3) for r in range(3)]
