@@ -75,7 +75,7 @@ def check(arch: int = 90, full: bool = False, head_dims: tuple[int, ...] = (32, 
         ptrs.update(LSE="*fp32", DELTA="*fp32", qk_scale="fp32", sm_scale="fp32")
         for dh in ((32, 48, 64, 80, 96, 128, 256) if full else head_dims):
             bdh = max(16, next_pow2(dh))
-            flags = {"IEEE": dt == "fp32", "UPCAST": False}
+            flags = {"IEEE": dt == "fp32", "INTERP_BF16": False}
             bm, bn, nw, ns = at._config(torch_dt[dt], bdh)
             run(at._attention_fwd_kernel, f"{dt} Dh={dh}", ptrs,
                 {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_D": bdh, **flags}, nw, ns)

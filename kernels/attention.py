@@ -36,11 +36,11 @@ MAX_HEAD_DIM = 256
 
 
 @triton.jit
-def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST: Triton 3.8's CPU interpreter computes bf16 x bf16 tl.dot wrongly (it multiplies the raw
-    # bit patterns), so under the interpreter bf16 tiles go to fp32 first. A bf16 x bf16 product is exact
-    # in fp32, so this matches the GPU's bf16 MMA with fp32 accumulation up to summation order.
-    if UPCAST:
+def _dot(a, b, IEEE: tl.constexpr, INTERP_BF16: tl.constexpr):
+    # INTERP_BF16: Triton 3.8's CPU interpreter multiplies the raw bit patterns in a bf16 x bf16 tl.dot
+    # (triton-lang/triton#11584), so under the interpreter bf16 tiles go to fp32 first. A bf16 x bf16
+    # product is exact in fp32, so this matches the GPU's bf16 MMA with fp32 accumulation up to order.
+    if INTERP_BF16:
         return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
     elif IEEE:
         return tl.dot(a, b, input_precision="ieee")
@@ -49,12 +49,24 @@ def _dot(a, b, IEEE: tl.constexpr, UPCAST: tl.constexpr):
 
 
 @triton.jit
+def _to(x, dtype: tl.constexpr, INTERP_BF16: tl.constexpr):
+    """fp32 x -> dtype, rounding to nearest even. The GPU's cvt does that; Triton 3.8's interpreter
+    truncates fp32 -> bf16, which doubles and biases the rounding error (P and dS are rounded to the input
+    dtype before their products), so under the interpreter the rounding is done by hand on the bits."""
+    if INTERP_BF16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + 0x7FFF + ((bits >> 16) & 1)
+        x = ((bits >> 16) << 16).to(tl.float32, bitcast=True)
+    return x.to(dtype)
+
+
+@triton.jit
 def _attention_fwd_kernel(
     Q, K, V, O, LSE, qk_scale,
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_on, s_od,
     H, NQ, NK, DH,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(1)
     bh = tl.program_id(0)
@@ -76,7 +88,7 @@ def _attention_fwd_kernel(
         n_ok = offs_n < NK
         kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
                      mask=d_ok[:, None] & n_ok[None, :], other=0.0)
-        s = _dot(q, kt, IEEE, UPCAST) * qk_scale
+        s = _dot(q, kt, IEEE, INTERP_BF16) * qk_scale
         s = tl.where(n_ok[None, :], s, float("-inf"))
         # Every key block holds at least one real key (n0 < NK), so m_new is finite and no -inf - -inf.
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
@@ -85,11 +97,11 @@ def _attention_fwd_kernel(
         l_i = l_i * alpha + tl.sum(pr, axis=1)
         v = tl.load(v_base + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
                     mask=n_ok[:, None] & d_ok[None, :], other=0.0)
-        acc = acc * alpha[:, None] + _dot(pr.to(v.dtype), v, IEEE, UPCAST)
+        acc = acc * alpha[:, None] + _dot(_to(pr, v.dtype, INTERP_BF16), v, IEEE, INTERP_BF16)
         m_i = m_new
     out = acc / l_i[:, None]
     tl.store(O + b * s_ob + h * s_oh + offs_m[:, None] * s_on + offs_d[None, :] * s_od,
-             out.to(O.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
+             _to(out, O.dtype.element_ty, INTERP_BF16), mask=m_ok[:, None] & d_ok[None, :])
     tl.store(LSE + bh.to(tl.int64) * NQ + offs_m, m_i + tl.log2(l_i), mask=m_ok)
 
 
@@ -118,7 +130,7 @@ def _attention_bwd_dkdv_kernel(
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd,
     H, NQ, NK, DH,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     pid_n = tl.program_id(1)
     bh = tl.program_id(0)
@@ -147,17 +159,17 @@ def _attention_bwd_dkdv_kernel(
         dot_ = tl.load(do_base + offs_m[None, :] * s_gn + offs_d[:, None] * s_gd, mask=dm_ok, other=0.0)
         lse = tl.load(LSE + row_base + offs_m, mask=m_ok, other=0.0)
         delta = tl.load(DELTA + row_base + offs_m, mask=m_ok, other=0.0)
-        st = _dot(k, qt, IEEE, UPCAST) * qk_scale  # [BLOCK_N, BLOCK_M] = (S log2 e)^T
+        st = _dot(k, qt, IEEE, INTERP_BF16) * qk_scale  # [BLOCK_N, BLOCK_M] = (S log2 e)^T
         pt = tl.where(n_ok[:, None] & m_ok[None, :], tl.exp2(st - lse[None, :]), 0.0)
-        dv += _dot(pt.to(dot_.dtype), tl.trans(dot_), IEEE, UPCAST)  # P^T dO
-        dpt = _dot(v, dot_, IEEE, UPCAST)  # (dO V^T)^T
+        dv += _dot(_to(pt, dot_.dtype, INTERP_BF16), tl.trans(dot_), IEEE, INTERP_BF16)  # P^T dO
+        dpt = _dot(v, dot_, IEEE, INTERP_BF16)  # (dO V^T)^T
         dst = pt * (dpt - delta[None, :])
-        dk += _dot(dst.to(qt.dtype), tl.trans(qt), IEEE, UPCAST)  # dS^T Q
+        dk += _dot(_to(dst, qt.dtype, INTERP_BF16), tl.trans(qt), IEEE, INTERP_BF16)  # dS^T Q
     dk = dk * sm_scale
     tl.store(DK + (bh.to(tl.int64) * NK + offs_n[:, None]) * DH + offs_d[None, :],
-             dk.to(DK.dtype.element_ty), mask=nd_ok)
+             _to(dk, DK.dtype.element_ty, INTERP_BF16), mask=nd_ok)
     tl.store(DV + (bh.to(tl.int64) * NK + offs_n[:, None]) * DH + offs_d[None, :],
-             dv.to(DV.dtype.element_ty), mask=nd_ok)
+             _to(dv, DV.dtype.element_ty, INTERP_BF16), mask=nd_ok)
 
 
 @triton.jit
@@ -166,7 +178,7 @@ def _attention_bwd_dq_kernel(
     s_qb, s_qh, s_qn, s_qd, s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, s_gb, s_gh, s_gn, s_gd,
     H, NQ, NK, DH,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    IEEE: tl.constexpr, UPCAST: tl.constexpr,
+    IEEE: tl.constexpr, INTERP_BF16: tl.constexpr,
 ):
     pid_m = tl.program_id(1)
     bh = tl.program_id(0)
@@ -193,13 +205,14 @@ def _attention_bwd_dq_kernel(
         dn_ok = d_ok[:, None] & n_ok[None, :]
         kt = tl.load(k_base + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd, mask=dn_ok, other=0.0)
         vt = tl.load(v_base + offs_n[None, :] * s_vn + offs_d[:, None] * s_vd, mask=dn_ok, other=0.0)
-        s = _dot(q, kt, IEEE, UPCAST) * qk_scale
+        s = _dot(q, kt, IEEE, INTERP_BF16) * qk_scale
         pr = tl.where(m_ok[:, None] & n_ok[None, :], tl.exp2(s - lse[:, None]), 0.0)
-        dp = _dot(do, vt, IEEE, UPCAST)
+        dp = _dot(do, vt, IEEE, INTERP_BF16)
         ds = pr * (dp - delta[:, None])
-        dq += _dot(ds.to(kt.dtype), tl.trans(kt), IEEE, UPCAST)
+        dq += _dot(_to(ds, kt.dtype, INTERP_BF16), tl.trans(kt), IEEE, INTERP_BF16)
     dq = dq * sm_scale
-    tl.store(DQ + (row_base + offs_m[:, None]) * DH + offs_d[None, :], dq.to(DQ.dtype.element_ty), mask=md_ok)
+    tl.store(DQ + (row_base + offs_m[:, None]) * DH + offs_d[None, :],
+             _to(dq, DQ.dtype.element_ty, INTERP_BF16), mask=md_ok)
 
 
 def _config(dtype: torch.dtype, block_d: int, backward: bool = False) -> tuple[int, int, int, int]:
@@ -222,7 +235,7 @@ def _ieee(dtype: torch.dtype) -> bool:
     return dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32
 
 
-def _upcast(dtype: torch.dtype) -> bool:
+def _interp_bf16(dtype: torch.dtype) -> bool:
     return dtype == torch.bfloat16 and interpreting()
 
 
@@ -244,7 +257,7 @@ def attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: floa
     _attention_fwd_kernel[grid](
         q, k, v, out, lse, sm_scale * LOG2E, *q.stride(), *k.stride(), *v.stride(), *out.stride(),
         H, NQ, NK, DH, BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=_ieee(q.dtype),
-        UPCAST=_upcast(q.dtype), num_warps=nw, num_stages=ns)
+        INTERP_BF16=_interp_bf16(q.dtype), num_warps=nw, num_stages=ns)
     return out, lse
 
 
@@ -264,11 +277,11 @@ def attention_bwd(grad: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
     dk = new_output((B, H, NK, DH), k.dtype, k.device)
     dv = new_output((B, H, NK, DH), v.dtype, v.device)
     strides = (*q.stride(), *k.stride(), *v.stride(), *grad.stride())
-    ieee, up = _ieee(q.dtype), _upcast(q.dtype)
+    ieee, up = _ieee(q.dtype), _interp_bf16(q.dtype)
     _attention_bwd_dkdv_kernel[(B * H, triton.cdiv(NK, bn))](
         q, k, v, grad, lse, delta, dk, dv, sm_scale * LOG2E, sm_scale, *strides, H, NQ, NK, DH,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, UPCAST=up, num_warps=nw, num_stages=ns)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, INTERP_BF16=up, num_warps=nw, num_stages=ns)
     _attention_bwd_dq_kernel[(B * H, triton.cdiv(NQ, bm))](
         q, k, v, grad, lse, delta, dq, sm_scale * LOG2E, sm_scale, *strides, H, NQ, NK, DH,
-        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, UPCAST=up, num_warps=nw, num_stages=ns)
+        BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=bd, IEEE=ieee, INTERP_BF16=up, num_warps=nw, num_stages=ns)
     return dq, dk, dv
