@@ -8,9 +8,13 @@ the ops must also run under Triton's CPU interpreter (tests), which `wrap_triton
 Inductor gains nothing from looking inside these memory-bound or already-fused kernels.
 
 Importing this module never imports triton or `fastmask.kernels`: the kernels are imported on first
-call, because `triton.jit` reads TRITON_INTERPRET when a kernel module is imported, and tests set it
-after collection has already imported `fastmask.ops`. When triton is missing the records still
-register and `available()` says why.
+call, because `triton.jit` reads TRITON_INTERPRET when a kernel module is imported (tests/conftest.py
+sets it before collection; lazy imports keep a late setter working too). When triton is missing the
+records still register and `available()` says why.
+
+Index contract (not checked: checking would sync with the host): ids_keep rows hold distinct patch
+indices and ids_restore rows are permutations of [0, L), as every mask generator makes them. The
+backward kernels rely on it to write each gradient element exactly once, without atomics.
 
 Devices: ("cuda",), plus "cpu" when TRITON_INTERPRET=1 (tests name backend="triton" on CPU tensors;
 `auto` never picks triton on the CPU since the CPU priority lists do not name it).
