@@ -11,6 +11,7 @@
 #   ARCHS="9.0"        architectures (default "9.0;8.0")
 #   PYTHON=...         interpreter with torch (default: python on PATH)
 #   MAX_JOBS=N         parallel compile jobs (default: number of cores)
+#   REUSE_BUILD=1      skip the compile and re-run the checks on BUILD_DIR's previous build
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -63,13 +64,17 @@ echo "build_csrc: torch $TORCH_VERSION (CUDA $TORCH_CUDA), nvcc $NVCC_VERSION at
 echo "build_csrc: CPATH=${CPATH:-} LIBRARY_PATH=$LIBRARY_PATH"
 
 # --- build through setup.py, outside the source tree ---
-rm -rf "$BUILD"
-mkdir -p "$BUILD"
 LOG="$BUILD/build.log"
 start=$(date +%s)
-(cd "$ROOT" && FASTMASK_BUILD_CUDA=1 FASTMASK_CUDA_ARCHS="$ARCHS" \
-  "$PYTHON" setup.py -q build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/temp") >"$LOG" 2>&1 \
-  || { tail -n 80 "$LOG"; die "compile failed (full log: $LOG)"; }
+if [[ "${REUSE_BUILD:-0}" == 1 && -f "$LOG" ]]; then
+  echo "build_csrc: REUSE_BUILD=1: checking the existing build in $BUILD"
+else
+  rm -rf "$BUILD"
+  mkdir -p "$BUILD"
+  (cd "$ROOT" && FASTMASK_BUILD_CUDA=1 FASTMASK_CUDA_ARCHS="$ARCHS" \
+    "$PYTHON" setup.py -q build_ext --build-lib "$BUILD/lib" --build-temp "$BUILD/temp") >"$LOG" 2>&1 \
+    || { tail -n 80 "$LOG"; die "compile failed (full log: $LOG)"; }
+fi
 elapsed=$(( $(date +%s) - start ))
 grep -E "(error|warning)" "$LOG" | grep -v -E "^ptxas info|Warning: .*deprecated" | head -20 || true
 
@@ -114,8 +119,11 @@ EOF
 SO="$(ls "$BUILD"/lib/fastmask/_C*.so 2>/dev/null | head -1 || true)"
 [[ -n "$SO" ]] || die "no fastmask/_C*.so under $BUILD/lib"
 echo "build_csrc: built $(basename "$SO") ($(du -h "$SO" | cut -f1)) in ${elapsed}s"
-nm -D --defined-only "$SO" | grep -q " PyInit__C$" || die "$SO does not export PyInit__C"
-readelf -S "$SO" | grep -q "\.nv_fatbin" || die "$SO has no .nv_fatbin section (no device code)"
+# Whole outputs into variables first: `producer | grep -q` fails under pipefail when grep exits early.
+symbols="$(nm -D --defined-only "$SO")"
+grep -q " PyInit__C$" <<<"$symbols" || die "$SO does not export PyInit__C"
+sections="$(readelf -S "$SO")"
+grep -q "\.nv_fatbin" <<<"$sections" || die "$SO has no .nv_fatbin section (no device code)"
 for arch in ${ARCHS//;/ }; do  # every .cu compiled for every asked architecture
   sm="${arch%+PTX}"; sm="${sm//./}"
   n="$(grep -c -- "-gencode=arch=compute_$sm,code=sm_$sm" "$LOG" || true)"
