@@ -1,7 +1,8 @@
-"""Fused block ops (residual-add + LayerNorm, bias + GELU): Triton (interpreter on CPU) vs reference."""
-import os
+"""Fused block ops (residual-add + LayerNorm, bias + GELU): Triton vs reference.
 
-os.environ.setdefault("TRITON_INTERPRET", "1")  # before fastmask.kernels is imported
+Without a GPU the kernels run in Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1).
+"""
+import os
 
 import pytest
 import torch
