@@ -26,6 +26,8 @@ def patch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, ba
 
     Patchify in MAE's (p, q, c) order and take the K kept patches in ids_keep's order, without
     materializing all L patches on the fused backends. Differentiable with respect to imgs.
+    The entries of each ids_keep row must be distinct (every mask generator guarantees it; the fused
+    backwards rely on it and it is not checked, since checking would sync with the host).
 
     Equivalent PyTorch: `fastmask.ops.reference.patch_gather`.
     """

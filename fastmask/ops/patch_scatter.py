@@ -31,6 +31,7 @@ def patch_scatter(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_token: t
 
     Output row i is the visible token that came from patch i, or mask_token where patch i is hidden
     (mask convention 1 = hidden). Differentiable with respect to tokens and mask_token.
+    Each ids_restore row must be a permutation of 0..L-1 (not checked: that would sync with the host).
 
     Equivalent PyTorch: `fastmask.ops.reference.patch_scatter`.
     """
