@@ -101,16 +101,21 @@ SMALL_STEM_MAX_SIZE = 64
 
 
 @register_model
-def resnet18(small_stem: bool | None = None, img_size: int | None = None, in_chans: int = 3) -> ResNet:
-    """ResNet-18 (BasicBlock, [2, 2, 2, 2], 11.2M parameters without fc).
+def resnet18(small_stem: bool | None = None, img_size: int | None = None, in_chans: int = 3,
+             width: int = 64) -> ResNet:
+    """ResNet-18 (BasicBlock, [2, 2, 2, 2], 11.2M parameters without fc at width 64).
 
+    width: channels of the first stage (stages use width x (1, 2, 4, 8)); below 64 it is a narrow
+    ResNet-18 for CPU tests and smoke runs (features width * 8).
     small_stem None = automatic: the small stem for img_size <= 64 (CIFAR-like inputs, as
     solo-learn's `cifar` switch), the ImageNet stem otherwise (solo-learn keeps it at 96 px for
     STL-10 / ImageNet-100-S). img_size only drives that choice: the network takes any size.
     """
     if small_stem is None:
         small_stem = img_size is not None and img_size <= SMALL_STEM_MAX_SIZE
-    return ResNet((2, 2, 2, 2), in_chans=in_chans, small_stem=small_stem)
+    if width < 1:
+        raise ValueError(f"resnet18: width must be >= 1, got {width}")
+    return ResNet((2, 2, 2, 2), in_chans=in_chans, small_stem=small_stem, widths=tuple(width * m for m in (1, 2, 4, 8)))
 
 
 __all__ = ["ResNet", "BasicBlock", "resnet18"]
