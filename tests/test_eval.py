@@ -1,0 +1,205 @@
+"""fastmask eval: k-NN and linear probe on hand-made features, data splits and folders, checkpoint
+loading, and the CLI end to end on a briefly trained MAE."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from fastmask.eval.features import (extract_features, fixed_split, image_folder_set, to_model_input)
+from fastmask.eval.knn import knn_accuracy, knn_predict
+from fastmask.eval.linear import LinearProbe, ProbeArgs, linear_probe_accuracy
+from fastmask.eval.load import CheckpointError, load_encoder, read_state_dict, resolve_weights
+
+
+def test_knn_weighted_vote_by_hand():
+    # Train points on the unit circle; the test point at angle 0.
+    ang = torch.tensor([0.1, 0.2, 1.4, 1.5, 1.6])
+    train = torch.stack([ang.cos(), ang.sin()], 1) * torch.tensor([[3.0], [0.5], [2.0], [1.0], [7.0]])  # norms vary
+    labels = torch.tensor([0, 0, 1, 1, 1])
+    test = torch.tensor([[1.0, 0.0]])
+    # k = 5: class 1 has three votes, but each weighs exp(cos/T) with cos ~ 0.17, 0.07, -0.03 against
+    # exp(cos 0.1 / T), exp(cos 0.2 / T) for class 0: with T = 0.07 class 0 wins by far.
+    assert knn_predict(train, labels, test, k=5, temperature=0.07).tolist() == [0]
+    w0 = (torch.cos(ang[:2]) / 0.07).exp().sum()
+    w1 = (torch.cos(ang[2:]) / 0.07).exp().sum()
+    assert w0 > w1
+    # A huge temperature makes it a plain majority vote: class 1.
+    assert knn_predict(train, labels, test, k=5, temperature=1e6).tolist() == [1]
+    # k = 1 is the nearest neighbour; k beyond N is capped.
+    assert knn_predict(train, labels, torch.tensor([[0.0, 1.0]]), k=1).tolist() == [1]
+    assert knn_predict(train, labels, test, k=50, temperature=0.07).tolist() == [0]
+
+
+def test_knn_on_blobs_and_bad_input():
+    g = torch.Generator().manual_seed(0)
+    centers = torch.randn(7, 33, generator=g) * 3
+    y = torch.randint(0, 7, (301,), generator=g)
+    x = centers[y] + torch.randn(301, 33, generator=g)
+    acc = knn_accuracy(x[:250], y[:250], x[250:], y[250:], k=11, num_classes=7)
+    assert acc > 0.95
+    with pytest.raises(ValueError, match="features must be"):
+        knn_predict(x[:10], y[:10], x[:5, :7])
+    with pytest.raises(ValueError, match="k must be"):
+        knn_predict(x[:10], y[:10], x[:5], k=0)
+
+
+def test_linear_probe_learns_separable_classes_and_is_deterministic():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(5, 29, generator=g)
+    x = torch.randn(600, 29, generator=g) * 4 + 10  # far from zero mean: BatchNorm handles it
+    y = (x @ w.T).argmax(1)
+    args = ProbeArgs(epochs=40, batch_size=64, lr=1e-2)
+    acc = linear_probe_accuracy(x[:500], y[:500], x[500:], y[500:], 5, args)
+    assert acc > 0.9
+    assert linear_probe_accuracy(x[:500], y[:500], x[500:], y[500:], 5, args) == acc
+    probe = LinearProbe(29, 5)
+    assert not probe.norm.affine and probe.norm.eps == 1e-6
+
+
+def test_fixed_split_is_stratified_disjoint_and_fixed():
+    labels = np.repeat(np.arange(4), [10, 11, 5, 23])
+    tr, te = fixed_split(labels, 0.2)
+    assert len(np.intersect1d(tr, te)) == 0 and len(tr) + len(te) == len(labels)
+    assert np.array_equal(np.bincount(labels[te]), [2, 2, 1, 5])
+    tr2, te2 = fixed_split(labels, 0.2)
+    assert np.array_equal(te, te2)
+    with pytest.raises(ValueError):
+        fixed_split(labels, 1.0)
+
+
+def test_image_folder_set_reads_classes_and_names_bad_files(tmp_path):
+    from fastmask.data.embedded import write_image_folder
+
+    root = write_image_folder(tmp_path / "digits", labeled=True, count=40)
+    imgs, labels, classes = image_folder_set(root, size=24)
+    assert imgs.shape == (40, 24, 24, 3) and imgs.dtype == np.uint8
+    assert classes == sorted(classes) and len(classes) == len(np.unique(labels))
+    assert imgs.std() > 10  # real pictures, not blank
+    (root / classes[0] / "broken.jpg").write_bytes(b"not a jpeg")
+    with pytest.raises(ValueError, match="broken.jpg"):
+        image_folder_set(root, size=24)
+
+
+def test_to_model_input_normalizes_and_resizes():
+    imgs = np.random.default_rng(0).integers(0, 256, (3, 20, 20, 3), dtype=np.uint8)
+    x = to_model_input(imgs, 32)
+    assert x.shape == (3, 3, 32, 32) and x.dtype == torch.float32
+    white = to_model_input(np.full((1, 8, 8, 3), 255, np.uint8), 8)
+    torch.testing.assert_close(white[0, :, 0, 0], (1 - torch.tensor([0.485, 0.456, 0.406])) /
+                               torch.tensor([0.229, 0.224, 0.225]))
+    with pytest.raises(ValueError, match="uint8"):
+        to_model_input(imgs.astype(np.float32), 32)
+
+
+def test_extract_features_pools_and_restores_mode():
+    from fastmask.models import create_model
+
+    enc = create_model("vit_tiny_patch16", img_size=32).train()
+    x = torch.randn(5, 3, 32, 32)
+    cls = extract_features(enc, x, "cls", batch_size=2)
+    mean = extract_features(enc, x, "mean", batch_size=3)
+    with torch.no_grad():
+        tokens = enc.eval().forward_features(x)
+    torch.testing.assert_close(cls, tokens[:, 0])
+    torch.testing.assert_close(mean, tokens[:, 1:].mean(1))
+    enc.train()
+    extract_features(enc, x[:1])
+    assert enc.training
+    with pytest.raises(ValueError, match="pool"):
+        extract_features(enc, x, "max")
+
+
+TINY_OVERRIDES = ["model=vit_tiny_patch16", "data.img_size=32", "method_args.decoder_embed_dim=64",
+                  "method_args.decoder_depth=1", "method_args.decoder_num_heads=4"]
+
+
+def _train_tiny_mae(folder, steps=30):
+    """A few dozen MAE steps on the unlabeled digit images; saves {"model": state_dict} + config.yaml."""
+    from fastmask.engine.config import load_config, to_dict
+    from fastmask.eval.features import embedded_labeled_set
+    from fastmask.methods import build_method
+
+    torch.manual_seed(0)
+    cfg = load_config(None, TINY_OVERRIDES)
+    method = build_method(cfg)
+    x = to_model_input(embedded_labeled_set()[0], 32)
+    opt = torch.optim.AdamW(method.param_groups(0.05), lr=1.5e-3, betas=(0.9, 0.95))
+    g = torch.Generator().manual_seed(0)
+    losses = []
+    for _ in range(steps):
+        loss = method(x[torch.randint(0, len(x), (64,), generator=g)])["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    folder.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": method.state_dict()}, folder / "model.pt")
+    (folder / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    return method, losses
+
+
+@pytest.mark.slow
+def test_eval_cli_on_briefly_trained_mae_beats_chance(tmp_path):
+    from fastmask.cli import main
+
+    method, losses = _train_tiny_mae(tmp_path / "run")
+    assert losses[-1] < losses[0]
+    out = tmp_path / "eval.json"
+    assert main(["eval", "--checkpoint", str(tmp_path / "run"), "--probe-epochs", "30", "--out", str(out)]) == 0
+    r = json.loads(out.read_text())
+    assert r["classes"] == 10 and r["test_size"] + r["train_size"] == 1797
+    assert r["chance"] < 0.11
+    assert r["knn_top1"] > 0.3 and r["linear_top1"] > 0.3  # chance is 10%
+    # The evaluated encoder is the trained one, not a fresh init.
+    enc, _ = load_encoder(tmp_path / "run" / "model.pt")
+    for k, v in method.encoder().state_dict().items():
+        torch.testing.assert_close(enc.state_dict()[k], v)
+
+
+def test_load_encoder_errors_and_encoder_only_files(tmp_path):
+    from fastmask.engine.config import load_config, to_dict
+    from fastmask.models import create_model
+
+    with pytest.raises(CheckpointError, match="does not exist"):
+        resolve_weights(tmp_path / "nope")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(CheckpointError, match="holds no checkpoint"):
+        resolve_weights(tmp_path / "empty")
+    torch.save({"x": 1}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="no state dict"):
+        read_state_dict(tmp_path / "bad.pt")
+    # An exported encoder (timm names, DDP prefix) plus a config: loads into a plain ViT.
+    enc = create_model("vit_tiny_patch16", img_size=32)
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    torch.save({"module." + k: v for k, v in enc.state_dict().items()}, folder / "encoder.pth")
+    cfg = load_config(None, TINY_OVERRIDES)
+    (folder / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    loaded, cfg2 = load_encoder(folder)
+    assert cfg2.model == "vit_tiny_patch16"
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.forward_features(x), enc.eval().forward_features(x))
+    # Weights that do not fit the config say so.
+    torch.save(create_model("vit_small_patch16", img_size=32).state_dict(), folder / "encoder.pth")
+    with pytest.raises(Exception, match="size mismatch|does not fit"):
+        load_encoder(folder)
+
+
+def test_eval_cli_random_init_with_folder_data(tmp_path, capsys):
+    from fastmask.cli import main
+    from fastmask.data.embedded import write_image_folder
+
+    root = write_image_folder(tmp_path / "digits", labeled=True, count=120)
+    out = tmp_path / "r.json"
+    argv = ["eval", "--random-init", *sum((["--set", o] for o in TINY_OVERRIDES), []), "--data", str(root),
+            "--data-size", "32", "--k", "5", "--probe-epochs", "5", "--out", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert r["checkpoint"] is None and r["test_size"] + r["train_size"] == 120
+    assert 0.0 <= r["knn_top1"] <= 1.0 and 0.0 <= r["linear_top1"] <= 1.0
+    assert "k-NN@5" in capsys.readouterr().out
