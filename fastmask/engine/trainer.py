@@ -162,8 +162,6 @@ def pretrain(cfg: Config, out: str | Path | None = None,
              progress: bool | None = None) -> RunResult:
     """Run (or resume) pretraining as configured. `out` (default cfg.out) is the run folder; None
     runs without writing anything. `method_factory(cfg) -> Method` replaces the registry (tests)."""
-    import deepspeed
-
     validate(cfg)
     e = cfg.engine
     out = Path(out) if out is not None else (Path(cfg.out) if cfg.out else None)
@@ -201,16 +199,19 @@ def pretrain(cfg: Config, out: str | Path | None = None,
     if e.resume == "always" and resume_tag is None:
         raise ConfigError(f"engine.resume=always but {out} holds no complete checkpoint")
     saved = ckpt.read_state(out, resume_tag) if resume_tag else None
-    load_universal = False
-    if saved is not None and saved["world_size"] != info.world_size and saved["zero_stage"] > 0:
-        load_universal = _prepare_universal(out, resume_tag, saved, info)
+    load_universal = saved is not None and _needs_universal(saved, info.world_size, e.zero_stage, out / resume_tag)
+    if load_universal:
+        from .universal import ensure_universal
+        ensure_universal(ckpt.checkpoint_root(out), resume_tag, info)
 
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if out is not None and info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(config_yaml)
 
-    # --- DeepSpeed
+    # --- DeepSpeed (imported only now: bad input above is reported without its start-up noise)
+    import deepspeed
+
     init_distributed(info)
     method.to(device)
     optimizer = torch.optim.AdamW(method.param_groups(e.weight_decay), lr=base_lr, betas=tuple(e.betas),
@@ -227,7 +228,12 @@ def pretrain(cfg: Config, out: str | Path | None = None,
                 "method") not in (None, cfg.method):
             raise ConfigError(f"cannot resume {out}: its checkpoint is method={saved['config']['method']} "
                               f"model={saved['config']['model']}, this run is method={cfg.method} model={cfg.model}")
+        hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         ckpt.load(engine, out, resume_tag, info.rank, universal=load_universal)
+        # DeepSpeed's ZeRO-3 universal load copies group 0's hyperparameters into every group (so the
+        # no-decay group would get weight decay); the groups' settings are this run's, restore them.
+        for g, h in zip(optimizer.param_groups, hyper):
+            g.update(h)
         start_step = int(saved["step"])
     if out is not None and info.is_main:
         if saved is not None:
@@ -364,9 +370,14 @@ def _data_position(saved: dict | None, step: int, steps_per_epoch: int, grad_acc
     return saved["epoch"], start
 
 
-def _prepare_universal(out: Path, tag: str, saved: dict, info: DistInfo) -> bool:
-    """Resuming ZeRO partitions at another world size: convert the checkpoint to DeepSpeed's universal
-    format once (rank 0, into <tag>/universal), then every rank loads that. -> True."""
-    from .universal import ensure_universal
-    ensure_universal(ckpt.checkpoint_root(out), tag, info)
+def _needs_universal(saved: dict, world_size: int, stage: int, where: Path) -> bool:
+    """Whether resuming `saved` here needs DeepSpeed's universal format; a clear error where it cannot work."""
+    old_stage, old_world = saved["zero_stage"], saved["world_size"]
+    if old_stage == stage and (old_world == world_size or stage == 0):
+        return False  # same partitioning, or stage 0 whose optimizer state is whole
+    if old_stage == 0 or stage == 0:
+        raise ConfigError(f"cannot resume {where} (ZeRO stage {old_stage}, {old_world} rank(s)) with ZeRO stage "
+                          f"{stage} on {world_size} rank(s): converting between stage 0 and a ZeRO stage is not "
+                          f"supported. Resume with engine.zero_stage={old_stage}, or start a new run from its "
+                          f"weights with engine.init_from={where} (the optimizer state starts fresh).")
     return True

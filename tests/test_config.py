@@ -1,0 +1,107 @@
+"""Config: shipped recipes, overrides, validation errors, the lr schedule and the generated DeepSpeed config."""
+import math
+
+import pytest
+import torch
+
+from fastmask.engine.config import ConfigError, list_recipes, load_config
+from fastmask.engine.schedule import lr_at, scaled_lr
+from fastmask.engine.trainer import build_ds_config, resolve_precision
+
+
+def test_every_shipped_recipe_loads():
+    names = list_recipes()
+    assert {"mae_tiny", "mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"} <= set(names)
+    for name in names:
+        load_config(name)
+
+
+@pytest.mark.parametrize("name,model", [("mae_vit_base_patch16", "vit_base_patch16"),
+                                        ("mae_vit_large_patch16", "vit_large_patch16"),
+                                        ("mae_vit_huge_patch14", "vit_huge_patch14")])
+def test_paper_recipes(name, model):
+    cfg = load_config(name)
+    e = cfg.engine
+    assert (cfg.method, cfg.model, cfg.mask_ratio, cfg.data.img_size) == ("mae", model, 0.75, 224)
+    assert (e.blr, e.betas, e.weight_decay, e.warmup_epochs, e.epochs, e.min_lr) == (1.5e-4, (0.9, 0.95), 0.05, 40, 800, 0.0)
+    assert cfg.data.batch_size == 64 and cfg.data.min_scale == 0.2 and e.lr is None and e.clip_grad is None
+    assert cfg.method_args == {"norm_pix": True, "decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
+    assert resolve_precision(e.precision, torch.device("cuda")) == "bf16"
+    # 64 per GPU x 64 GPUs: the paper's lr.
+    assert math.isclose(scaled_lr(e.blr, 64 * 64), 2.4e-3)
+
+
+def test_overrides_and_types():
+    cfg = load_config("mae_tiny", ["model=vit_small_patch16", "engine.zero_stage=2", "engine.betas=[0.9,0.99]",
+                                   "data.root=/x", "engine.clip_grad=1"])
+    assert cfg.model == "vit_small_patch16" and cfg.engine.zero_stage == 2
+    assert cfg.engine.betas == (0.9, 0.99) and cfg.data.root == "/x" and cfg.engine.clip_grad == 1.0
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("engine.zero_stag=2", "engine.zero_stag"),
+    ("nonsense=1", "nonsense"),
+    ("mask_ratio=1.0", "mask_ratio must be in (0, 1)"),
+    ("mask_ratio=0", "mask_ratio must be in (0, 1)"),
+    ("engine.zero_stage=4", "engine.zero_stage"),
+    ("engine.precision=fp8", "engine.precision"),
+    ("engine.resume=maybe", "engine.resume"),
+    ("data.batch_size=two", "data.batch_size must be an integer"),
+    ("engine.keep_last=0", "keep_last"),
+    ("data.on_corrupt=ignore", "data.on_corrupt"),
+])
+def test_bad_config_names_the_problem(override, needle):
+    with pytest.raises(ConfigError, match=None) as ei:
+        load_config("mae_tiny", [override])
+    assert needle in str(ei.value)
+
+
+def test_unknown_recipe():
+    with pytest.raises(ConfigError, match="unknown config 'mae_nope'"):
+        load_config("mae_nope")
+
+
+def _official_lr(it_frac_epoch, lr, min_lr, warmup_epochs, epochs):
+    # facebookresearch/mae util/lr_sched.adjust_learning_rate, written out independently.
+    if it_frac_epoch < warmup_epochs:
+        return lr * it_frac_epoch / warmup_epochs
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * (it_frac_epoch - warmup_epochs)
+                                                          / (epochs - warmup_epochs)))
+
+
+@pytest.mark.parametrize("steps_per_epoch,epochs,warmup_epochs", [(7, 10, 2), (13, 5, 0), (1, 9, 3)])
+def test_lr_schedule_matches_official(steps_per_epoch, epochs, warmup_epochs):
+    total = steps_per_epoch * epochs
+    for step in range(total):
+        ours = lr_at(step, total, 2.4e-3, warmup_epochs * steps_per_epoch, 1e-6)
+        ref = _official_lr(step / steps_per_epoch, 2.4e-3, 1e-6, warmup_epochs, epochs)
+        assert math.isclose(ours, ref, rel_tol=1e-12, abs_tol=1e-15), (step, ours, ref)
+
+
+def test_lr_schedule_shape():
+    lrs = [lr_at(s, 100, 1.0, 10, 0.1) for s in range(101)]
+    assert lrs[0] == 0.0 and math.isclose(lrs[10], 1.0) and math.isclose(lrs[100], 0.1)
+    assert all(a <= b for a, b in zip(lrs[:10], lrs[1:11]))       # warmup rises
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))         # cosine falls
+    assert min(lrs[10:]) >= 0.1
+
+
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_ds_config(stage, precision):
+    cfg = load_config("mae_tiny", [f"engine.zero_stage={stage}", "engine.grad_accum=3", "engine.clip_grad=1.5",
+                                   "data.batch_size=5"])
+    ds = build_ds_config(cfg, 4, precision, torch.device("cuda"))
+    assert ds["zero_optimization"]["stage"] == stage
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (5, 3, 60)
+    assert ds["gradient_clipping"] == 1.5
+    assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
+    if precision == "fp16":
+        assert ds["fp16"]["loss_scale"] == 0  # dynamic loss scaling
+
+
+def test_precision_resolution():
+    assert resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
+        resolve_precision("fp16", torch.device("cpu"))
