@@ -70,13 +70,14 @@ def _impls(op: str, device: str) -> dict:
     """impl name -> (callable or None, skip reason)."""
     recs = backends.backends_for(op)
     out = {"torch": (recs["torch"].fn, None)}
-    trit = recs.get("triton")
-    if device != "cuda":
-        out["triton"] = (None, "no GPU")
-    elif trit is None or trit.available():
-        out["triton"] = (None, "triton backend not available" if trit is None else trit.available())
-    else:
-        out["triton"] = (trit.fn, None)
+    for name in ("triton", "cuda"):  # the fused backends, side by side
+        rec = recs.get(name)
+        if device != "cuda":
+            out[name] = (None, "no GPU")
+        elif rec is None or rec.available():
+            out[name] = (None, f"no {name} backend for this op" if rec is None else rec.available())
+        else:
+            out[name] = (rec.fn, None)
     out["torch.compile"] = (torch.compile(recs["torch"].fn, dynamic=False), None)
     if op == "attention":
         out["sdpa"] = (recs["sdpa"].fn, None)

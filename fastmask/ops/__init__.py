@@ -12,6 +12,7 @@ the FASTMASK_BACKEND environment variable sets the default. `fastmask.ops.refere
 plain-PyTorch versions. This package imports nothing from the rest of the engine.
 """
 from .attention import attention
+from . import backends
 from .backends import BackendUnavailable, backends_for, explain, select
 from .bias_gelu import bias_gelu
 from .layer_norm import add_layer_norm
@@ -23,3 +24,7 @@ from .patch_scatter import patch_scatter
 __all__ = ["patch_gather", "patch_scatter", "norm_pix_loss", "attention", "add_layer_norm", "bias_gelu",
            "patch_embed_visible", "BackendUnavailable",
            "backends_for", "explain", "select"]
+
+# Register the triton/cuda/xformers records now, at import, not on the first call: a first call
+# inside a torch.compile region would otherwise import modules under Dynamo (a graph break).
+backends._load_optional_backends()
