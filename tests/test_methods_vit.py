@@ -115,3 +115,53 @@ def test_mst_learns_without_collapse(data):
     assert sum(rec[-4:]) < sum(rec[:4])                        # the image decoder learns
     assert 0.0 < metrics[-1]["mask_ratio"] < 0.5               # Bernoulli over the low-attention half
     assert metrics[-1]["teacher_entropy"] > 0.5                # teacher not collapsed to one prototype
+
+
+_SMALL = {
+    "extrema": dict(num_masks=3, proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, drop_path_rate=0.0),
+    "relaxmim": dict(proj_hidden_dim=32, proj_dim=16, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4),
+    "mst": dict(out_dim=32, head_hidden_dim=32, bottleneck_dim=8, decoder_width=8, drop_path_rate=0.0),
+}
+_PAIRS = [("extrema", "multi"), ("extrema", "random"), ("extrema", "block"),
+          ("relaxmim", "random"), ("relaxmim", "block"), ("relaxmim", "attention"),
+          ("mst", "attention"), ("mst", "random"), ("mst", "block")]
+
+
+@pytest.mark.parametrize("name,masking", _PAIRS, ids=[f"{a}-{b}" for a, b in _PAIRS])
+def test_method_pairs_with_generator(name, masking):
+    torch.manual_seed(0)
+    m = get_method(name)(model=MICRO, img_size=IMG, mask_ratio=0.75, masking=masking, **_SMALL[name])
+    x = torch.randn(4, 3, IMG, IMG)
+    out = m(x)
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["loss"].dtype == torch.float32
+    assert [n for n, p in m.named_parameters() if p.requires_grad and p.grad is None] == []
+    assert all(p.grad is None for n, p in m.named_parameters() if n.startswith("teacher."))
+    m.on_step_end(1, 4)
+
+
+@pytest.mark.parametrize("name", ["extrema", "relaxmim", "mst"])
+def test_method_state_roundtrip_resumes_draws(name):
+    masking = {"extrema": "multi", "relaxmim": "random", "mst": "attention"}[name]
+    make = lambda seed: get_method(name)(model=MICRO, img_size=IMG, mask_ratio=0.75, masking=masking, seed=seed,
+                                         **_SMALL[name])
+    x = torch.randn(4, 3, IMG, IMG)
+    a = make(0)
+    a(x)
+    a.on_step_end(1, 4)
+    state = a.state_dict()
+    assert any(k.endswith("_extra_state") for k in state)
+    b = make(1)
+    b.load_state_dict(state)
+    torch.testing.assert_close(a(x)["loss"], b(x)["loss"])  # same weights, same next masks and views
+
+
+def test_method_errors():
+    with pytest.raises(ValueError, match="masking=attention"):
+        get_method("extrema")(model=MICRO, img_size=IMG, masking="attention")
+    with pytest.raises(ValueError, match="similarity"):
+        get_method("relaxmim")(model=MICRO, img_size=IMG, similarity="cosine")
+    with pytest.raises(ValueError, match="disjoint masks"):
+        get_method("extrema")(model=MICRO, img_size=IMG, mask_ratio=0.5, num_masks=5)
+    with pytest.raises(ValueError, match="rec_loss"):
+        get_method("mst")(model=MICRO, img_size=IMG, rec_loss="ssim")
