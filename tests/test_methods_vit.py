@@ -68,6 +68,7 @@ def _assert_learns(losses, std, dim, drop=0.05):
     assert std > 0.1 / dim ** 0.5, f"embeddings collapsed: per-dim std {std:.5f}"
 
 
+@pytest.mark.slow
 def test_extrema_learns_without_collapse(data):
     m = get_method("extrema")(model=MICRO, img_size=IMG, mask_ratio=0.75, masking="multi", num_masks=4,
                               proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256, momentum=0.99, drop_path_rate=0.0)
@@ -78,6 +79,7 @@ def test_extrema_learns_without_collapse(data):
     assert metrics[-1]["target_std"] > 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(similarity="infonce", target="stopgrad", level="token", negatives="batch"),
                                 dict(similarity="infonce", target="ema", level="image", masking="block"),
                                 dict(similarity="mae", masking="attention"),
@@ -94,6 +96,7 @@ def test_relaxmim_learns_without_collapse(data, kw):
     assert metrics[0]["mask_ratio"] == pytest.approx(0.75)
 
 
+@pytest.mark.slow
 def test_mae_with_block_masking_learns(data):
     # MAE builds its encoder from a ViT size name: ViT-Tiny/16 at 48 px (9 patches), fewer steps.
     x = to_model_input(embedded_images(count=160, size=48), 48)
@@ -105,6 +108,7 @@ def test_mae_with_block_masking_learns(data):
     assert metrics[0]["mask_ratio"] == pytest.approx(5 / 9)  # K = int(9 * 0.5) = 4 visible
 
 
+@pytest.mark.slow
 def test_mst_learns_without_collapse(data):
     m = get_method("mst")(model=MICRO, img_size=IMG, masking="attention", out_dim=256,
                           head_hidden_dim=128, bottleneck_dim=32, decoder_width=16, momentum=0.99,
