@@ -230,10 +230,15 @@ def pretrain(cfg: Config, out: str | Path | None = None,
                               f"model={saved['config']['model']}, this run is method={cfg.method} model={cfg.model}")
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
         ckpt.load(engine, out, resume_tag, info.rank, universal=load_universal)
-        # DeepSpeed's ZeRO-3 universal load copies group 0's hyperparameters into every group (so the
-        # no-decay group would get weight decay); the groups' settings are this run's, restore them.
+        # DeepSpeed's ZeRO-3 universal load (0.19) copies group 0's hyperparameters into every group
+        # (the no-decay group would get weight decay) and gives every parameter the *same* `step`
+        # tensor (AdamW increments it in place, once per group: wrong bias correction). Restore the
+        # groups' settings and give each state its own step counter.
         for g, h in zip(optimizer.param_groups, hyper):
             g.update(h)
+        for st in optimizer.state.values():
+            if isinstance(st.get("step"), torch.Tensor):
+                st["step"] = st["step"].clone()
         start_step = int(saved["step"])
     if out is not None and info.is_main:
         if saved is not None:
