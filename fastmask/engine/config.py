@@ -40,6 +40,8 @@ class DataConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 0
+    zero_bucket_size: int = 50_000_000       # elements per ZeRO reduce/all-gather bucket (and ZeRO-3 prefetch)
+    zero3_max_live_parameters: int = 100_000_000  # ZeRO-3: gathered parameters kept live at most (memory cap)
     precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     steps: int | None = None        # optimizer steps; None = epochs * steps_per_epoch
     stop_at: int | None = None      # stop (with a checkpoint) after this step without changing the schedule

@@ -89,12 +89,19 @@ def build_ds_config(cfg: Config, world_size: int, precision: str, device: torch.
     B = cfg.data.batch_size
     zero: dict = {"stage": e.zero_stage}
     if e.zero_stage >= 1:
+        # Buckets of 5e7 elements (DeepSpeed's default is 5e8: 2 GB per fp32 bucket, which is most
+        # of ZeRO's saving for a ViT-L on a few ranks).
         zero.update(contiguous_gradients=True, overlap_comm=device.type == "cuda",
-                    reduce_bucket_size=int(5e8), allgather_bucket_size=int(5e8))
+                    reduce_bucket_size=e.zero_bucket_size, allgather_bucket_size=e.zero_bucket_size)
     if e.zero_stage == 3:
+        # DeepSpeed's default keeps up to 1e9 gathered parameters live (all of a ViT-H): cap it, so
+        # stage 3 actually holds about one block's full weights at a time beyond its partition.
         # Gathering the full 16-bit model for every save would cost a full copy on rank 0; we save
         # the partitions and consolidate offline (fastmask.engine.export).
-        zero.update(stage3_gather_16bit_weights_on_model_save=False)
+        zero.update(stage3_prefetch_bucket_size=e.zero_bucket_size,
+                    stage3_max_live_parameters=e.zero3_max_live_parameters,
+                    stage3_max_reuse_distance=e.zero3_max_live_parameters,
+                    stage3_gather_16bit_weights_on_model_save=False)
     ds = {
         "train_micro_batch_size_per_gpu": B,
         "gradient_accumulation_steps": e.grad_accum,
