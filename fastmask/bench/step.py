@@ -332,6 +332,7 @@ def run_step_bench(args: StepBenchArgs, log: Callable[[str], None] = print) -> d
             "tflops": flops_step / t.median_s / 1e12 if flops_step else None,
             "mfu": F.mfu(flops_step, t.median_s, peak) if flops_step else None,
             "memory": mem,
+            "optimizer": _describe(steps[name].optimizer),
             "saved_activation_bytes": saved_activation_bytes(lambda n=name: forwards[n](inputs[0]), modules[name]),
         }
         r = results[name]
@@ -354,6 +355,11 @@ def run_step_bench(args: StepBenchArgs, log: Callable[[str], None] = print) -> d
         "paths": results,
         "ratios": ratios(results),
     }
+
+
+def _describe(opt: torch.optim.Optimizer) -> str:
+    flags = [k for k in ("fused", "foreach") if opt.defaults.get(k) is not None]
+    return f"{type(opt).__name__}(" + ", ".join(f"{k}={opt.defaults[k]}" for k in flags) + ")"
 
 
 def _shapes(s: F.MAEShape, args: StepBenchArgs) -> dict[str, Any]:
