@@ -43,7 +43,8 @@ import yaml
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict, validate
-from .distributed import DistInfo, all_reduce_max, all_reduce_mean, barrier, dist_info, init_distributed
+from .distributed import (RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_mean, barrier, dist_info,
+                          init_distributed)
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from .schedule import lr_at, scaled_lr
 
@@ -168,7 +169,23 @@ def pretrain(cfg: Config, out: str | Path | None = None,
              method_factory: Callable[[Config], torch.nn.Module] | None = None,
              progress: bool | None = None) -> RunResult:
     """Run (or resume) pretraining as configured. `out` (default cfg.out) is the run folder; None
-    runs without writing anything. `method_factory(cfg) -> Method` replaces the registry (tests)."""
+    runs without writing anything. `method_factory(cfg) -> Method` replaces the registry (tests).
+
+    The rendezvous variables a plain process sets for itself are removed again on return, so a
+    subprocess started later (a test, a launcher) does not inherit this process's MASTER_PORT.
+    """
+    saved_env = {k: os.environ.get(k) for k in RENDEZVOUS_VARS}
+    try:
+        return _pretrain(cfg, out, method_factory, progress)
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: bool | None) -> RunResult:
     validate(cfg)
     e = cfg.engine
     out = Path(out) if out is not None else (Path(cfg.out) if cfg.out else None)
