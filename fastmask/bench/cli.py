@@ -2,7 +2,7 @@
 with `--loader ...`, the data-loader benchmark.
 
     fastmask bench --model vit_base_patch16 --batch-size 8 --dtype fp32 --threads 2 --ablation --out step.json
-    fastmask bench --model vit_large_patch16 --batch-size 256 --dtype bf16 --out benchmarks/results/x.json --plot x.png
+    fastmask bench --model vit_large_patch16 --batch-size 256 --dtype bf16 --out step.json --plot step.png
     fastmask bench --loader [loader options...]      # everything after --loader goes to fastmask.bench.loader
 
 Defaults live in `fastmask.bench.step.StepBenchArgs`. Op benchmarks: `pytest benchmarks/`.
@@ -34,14 +34,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default=_D.dtype, choices=("auto", "fp32", "bf16", "fp16"),
                         help="auto: bf16 on CUDA, fp32 on CPU (reduced precision runs under autocast)")
     parser.add_argument("--device", default=_D.device, help="auto | cpu | cuda | cuda:N")
-    parser.add_argument("--warmup", type=int, default=_D.warmup, help="untimed steps per path (first one reported)")
-    parser.add_argument("--repeats", type=int, default=_D.repeats, help="timed steps per path (median reported)")
-    parser.add_argument("--paths", default=",".join(_D.paths), help=f"comma-separated subset of {','.join(PATHS)}")
+    parser.add_argument("--warmup", type=int, default=_D.warmup,
+                        help="untimed steps per path (the first one is reported)")
+    parser.add_argument("--repeats", type=int, default=_D.repeats,
+                        help="timed steps per path (median reported)")
+    parser.add_argument("--paths", default=",".join(_D.paths),
+                        help=f"comma-separated subset of {','.join(PATHS)}")
     parser.add_argument("--ablation", action="store_true",
                         help="also time MAE's all-token encoder (mask tokens in the encoder) on both paths")
     parser.add_argument("--threads", type=int, default=_D.threads, help="torch CPU threads")
     parser.add_argument("--backend", default=_D.backend, help="fastmask.ops backend for the fastmask path")
-    parser.add_argument("--compile", action="store_true", help="torch.compile both paths (compile time = first step)")
+    parser.add_argument("--compile", action="store_true",
+                        help="torch.compile both paths (compile time = first step)")
     parser.add_argument("--config", default=_D.recipe, help="config recipe the method is built from")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable (e.g. --set method_args.decoder_depth=1)")
@@ -50,7 +54,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-inputs", type=int, default=_D.num_inputs, help="distinct batches rotated")
     parser.add_argument("--seed", type=int, default=_D.seed)
     parser.add_argument("--no-memory", dest="memory", action="store_false",
-                        help="skip the extra step per path that measures peak memory (saved activations stay)")
+                        help="skip the extra step per path that measures peak memory "
+                             "(saved activations are still measured)")
     parser.add_argument("--out", default=None, help="write the result JSON here")
     parser.add_argument("--plot", default=None, help="write a PNG bar chart here (needs matplotlib)")
 
@@ -63,7 +68,8 @@ def _loader_main(rest: list[str]) -> int:
     except ModuleNotFoundError as e:
         if e.name != "fastmask.bench.loader":
             raise
-        print("fastmask bench --loader: fastmask.bench.loader is not installed in this build", file=sys.stderr)
+        print("fastmask bench --loader: fastmask.bench.loader is not installed in this build",
+              file=sys.stderr)
         return 2
     parser = argparse.ArgumentParser(prog="fastmask bench --loader")
     loader.add_loader_arguments(parser)

@@ -93,7 +93,8 @@ def encoder_flops(tokens: int, dim: int, depth: int, mlp_ratio: float = 4.0) -> 
     return depth * block_flops(tokens, dim, mlp_ratio)
 
 
-def mae_forward_flops(s: MAEShape, all_tokens: bool = False, embed_all_patches: bool = True) -> dict[str, int]:
+def mae_forward_flops(s: MAEShape, all_tokens: bool = False,
+                      embed_all_patches: bool = True) -> dict[str, int]:
     """Forward FLOPs of one MAE image, by part.
 
     all_tokens: the MAE paper's ablation: the encoder runs on all L patches (+ cls) instead of the

@@ -72,7 +72,8 @@ class StepBenchArgs:
 
 
 def resolve_device_dtype(args: StepBenchArgs) -> tuple[torch.device, torch.dtype]:
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise RuntimeError(f"device {args.device!r} asked for, but CUDA is not available")
     name = ("bf16" if device.type == "cuda" else "fp32") if args.dtype == "auto" else args.dtype
@@ -156,7 +157,8 @@ class AllTokensMAE(nn.Module):
         latent = self.model.forward_masked_tokens(imgs, masks.mask, self.enc_mask_token)
         ids_identity = torch.arange(L, device=imgs.device).expand(B, L)
         pred = self.model.forward_decoder(latent, ids_identity)
-        loss = ops.norm_pix_loss(pred, imgs, masks.mask, self.model.patch_size, self.norm_pix, backend=self.backend)
+        loss = ops.norm_pix_loss(pred, imgs, masks.mask, self.model.patch_size, self.norm_pix,
+                                 backend=self.backend)
         return {"loss": loss}
 
     def param_groups(self, weight_decay: float) -> list[dict]:
@@ -226,7 +228,8 @@ def git_sha() -> str | None:
         if out.returncode != 0 or not sha:
             return None
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True, timeout=10)
+                               cwd=Path(__file__).resolve().parent, capture_output=True, text=True,
+                               timeout=10)
         return sha + ("-dirty" if dirty.stdout.strip() else "")
     except (OSError, subprocess.SubprocessError):
         return None
@@ -313,8 +316,8 @@ def run_step_bench(args: StepBenchArgs, log: Callable[[str], None] = print) -> d
 
     peak = args.peak_tflops
     if peak is None and device.type == "cuda":
-        peak = F.peak_tflops(torch.cuda.get_device_name(device), {torch.float32: "fp32", torch.bfloat16: "bf16",
-                                                                   torch.float16: "fp16"}[dtype])
+        dtype_name = {v: k for k, v in DTYPES.items()}[dtype]
+        peak = F.peak_tflops(torch.cuda.get_device_name(device), dtype_name)
     results: dict[str, Any] = {}
     for name in names:
         t = timings[name]
@@ -333,7 +336,8 @@ def run_step_bench(args: StepBenchArgs, log: Callable[[str], None] = print) -> d
             "mfu": F.mfu(flops_step, t.median_s, peak) if flops_step else None,
             "memory": mem,
             "optimizer": _describe(steps[name].optimizer),
-            "saved_activation_bytes": saved_activation_bytes(lambda n=name: forwards[n](inputs[0]), modules[name]),
+            "saved_activation_bytes": saved_activation_bytes(lambda n=name: forwards[n](inputs[0]),
+                                                             modules[name]),
         }
         r = results[name]
         log(f"[bench] {name}: {r['step_s_median'] * 1e3:.1f} ms/step (median of {t.repeats}), "

@@ -186,6 +186,7 @@ def measure_peak_memory(fn: Callable[[], Any], device: torch.device | str) -> di
         fn()
         torch.cuda.synchronize(device)
         peak = torch.cuda.max_memory_allocated(device)
-        return {"peak_bytes": int(peak - before), "kind": "cuda allocator peak above the allocation before the step",
+        return {"peak_bytes": int(peak - before),
+                "kind": "cuda allocator peak above the allocation before the step",
                 "peak_allocated_bytes": int(peak), "allocated_before_bytes": int(before)}
     return {"peak_bytes": cpu_peak_rss_delta(fn), "kind": "sampled RSS growth during the step (proxy)"}

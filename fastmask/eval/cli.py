@@ -35,12 +35,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--checkpoint", help="run folder, checkpoint folder or weights file (.pt/.pth)")
     src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialized encoder")
-    parser.add_argument("--config", default=None, help="config recipe or YAML (default: the checkpoint's config.yaml)")
+    parser.add_argument("--config", default=None,
+                        help="config recipe or YAML (default: the checkpoint's config.yaml)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable (e.g. --set model=vit_small_patch16)")
     parser.add_argument("--data", default=None, help="labeled image folder (default: the embedded digits)")
     parser.add_argument("--data-size", type=int, default=64, help="side images from --data are read at")
-    parser.add_argument("--test-fraction", type=float, default=0.2, help="held-out share when --data has no val/")
+    parser.add_argument("--test-fraction", type=float, default=0.2,
+                        help="held-out share when --data has no val/")
     parser.add_argument("--k", type=int, default=20, help="neighbours for k-NN")
     parser.add_argument("--temperature", type=float, default=0.07, help="k-NN vote temperature (DINO's 0.07)")
     parser.add_argument("--pool", default="cls", choices=("cls", "mean"))
@@ -75,7 +77,8 @@ def evaluate_encoder(encoder: torch.nn.Module, img_size: int, data: str | None =
                      temperature: float = 0.07, pool: str = "cls", knn: bool = True, linear: bool = True,
                      probe: ProbeArgs = _P, test_fraction: float = 0.2, data_size: int = 64,
                      device: str | torch.device = "cpu", batch_size: int = 128) -> dict:
-    """Frozen `encoder` (forward_features) -> {"knn_top1", "linear_top1", sizes, timings} on the labeled set."""
+    """Frozen `encoder` (forward_features) -> {"knn_top1", "linear_top1", sizes, timings} on the
+    labeled set."""
     t0 = time.perf_counter()
     xtr, ytr, xte, yte, classes, desc = load_labeled(data, test_fraction, data_size)
     ftr = extract_features(encoder, to_model_input(xtr, img_size), pool, batch_size, device)
@@ -87,7 +90,8 @@ def evaluate_encoder(encoder: torch.nn.Module, img_size: int, data: str | None =
            "pool": pool, "feature_dim": ftr.shape[1], "chance": float(np.bincount(yte).max() / len(yte)),
            "features_s": t_feat}
     if knn:
-        out.update(knn_top1=knn_accuracy(ftr, ytr_t, fte, yte_t, k, temperature, C), k=k, temperature=temperature)
+        out.update(knn_top1=knn_accuracy(ftr, ytr_t, fte, yte_t, k, temperature, C), k=k,
+                   temperature=temperature)
     if linear:
         t1 = time.perf_counter()
         out.update(linear_top1=linear_probe_accuracy(ftr, ytr_t, fte, yte_t, C, probe),
@@ -98,7 +102,8 @@ def evaluate_encoder(encoder: torch.nn.Module, img_size: int, data: str | None =
 def main(args: argparse.Namespace) -> int:
     from .load import load_encoder, resolve_config
 
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    auto = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(auto if args.device == "auto" else args.device)
     cfg = resolve_config(None if args.random_init else args.checkpoint, args.config, args.overrides)
     encoder, cfg = load_encoder(None if args.random_init else args.checkpoint, cfg=cfg, device=device)
     result = evaluate_encoder(encoder, cfg.data.img_size, args.data, args.k, args.temperature, args.pool,

@@ -63,7 +63,8 @@ def image_folder_set(root: str | Path, size: int = 64) -> tuple[np.ndarray, np.n
     return imgs, np.array([c for _, c in files], dtype=np.int64), classes
 
 
-def fixed_split(labels: np.ndarray, test_fraction: float = 0.2, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def fixed_split(labels: np.ndarray, test_fraction: float = 0.2,
+                seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """-> (train indices, test indices): a seeded, per-class (stratified) split, the same every run."""
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}")

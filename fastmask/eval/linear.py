@@ -74,7 +74,8 @@ def train_linear_probe(train_feats: torch.Tensor, train_labels: torch.Tensor, nu
 
 @torch.no_grad()
 def linear_probe_accuracy(train_feats: torch.Tensor, train_labels: torch.Tensor, test_feats: torch.Tensor,
-                          test_labels: torch.Tensor, num_classes: int, args: ProbeArgs = ProbeArgs()) -> float:
+                          test_labels: torch.Tensor, num_classes: int,
+                          args: ProbeArgs = ProbeArgs()) -> float:
     """Train a probe on the train features and return its top-1 accuracy in [0, 1] on the test set."""
     with torch.enable_grad():
         probe = train_linear_probe(train_feats, train_labels, num_classes, args)

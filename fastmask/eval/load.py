@@ -115,7 +115,8 @@ def _is_encoder_only(state: dict) -> bool:
     return not any(k.startswith(("decoder_", "mask_token")) for k in state)
 
 
-def load_method(path: str | Path | None, cfg=None, overrides: list[str] = (), device: str | torch.device = "cpu"):
+def load_method(path: str | Path | None, cfg=None, overrides: list[str] = (),
+                device: str | torch.device = "cpu"):
     """-> (method with the checkpoint's weights, in eval mode, cfg). path None: random init from cfg."""
     from fastmask.methods import build_method
 
@@ -125,7 +126,8 @@ def load_method(path: str | Path | None, cfg=None, overrides: list[str] = (), de
     if weights is not None:
         state = read_state_dict(weights)
         if _is_encoder_only(state):
-            raise CheckpointError(f"{weights} holds only encoder weights; this needs the whole method (decoder too)")
+            raise CheckpointError(f"{weights} holds only encoder weights; this needs the whole method "
+                                  f"(decoder too)")
         _load(method, state, weights)
     return method.to(device).eval(), cfg
 

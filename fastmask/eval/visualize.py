@@ -39,7 +39,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     src.add_argument("--random-init", action="store_true", help="an untrained method (to see the layout)")
     parser.add_argument("--config", default=None, help="config recipe or YAML (default: the checkpoint's)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    parser.add_argument("--data", default=None, help="image folder (class subfolders); default: embedded photos")
+    parser.add_argument("--data", default=None,
+                        help="image folder (class subfolders); default: embedded photos")
     parser.add_argument("--images", type=int, default=4, help="rows in the grid")
     parser.add_argument("--scale", type=int, default=1, help="integer upscaling of every image")
     parser.add_argument("--seed", type=int, default=0, help="which images and masks")
@@ -91,7 +92,8 @@ def panels_for(method: torch.nn.Module, imgs: torch.Tensor) -> dict[str, torch.T
 
 
 def _to_uint8(t: torch.Tensor) -> np.ndarray:
-    """One panel [B, 3, H, W] normalized image or [B, 1, H, W] / [B, H, W] map in [0, 1] -> uint8 [B, H, W, 3]."""
+    """One panel ([B, 3, H, W] normalized images, or [B, 1, H, W] / [B, H, W] maps in [0, 1])
+    -> uint8 [B, H, W, 3]."""
     t = t.detach().float().cpu()
     if t.dim() == 3:
         t = t.unsqueeze(1)
