@@ -451,8 +451,12 @@ def args_from_namespace(ns: argparse.Namespace) -> AblateArgs:
     return AblateArgs(**kw)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastmask.bench.ablate", description=__doc__.splitlines()[0])
+def main(argv: list[str] | None = None, prog: str = "python -m fastmask.bench.ablate") -> int:
+    """Parse `argv` (the ablation's options), run, print the table, write --out. `fastmask bench --ablate`
+    calls this with the rest of its command line."""
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
     add_ablate_arguments(parser)
     ns = parser.parse_args(argv)
     result = run_ablation(ns)
