@@ -3,6 +3,7 @@ the timing/memory helpers, and the CLI end to end at a tiny size on the CPU."""
 from __future__ import annotations
 
 import json
+import statistics
 
 import pytest
 import torch
@@ -160,6 +161,9 @@ def test_bench_cli_writes_json_with_both_paths(tmp_path):
     assert ratios["all_tokens_over_visible_baseline"] == pytest.approx(
         paths["baseline_all_tokens"]["step_s_median"] / paths["baseline"]["step_s_median"])
     assert "all_tokens_over_visible_fastmask" in ratios
+    rounds = zip(paths["baseline"]["step_s_times"], paths["fastmask"]["step_s_times"])
+    assert ratios["speedup_fastmask_vs_baseline_per_round_median"] == pytest.approx(
+        statistics.median(b / f for b, f in rounds))
     # The all-token encoder holds more activations than the visible-only one, on both paths.
     for impl in ("fastmask", "baseline"):
         assert paths[impl + "_all_tokens"]["saved_activation_bytes"] > paths[impl]["saved_activation_bytes"]

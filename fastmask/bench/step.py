@@ -32,6 +32,7 @@ import datetime as _dt
 import json
 import os
 import platform
+import statistics
 import subprocess
 from pathlib import Path
 from typing import Any, Callable
@@ -388,10 +389,16 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     def step(n: str) -> float:
         return results[n]["step_s_median"]
 
+    def per_round(num: str, den: str) -> float:
+        # Paths are timed in interleaved rounds: the median of per-round ratios cancels load that
+        # drifts between rounds (a shared CPU) better than the ratio of the medians.
+        return statistics.median(a / b for a, b in zip(results[num]["step_s_times"], results[den]["step_s_times"]))
+
     for suffix in ("", "_all_tokens"):
         f, b = "fastmask" + suffix, "baseline" + suffix
         if f in results and b in results:
             out[f"speedup_fastmask_vs_baseline{suffix}"] = step(b) / step(f)
+            out[f"speedup_fastmask_vs_baseline{suffix}_per_round_median"] = per_round(b, f)
             out[f"saved_activations_baseline_over_fastmask{suffix}"] = (
                 results[b]["saved_activation_bytes"] / max(results[f]["saved_activation_bytes"], 1))
             mb, mf = results[b]["memory"]["peak_bytes"], results[f]["memory"]["peak_bytes"]
@@ -400,6 +407,7 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     for impl in ("fastmask", "baseline"):
         if impl in results and impl + "_all_tokens" in results:
             out[f"all_tokens_over_visible_{impl}"] = step(impl + "_all_tokens") / step(impl)
+            out[f"all_tokens_over_visible_{impl}_per_round_median"] = per_round(impl + "_all_tokens", impl)
     return out
 
 
