@@ -267,6 +267,8 @@ def test_config_recipes_build_and_zero3_alternating_refused():
         assert load_config(recipe).method == "adios"
     with pytest.raises(ValueError, match="ZeRO-3"):
         build_method(load_config("adios_tiny", ["engine.zero_stage=3"]))
+    with pytest.raises(ValueError, match="masking=adversarial"):
+        build_method(load_config("adios_tiny", ["masking=random"]))
 
 
 def test_visualize_panels():

@@ -166,6 +166,8 @@ class ADIOS(Method):
 
     @classmethod
     def from_config(cls, cfg, args: "ADIOS.Args") -> "ADIOS":
+        if cfg.masking != "adversarial":
+            raise ValueError(f"adios: masks come from its own occluder; set masking=adversarial (got {cfg.masking!r})")
         if args.mode == "alternating" and cfg.engine.zero_stage == 3:
             raise ValueError("adios: mode=alternating calls the encoder with detached parameters, which ZeRO-3 "
                              "partitions away; use engine.zero_stage <= 2 or method_args.mode=simultaneous")
