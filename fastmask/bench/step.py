@@ -254,6 +254,9 @@ def device_info(device: torch.device) -> dict[str, Any]:
     info: dict[str, Any] = {"type": device.type, "torch_threads": torch.get_num_threads(),
                             "host": platform.node(), "cpu": platform.processor() or platform.machine(),
                             "cpu_count": os.cpu_count()}
+    if hasattr(os, "getloadavg"):
+        # A shared CPU's load explains noisy timings; recorded with every result.
+        info["load_average_1_5_15min"] = [round(x, 2) for x in os.getloadavg()]
     if device.type == "cuda":
         props = torch.cuda.get_device_properties(device)
         info.update(name=props.name, capability=f"{props.major}.{props.minor}",
