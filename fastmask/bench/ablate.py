@@ -1,7 +1,8 @@
 """`fastmask bench --ablate`: the MAE training step with each optimization added in turn, side by side.
 
     python -m fastmask.bench.ablate --model vit_tiny_patch16 --img-size 64 --batch-size 4 --threads 1
-    python -m fastmask.bench.ablate --model vit_large_patch16 --batch-size 256 --dtype bf16 --out benchmarks/results/x.json
+    python -m fastmask.bench.ablate --model vit_large_patch16 --batch-size 256 --dtype bf16 \
+        --out benchmarks/results/x.json
 
 Rows (cumulative: each adds one optimization to the row before it; all timed in interleaved rounds in
 one process, `fastmask.bench.timing.time_interleaved`, so drifting load hits every row alike):
@@ -10,8 +11,9 @@ one process, `fastmask.bench.timing.time_interleaved`, so drifting load hits eve
                         embedding + torch.gather masking, eager attention, loss on all patches then
                         masked, `loss.item()` per step, AdamW foreach=False
   visible_only      (b) fastmask's MAE with every op on the `torch` (reference) backend: only the visible
-                        patches are embedded and encoded. Its step is `fastmask.bench.step.make_fastmask_step`,
-                        so this row also switches to torch's fused AdamW and drops the per-step host sync
+                        patches are embedded and encoded. Its step is
+                        `fastmask.bench.step.make_fastmask_step`, so this row also switches to torch's
+                        fused AdamW and drops the per-step host sync
   fused_ops         (c) + fused patch embedding (gather + matmul + pos), scatter and norm-pix loss
                         (per op: `cuda` where the extension is built and implements it, else `triton`)
   attn_<backend>    (d) + one attention backend each: sdpa, triton, xformers
@@ -40,6 +42,7 @@ import dataclasses
 import datetime as _dt
 import importlib
 import os
+import statistics
 import sys
 from typing import Any, Callable
 
@@ -121,7 +124,7 @@ class OpBackends(contextlib.ContextDecorator):
 
 
 def _fused_choice(op: str, device: torch.device) -> tuple[str | None, str]:
-    """-> (the fused backend for `op` on `device`: cuda first, then triton; None if neither) and the reasons."""
+    """-> (the fused backend for `op` on `device`: cuda first, then triton; None if neither), the reasons."""
     from fastmask.ops.backends import backends_for
 
     table = backends_for(op)
@@ -171,7 +174,8 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
 
     rows: list[Row] = [Row("baseline", "(a) baseline: official-style plain PyTorch")]
     ops = {op: "torch" for op in OPS}
-    rows.append(Row("visible_only", "(b) + visible-only encoder and patch embedding (all ops torch)", dict(ops)))
+    rows.append(Row("visible_only", "(b) + visible-only encoder and patch embedding (all ops torch)",
+                    dict(ops)))
 
     # (c) fused memory-bound ops
     fused, missing = {}, []
@@ -194,7 +198,8 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
         row = Row(f"attn_{name}", f"(d) + attention backend {name}", {**ops, "attention": name},
                   note="; ".join(carried))
         rec = attn_table.get(name)
-        row.skip = (f"attention: backend {name!r} is not registered" if rec is None else _why_not(rec, device))
+        row.skip = (f"attention: backend {name!r} is not registered" if rec is None
+                    else _why_not(rec, device))
         rows.append(row)
 
     # (e) fused LayerNorm / GELU chain, with one attention backend
@@ -223,7 +228,8 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
     else:
         carried.append("fused LayerNorm/GELU unavailable here (torch)")
 
-    rows.append(Row("compile", "(f) + torch.compile", dict(ops), compile_mode="default", note="; ".join(carried)))
+    rows.append(Row("compile", "(f) + torch.compile", dict(ops), compile_mode="default",
+                    note="; ".join(carried)))
     rows.append(Row("cuda_graphs", "(g) + CUDA graphs (torch.compile mode='reduce-overhead')", dict(ops),
                     compile_mode="reduce-overhead", note="; ".join(carried),
                     skip="" if device.type == "cuda" else
@@ -300,8 +306,9 @@ def _build_row(row: Row, a: AblateArgs, sa: StepBenchArgs, shape: F.MAEShape, de
     method = build_fastmask_method(sa, device)
     module = method
     if row.compile_mode:
-        module = torch.compile(method, mode=row.compile_mode,
-                               backend="inductor" if row.compile_mode == "reduce-overhead" else a.compile_backend)
+        # CUDA graphs exist only in inductor's reduce-overhead mode; --compile-backend is the compile row's.
+        backend = "inductor" if row.compile_mode == "reduce-overhead" else a.compile_backend
+        module = torch.compile(method, mode=row.compile_mode, backend=backend)
     return _with_ops(make_fastmask_step(module, dtype, device), OpBackends(row.ops)), method
 
 
@@ -317,7 +324,8 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
     probe_method = build_fastmask_method(sa, device)
     shape = mae_shape(find_mae_model(probe_method), sa)
     heads = probe_method.blocks[0].attn.num_heads
-    q = torch.randn(a.batch_size, heads, 1 + shape.len_keep, shape.embed_dim // heads, device=device, dtype=dtype)
+    q = torch.randn(a.batch_size, heads, 1 + shape.len_keep, shape.embed_dim // heads, device=device,
+                    dtype=dtype)
     del probe_method
     rows = plan_rows(device, a.attention, dict(q=q, k=q, v=q, scale=None), tuple(a.rows))
 
@@ -358,9 +366,9 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
     base_s = timings["baseline"].median_s if "baseline" in timings else None
     out_rows = []
     for row in rows:
-        r: dict[str, Any] = {"name": row.name, "label": row.label, "ops": row.ops, "compile_mode": row.compile_mode,
-                             "note": row.note, "status": "skipped" if row.skip else "measured",
-                             "reason": row.skip or None}
+        r: dict[str, Any] = {"name": row.name, "label": row.label, "ops": row.ops,
+                             "compile_mode": row.compile_mode, "note": row.note,
+                             "status": "skipped" if row.skip else "measured", "reason": row.skip or None}
         if row.compile_mode == "default":
             r["compile_backend"] = a.compile_backend
         if not row.skip:
@@ -371,7 +379,11 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
                      first_step_s=first[row.name], images_per_s=a.batch_size / t.median_s,
                      tflops=flops_step / t.median_s / 1e12, mfu=F.mfu(flops_step, t.median_s, peak),
                      peak_memory_bytes=mem["peak_bytes"], memory=mem,
-                     speedup_vs_baseline=base_s / t.median_s if base_s else None)
+                     speedup_vs_baseline=base_s / t.median_s if base_s else None,
+                     # Rows are timed in interleaved rounds: the median of per-round ratios cancels load
+                     # that drifts between rounds (a shared CPU) better than the ratio of the medians.
+                     speedup_vs_baseline_per_round_median=statistics.median(
+                         b / x for b, x in zip(timings["baseline"].times_s, t.times_s)) if base_s else None)
         out_rows.append(r)
 
     result = {
@@ -381,12 +393,14 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
         "versions": versions(),
         "env": {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
                 "FASTMASK_BACKEND": os.environ.get("FASTMASK_BACKEND")},
-        "args": {**dataclasses.asdict(a), "dtype": {v: k for k, v in DTYPES.items()}[dtype], "device": str(device)},
-        "shapes": {"images": [a.batch_size, shape.in_chans, a.img_size, a.img_size], "patches": shape.num_patches,
-                   "visible": shape.len_keep, **dataclasses.asdict(shape)},
+        "args": {**dataclasses.asdict(a), "dtype": {v: k for k, v in DTYPES.items()}[dtype],
+                 "device": str(device)},
+        "shapes": {"images": [a.batch_size, shape.in_chans, a.img_size, a.img_size],
+                   "patches": shape.num_patches, "visible": shape.len_keep, **dataclasses.asdict(shape)},
         "flops_per_step": flops_step,
-        "flops_counted": "matrix products incl. the all-patch embedding (fastmask.bench.flops), training = 3x "
-                         "forward; the same count for every row, so TFLOP/s compare like images/s",
+        "flops_counted": "matrix products incl. the all-patch embedding (fastmask.bench.flops), "
+                         "training = 3x forward; the same count for every row, so TFLOP/s compare "
+                         "like images/s",
         "peak_tflops": peak,
         "rows": out_rows,
     }
@@ -396,9 +410,11 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
 
 def format_table(result: dict[str, Any]) -> str:
     """A fixed-width text table of the rows (skipped rows with their reason)."""
-    head = f"{'row':<16} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>9} {'MFU':>6} {'peak MiB':>9} {'speed-up':>8}"
-    lines = [f"ablation: {result['args']['model']} {result['args']['img_size']}px, batch {result['args']['batch_size']}, "
-             f"{result['args']['dtype']}, {result['device']['name']}", head, "-" * len(head)]
+    head = (f"{'row':<16} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>9} {'MFU':>6} {'peak MiB':>9} "
+            f"{'speed-up':>8} {'per-round':>9}")
+    a = result["args"]
+    lines = [f"ablation: {a['model']} {a['img_size']}px, batch {a['batch_size']}, {a['dtype']}, "
+             f"{result['device']['name']}", head, "-" * len(head)]
     for r in result["rows"]:
         if r["status"] != "measured":
             lines.append(f"{r['name']:<16} skipped: {r['reason']}")
@@ -407,8 +423,11 @@ def format_table(result: dict[str, Any]) -> str:
         mfu_s = "" if mfu is None else f"{100 * mfu:.1f}%"
         mem_s = "" if mem is None else f"{mem / 2**20:.1f}"
         up_s = "" if up is None else f"{up:.2f}x"
+        pr = r["speedup_vs_baseline_per_round_median"]
+        pr_s = "" if pr is None else f"{pr:.2f}x"
         lines.append(f"{r['name']:<16} {r['step_s_median'] * 1e3:>9.1f} {r['images_per_s']:>9.2f} "
-                     f"{r['tflops']:>9.4f} {mfu_s:>6} {mem_s:>9} {up_s:>8}" + (f"  [{r['note']}]" if r["note"] else ""))
+                     f"{r['tflops']:>9.4f} {mfu_s:>6} {mem_s:>9} {up_s:>8} {pr_s:>9}"
+                     + (f"  [{r['note']}]" if r["note"] else ""))
     return "\n".join(lines)
 
 
@@ -431,10 +450,13 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable")
     parser.add_argument("--attention", default=_D.attention,
-                        help="attention backend of the fused-LN, compile and CUDA-graph rows (default: auto's pick)")
-    parser.add_argument("--rows", default=",".join(_D.rows), help=f"comma-separated subset of {','.join(ROW_KINDS)}")
+                        help="attention backend of the fused-LN, compile and CUDA-graph rows "
+                             "(default: auto's pick)")
+    parser.add_argument("--rows", default=",".join(_D.rows),
+                        help=f"comma-separated subset of {','.join(ROW_KINDS)}")
     parser.add_argument("--compile-backend", default=_D.compile_backend,
-                        help="torch.compile backend of the compile row (inductor; aot_eager to check tracing only)")
+                        help="torch.compile backend of the compile row "
+                             "(inductor; aot_eager to check tracing only)")
     parser.add_argument("--peak-tflops", type=float, default=_D.peak_tflops)
     parser.add_argument("--num-inputs", type=int, default=_D.num_inputs)
     parser.add_argument("--no-memory", dest="memory", action="store_false")
