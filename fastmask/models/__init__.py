@@ -3,7 +3,8 @@
     create_model("vit_base_patch16", img_size=224, backend="auto") -> VisionTransformer
     MODELS: name -> constructor; @register_model adds one; list_models() lists them.
 
-Registered ViTs: vit_{tiny,small,base,large,huge}_patch{16,14} (MAE's sizes; tiny/small from DeiT).
+Registered ViTs: vit_{tiny,small,base,large,huge}_patch{16,14} (MAE's sizes; tiny/small from DeiT);
+resnet18 (ADIOS's CNN path).
 Parameter names follow timm and facebookresearch/mae, so their state dicts load unchanged.
 """
 from ._registry import MODELS, check_model_name, create_model, list_models, register_model
@@ -11,6 +12,7 @@ from .blocks import Block, DropPath, LayerScale, Mlp, PatchConv, PatchEmbed
 from .mae import MaskedAutoencoderViT
 from .mae_decoder import MAEDecoder, MAEDecoderLayers
 from .pos_embed import sincos_2d
+from . import resnet, unet  # noqa: F401  (register resnet18 and the ADIOS occluder with the registry)
 from .vit import VIT_ARCHS, VisionTransformer, vit_config
 
 __all__ = ["MODELS", "register_model", "create_model", "list_models", "check_model_name", "VisionTransformer",
