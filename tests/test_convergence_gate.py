@@ -12,9 +12,10 @@
    (measured on the 2-core machine), so the gate runs `GATE_STEPS` steps (default 8, the issue asks 50:
    set FASTMASK_GATE_STEPS=50 to run those, about 4 min of CPU, 15 min of wall time on the loaded
    machine) of mae_tiny with img_size 32 (4 patches, 1 visible), batch 2, decoder_depth 1 and the
-   encoder cut to its first 2 of 12 blocks (same class, same init, a ModuleList slice). torch.compile uses backend="aot_eager": inductor's C++ compile of the
-   step took ~8 min of wall time on this machine, too slow for CI; aot_eager still traces forward and
-   backward through dynamo and AOTAutograd with the custom ops in the graph.
+   encoder cut to its first 2 of 12 blocks (same class, same init, a ModuleList slice).
+   torch.compile uses backend="aot_eager": inductor's C++ compile of the step took ~8 min of wall time
+   on this machine, too slow for CI; aot_eager still traces forward and backward through dynamo and
+   AOTAutograd with the custom ops in the graph.
 2. Golden losses: the deterministic reference run (backend torch, fixed seeds, the synthetic loader's
    fixed batches, one thread) reproduces tests/assets/losses/mae_tiny_cpu.json within 1e-5 relative, so
    an unintended numerical change is caught. Regenerate after an intended change with
