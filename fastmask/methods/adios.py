@@ -55,7 +55,7 @@ from ..objectives.byol import byol_loss, simsiam_loss
 from ..objectives.infonce import nt_xent
 from . import register_method
 from .base import Method
-from .mae import _mix, _rank  # TODO(helper-3/lead): move the per-rank seed stream to a shared methods/_rng.py
+from ._stream import DrawStream
 from .momentum import cosine_momentum, ema_update_, make_teacher
 from .views import ViewAugment
 
@@ -158,8 +158,7 @@ class ADIOS(Method):
             alpha_sparsity=a.alpha_sparsity, alpha_entropy=a.alpha_entropy)
         self.augment = ViewAugment(crop_scale=(a.crop_min_scale, 1.0), jitter_p=a.jitter_p, gray_p=a.gray_p,
                                    solarize_p=a.solarize_p)
-        self.seed, self.draws = int(seed), 0
-        self._gen: torch.Generator | None = None
+        self._stream = DrawStream(seed)
         log.info("ADIOS%s: ssl=%s, backbone=%s, N=%d, mode=%s (%s)", "-s" if a.single_mask else "", a.ssl, model,
                  a.num_masks, a.mode, "two phases in one step, 2x encoder passes" if a.mode == "alternating"
                  else "one pass, gradient reversal into the occluder")
@@ -175,20 +174,23 @@ class ADIOS(Method):
                    backend=cfg.engine.backend, seed=cfg.engine.seed)
 
     # ------------------------------------------------------------------ randomness (views, ADIOS-s slots)
-    @torch.compiler.disable
     def _generator(self, device: torch.device) -> torch.Generator:
         """This step's generator: draw n on rank r is seeded mix(seed, r, n), as MAE's masks."""
-        if self._gen is None or self._gen.device.type != device.type:
-            self._gen = torch.Generator(device=device)
-        self._gen.manual_seed(_mix(self.seed, _rank(), self.draws))
-        self.draws += 1
-        return self._gen
+        return self._stream.next(device)
+
+    @property
+    def draws(self) -> int:
+        return self._stream.draws
+
+    @draws.setter
+    def draws(self, value: int) -> None:
+        self._stream.draws = int(value)
 
     def get_extra_state(self) -> dict:
-        return {"seed": self.seed, "draws": self.draws}
+        return self._stream.state()
 
     def set_extra_state(self, state: dict) -> None:
-        self.seed, self.draws = int(state["seed"]), int(state["draws"])
+        self._stream.load(state)
 
     # ------------------------------------------------------------------ the SSL loss on masked views
     def _select(self, masks: torch.Tensor, g: torch.Generator) -> torch.Tensor:

@@ -19,7 +19,6 @@ even though DeepSpeed saves the module state from rank 0 only.
 from __future__ import annotations
 
 import dataclasses
-import os
 
 import torch
 
@@ -28,27 +27,8 @@ from ..models.mae import MaskedAutoencoderViT
 from ..models.vit import vit_config
 from ..objectives.reconstruction import PixelReconstruction
 from . import register_method
+from ._stream import DrawStream, _mix, _rank  # noqa: F401  (_mix/_rank: re-exported for tests)
 from .base import Method
-
-_MASK64 = (1 << 64) - 1
-
-
-def _mix(*values: int) -> int:
-    """Deterministic 63-bit seed from integers (SplitMix64 finalizer over a running hash); stable
-    across Python versions and processes, unlike hash()."""
-    h = 0x9E3779B97F4A7C15
-    for v in values:
-        h = (h ^ (int(v) & _MASK64)) * 0xBF58476D1CE4E5B9 & _MASK64
-        h = (h ^ (h >> 31)) * 0x94D049BB133111EB & _MASK64
-        h ^= h >> 29
-    return h >> 1
-
-
-def _rank() -> int:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        return torch.distributed.get_rank()
-    return int(os.environ.get("RANK", 0))
-
 
 @register_method("mae")
 class MAE(MaskedAutoencoderViT, Method):
@@ -88,8 +68,7 @@ class MAE(MaskedAutoencoderViT, Method):
         self.model_name, self.mask_ratio, self.decay_tokens = model, float(mask_ratio), decay_tokens
         self.masker = masker
         self.objective = PixelReconstruction(self.patch_size, norm_pix=norm_pix, backend=backend)
-        self.mask_seed, self.mask_draws = int(seed), 0
-        self._mask_gen: torch.Generator | None = None
+        self._stream = DrawStream(seed)
 
     @classmethod
     def from_config(cls, cfg, args: "MAE.Args") -> "MAE":
@@ -97,19 +76,28 @@ class MAE(MaskedAutoencoderViT, Method):
                    backend=cfg.engine.backend, seed=cfg.engine.seed, **dataclasses.asdict(args))
 
     # ------------------------------------------------------------------ masks
-    def _generator(self, device: torch.device) -> torch.Generator:
-        if self._mask_gen is None or self._mask_gen.device.type != device.type:
-            self._mask_gen = torch.Generator(device=device)
-        return self._mask_gen
+    @property
+    def mask_seed(self) -> int:
+        return self._stream.seed
+
+    @mask_seed.setter
+    def mask_seed(self, value: int) -> None:
+        self._stream.seed = int(value)
+
+    @property
+    def mask_draws(self) -> int:
+        return self._stream.draws
+
+    @mask_draws.setter
+    def mask_draws(self, value: int) -> None:
+        self._stream.draws = int(value)
 
     @torch.compiler.disable  # generator objects and a Python counter: keep them out of compiled graphs
     def draw_masks(self, batch_size: int, device: torch.device, **context) -> Masks:
         """Masks for one batch: ids_keep [B, K], ids_restore [B, L], mask [B, L] (1 = hidden),
         from draw number `mask_draws` of this rank's stream (see the module docstring). `context`
         (e.g. imgs=) goes to generators that look at the data (adversarial)."""
-        g = self._generator(device)
-        g.manual_seed(_mix(self.mask_seed, _rank(), self.mask_draws))
-        self.mask_draws += 1
+        g = self._stream.next(device)
         return self.masker(batch_size, self.grid_size, device=device, generator=g, **context)
 
     def get_extra_state(self) -> dict:
