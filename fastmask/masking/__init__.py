@@ -14,7 +14,7 @@ import importlib
 from .base import MASKERS, MaskGenerator, Masks, check_ratio, grid_length, masks_from_shuffle, register_masker
 from .random import RandomMasking
 
-_MODULES = ("random", "block", "attention", "adversarial", "multi")
+_MODULES = ("random", "block", "attention_guided", "adversarial", "multi")
 
 
 def _load_all() -> None:
