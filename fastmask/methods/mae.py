@@ -23,6 +23,9 @@ import dataclasses
 import torch
 
 from ..masking import Masks, build_masker
+from ..masking.adversarial import AdversarialMasking
+from ..masking.attention_guided import AttentionGuidedMasking
+from ..models.attention_probe import forward_with_cls_attention
 from ..models.mae import MaskedAutoencoderViT
 from ..models.vit import vit_config
 from ..objectives.reconstruction import PixelReconstruction
@@ -59,7 +62,14 @@ class MAE(MaskedAutoencoderViT, Method):
                  drop_path_rate: float = 0.0, decay_tokens: bool = False, backend: str = "auto", seed: int = 0):
         # Everything that can be wrong with the arguments fails here, before any weight is allocated.
         arch = vit_config(model)
-        masker = build_masker(masking, mask_ratio=mask_ratio)
+        if masking == "multi":
+            raise ValueError("mae: masking=multi gives M masked copies per image, which is ExtreMA's objective "
+                             "(method=extrema); MAE takes random | block | attention | adversarial")
+        extra = {"img_size": img_size} if masking == "adversarial" else {}  # the occluder's input size
+        masker = build_masker(masking, mask_ratio=mask_ratio, **extra)
+        if getattr(masker, "mode", "exact") != "exact":
+            raise ValueError(f"mae: the visible-only encoder needs an exact mask ratio; attention masking "
+                             f"mode={masker.mode!r} hides a random number of patches (use mode=exact)")
         super().__init__(decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
                          decoder_num_heads=decoder_num_heads, img_size=img_size, drop_path_rate=drop_path_rate,
                          backend=backend, **arch)
@@ -128,11 +138,26 @@ class MAE(MaskedAutoencoderViT, Method):
 
     def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_images(imgs)
-        masks = self.draw_masks(imgs.shape[0], imgs.device, imgs=imgs)
-        latent = self.forward_encoder(imgs, masks.ids_keep)      # [B, 1+K, D]
+        context = {"imgs": imgs}
+        if isinstance(self.masker, AttentionGuidedMasking):
+            # AttMask-style: the encoder's own last-block cls attention on the full image, without
+            # gradient, decides which patches hide (the lowest-attention ones first).
+            with torch.no_grad():
+                _, attn = forward_with_cls_attention(self.encoder_view(), imgs)
+            context["scores"] = attn.mean(dim=1)
+        masks = self.draw_masks(imgs.shape[0], imgs.device, **context)
+        adversarial = isinstance(self.masker, AdversarialMasking)
+        # Adversarial masks: the encoder sees the softly occluded image (gradient-reversed into the
+        # occluder), the target stays the original image, and the occluder's penalty joins the loss.
+        x = self.masker.aux["imgs_masked"] if adversarial else imgs
+        latent = self.forward_encoder(x, masks.ids_keep)         # [B, 1+K, D]
         pred = self.forward_decoder(latent, masks.ids_restore)   # [B, L, p*p*C]
         loss = self.objective(pred, imgs, masks.mask)
-        return {"loss": loss, "mask_ratio": masks.mask.mean()}
+        out = {"mask_ratio": masks.mask.mean()}
+        if adversarial:
+            out["occluder_penalty"] = self.masker.aux["penalty"]
+            loss = loss + out["occluder_penalty"]
+        return {"loss": loss, **out}
 
     def encoder(self):
         return self.encoder_view()
