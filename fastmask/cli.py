@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 SUBCOMMANDS = {
@@ -27,8 +28,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict]:
     return parser, parsers
 
 
+def _take_local_rank(argv: list[str]) -> list[str]:
+    """DeepSpeed's launcher puts `--local_rank=N` before the subcommand; keep it in the environment
+    (where torchrun and DeepSpeed also put it) and out of argparse's way."""
+    out, i = [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            os.environ.setdefault("LOCAL_RANK", a.split("=", 1)[1])
+        elif a in ("--local_rank", "--local-rank") and i + 1 < len(argv):
+            os.environ.setdefault("LOCAL_RANK", argv[i + 1])
+            i += 1
+        else:
+            out.append(a)
+        i += 1
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = _take_local_rank(sys.argv[1:] if argv is None else argv)
     parser, parsers = build_parser()
     # Only the chosen subcommand's module is imported to add its arguments.
     command = next((a for a in argv if not a.startswith("-")), None)

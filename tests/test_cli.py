@@ -66,3 +66,12 @@ def test_default_run_learns_and_resumes(tmp_path):
     assert all({"step", "loss", "lr", "imgs_per_s", "epoch", "mem_gb"} <= set(r) for r in rows)
     assert rows[-1]["loss"] < 0.85 * rows[0]["loss"]
     assert (out / "config.yaml").is_file() and (tmp_path / "enc.pth").is_file()
+
+
+def test_deepspeed_local_rank_before_the_subcommand_goes_to_the_environment(monkeypatch):
+    from fastmask.cli import _take_local_rank
+
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert _take_local_rank(["--local_rank=3", "pretrain", "--steps", "2"]) == ["pretrain", "--steps", "2"]
+    import os
+    assert os.environ["LOCAL_RANK"] == "3"

@@ -105,3 +105,19 @@ def test_precision_resolution():
     assert resolve_precision("bf16", torch.device("cpu")) == "bf16"
     with pytest.raises(ConfigError, match="fp16 needs a CUDA GPU"):
         resolve_precision("fp16", torch.device("cpu"))
+
+
+def test_method_override_without_config_starts_from_that_methods_tiny_recipe():
+    from fastmask.engine.pretrain import DEFAULT_RECIPE, default_recipe
+
+    assert default_recipe([]) == DEFAULT_RECIPE == "mae_tiny"
+    for m in ("extrema", "relaxmim", "adios", "mst"):
+        assert default_recipe(["engine.steps=3", f"method={m}"]) == f"{m}_tiny"
+        cfg = load_config(default_recipe([f"method={m}"]), [f"method={m}"])
+        assert cfg.method == m
+    assert default_recipe(["method=unknown"]) == DEFAULT_RECIPE  # then the method name fails where it is built
+
+
+def test_unknown_optimizer_is_a_config_error():
+    with pytest.raises(ConfigError, match="engine.optimizer"):
+        load_config("mae_tiny", ["engine.optimizer=sgd"])

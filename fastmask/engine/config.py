@@ -48,7 +48,7 @@ class EngineConfig:
     epochs: int = 1
     grad_accum: int = 1
     clip_grad: float | None = None
-    optimizer: str = "adamw"        # adamw (torch, fused on CUDA) | apex_fused_adam
+    optimizer: str = "adamw"        # adamw (torch, fused on CUDA) | apex_fused_adam (NVIDIA apex, if importable)
     blr: float = 1.5e-4             # lr = blr * effective_batch / 256 unless lr is set
     lr: float | None = None
     min_lr: float = 0.0
@@ -62,7 +62,7 @@ class EngineConfig:
     keep_last: int = 2
     compile: bool = False
     activation_checkpointing: bool = False
-    cuda_graphs: bool = False
+    cuda_graphs: bool = False       # capture forward+backward as CUDA graphs (torch.compile "reduce-overhead")
     on_nonfinite: str = "stop"      # stop | skip
     backend: str = "auto"           # fastmask.ops backend for every fused op
     resume: str = "auto"            # auto (resume when the run folder holds a checkpoint) | always | never
@@ -220,6 +220,8 @@ def validate(cfg: Config) -> None:
         problems.append(f"data.loader must be auto|torch|dali|synthetic, got {cfg.data.loader!r}")
     if cfg.data.on_corrupt not in ("skip", "fail"):
         problems.append(f"data.on_corrupt must be skip|fail, got {cfg.data.on_corrupt!r}")
+    if cfg.engine.optimizer not in ("adamw", "apex_fused_adam"):
+        problems.append(f"engine.optimizer must be adamw|apex_fused_adam, got {cfg.engine.optimizer!r}")
     if cfg.engine.on_nonfinite not in ("stop", "skip"):
         problems.append(f"engine.on_nonfinite must be stop|skip, got {cfg.engine.on_nonfinite!r}")
     if cfg.engine.resume not in ("auto", "always", "never"):

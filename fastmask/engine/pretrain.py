@@ -25,8 +25,9 @@ DEFAULT_RECIPE = "mae_tiny"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", default=DEFAULT_RECIPE,
-                        help="a shipped recipe name or a YAML path (default: %(default)s)")
+    parser.add_argument("--config", default=None,
+                        help=f"a shipped recipe name or a YAML path (default: {DEFAULT_RECIPE}, or <method>_tiny "
+                             "when method=<name> is given)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps to train (sets engine.steps, the schedule's length)")
     parser.add_argument("--out", default=None, help="run folder (default: the config's `out`, else runs/<recipe>)")
@@ -41,6 +42,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. model=vit_small_patch16 engine.zero_stage=2")
+
+
+def default_recipe(overrides: list[str]) -> str:
+    """Without --config: the tiny CPU recipe of the method named by a `method=<name>` override (each
+    method's options differ, so starting from MAE's recipe would carry MAE's method_args over)."""
+    from .config import list_recipes
+
+    methods = [o.split("=", 1)[1].strip() for o in overrides if o.startswith("method=")]
+    if methods and f"{methods[-1]}_tiny" in list_recipes():
+        return f"{methods[-1]}_tiny"
+    return DEFAULT_RECIPE
 
 
 def _user_errors() -> tuple[type[BaseException], ...]:
@@ -71,6 +83,8 @@ def main(args: argparse.Namespace) -> int:
     if args.local_rank is not None:  # the deepspeed launcher passes --local_rank; the env holds it too
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
     overrides = list(args.overrides)
+    if args.config is None:
+        args.config = default_recipe(overrides)
     if args.steps is not None:
         overrides.append(f"engine.steps={args.steps}")
     if args.resume is not None:

@@ -165,6 +165,24 @@ def _trim_metrics(out: Path, after_step: int) -> None:
     ckpt._write_atomic(path, "".join(k + "\n" for k in keep))
 
 
+def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
+                    device: torch.device) -> torch.optim.Optimizer:
+    """AdamW: torch's (fused kernel on CUDA, the default), or NVIDIA apex's FusedAdam when asked for
+    (`engine.optimizer=apex_fused_adam`, CUDA only; apex is not on PyPI, so never required)."""
+    if name == "adamw":
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type == "cuda")
+    if name == "apex_fused_adam":
+        if device.type != "cuda":
+            raise ConfigError("engine.optimizer=apex_fused_adam needs a CUDA device; use adamw")
+        try:
+            from apex.optimizers import FusedAdam
+        except ImportError as err:
+            raise ConfigError(f"engine.optimizer=apex_fused_adam but NVIDIA apex is not importable ({err}); "
+                              "it is not on PyPI: build it from NVIDIA's repository, or use adamw") from err
+        return FusedAdam(groups, lr=lr, betas=betas, eps=1e-8, adam_w_mode=True)
+    raise ConfigError(f"engine.optimizer must be adamw or apex_fused_adam, got {name!r}")
+
+
 def pretrain(cfg: Config, out: str | Path | None = None,
              method_factory: Callable[[Config], torch.nn.Module] | None = None,
              progress: bool | None = None) -> RunResult:
@@ -238,12 +256,13 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
 
     init_distributed(info)
     method.to(device)
-    optimizer = torch.optim.AdamW(method.param_groups(e.weight_decay), lr=base_lr, betas=tuple(e.betas),
-                                  eps=1e-8, fused=device.type == "cuda")
+    optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, tuple(e.betas), device)
     ds_config = build_ds_config(cfg, info.world_size, precision, device, load_universal)
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
-    if e.compile:
-        engine.compile()
+    if e.compile or e.cuda_graphs:
+        # CUDA graphs through torch.compile's "reduce-overhead" mode (cudagraph trees): the whole
+        # forward and backward replay as graphs where shapes are static, as MAE's visible-token count is.
+        engine.compile(compile_kwargs={"mode": "reduce-overhead"} if e.cuda_graphs else {})
     _seed_all(e.seed * 1_000_003 + info.rank + 1)  # the training stream: differs per rank
 
     start_step = 0
@@ -325,7 +344,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                 if micro % e.grad_accum == 0:
                     lr = lr_at(step, total, base_lr, warmup, e.min_lr)
                     for g in optimizer.param_groups:
-                        g["lr"] = lr
+                        g["lr"] = lr * g.get("lr_scale", 1.0)  # per-group scale (ADIOS's occluder)
                 outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype))
                 loss = outputs["loss"]
                 engine.backward(loss)
