@@ -93,3 +93,16 @@ def test_validate_rejects_bad_args():
         ablate.validate(AblateArgs(rows=("baseline", "warp_drive")))
     with pytest.raises(ValueError, match="attention must be"):
         ablate.validate(AblateArgs(attention="flash9"))
+
+
+def test_fastmask_bench_ablate_cli_writes_the_table(tmp_path, one_thread):
+    from fastmask.cli import main
+
+    out = tmp_path / "cli.json"
+    rc = main(["bench", "--ablate", "--model", "vit_tiny_patch16", "--img-size", "32", "--batch-size", "2",
+               "--config", "mae_tiny", "--device", "cpu", "--warmup", "1", "--repeats", "1", "--threads", "1",
+               "--num-inputs", "1", "--rows", "baseline,visible_only", "--no-memory", "--out", str(out)])
+    assert rc == 0
+    rows = {r["name"]: r for r in json.loads(out.read_text())["rows"]}
+    assert rows["baseline"]["status"] == rows["visible_only"]["status"] == "measured"
+    assert rows["visible_only"]["step_s_median"] > 0 and rows["visible_only"]["images_per_s"] > 0

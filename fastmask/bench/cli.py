@@ -4,6 +4,7 @@ with `--loader ...`, the data-loader benchmark.
     fastmask bench --model vit_base_patch16 --batch-size 8 --dtype fp32 --threads 2 --ablation --out step.json
     fastmask bench --model vit_large_patch16 --batch-size 256 --dtype bf16 --out step.json --plot step.png
     fastmask bench --loader [loader options...]      # everything after --loader goes to fastmask.bench.loader
+    fastmask bench --ablate [ablation options...]    # the optimization ablation (fastmask.bench.ablate)
 
 Defaults live in `fastmask.bench.step.StepBenchArgs`. Op benchmarks: `pytest benchmarks/`.
 """
@@ -26,6 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--loader", nargs=argparse.REMAINDER, default=None, metavar="LOADER_ARGS",
                         help="benchmark the data loader instead; the rest of the line goes to it "
                              "(`fastmask bench --loader --help` lists its options)")
+    parser.add_argument("--ablate", nargs=argparse.REMAINDER, default=None, metavar="ABLATE_ARGS",
+                        help="run the optimization ablation instead; the rest of the line goes to it "
+                             "(`fastmask bench --ablate --help` lists its options)")
     parser.add_argument("--method", default=_D.method, help="registered method (the baseline exists for mae)")
     parser.add_argument("--model", default=_D.model, help="registered ViT, e.g. vit_base_patch16")
     parser.add_argument("--img-size", type=int, default=_D.img_size)
@@ -89,6 +93,9 @@ def args_from_namespace(ns: argparse.Namespace) -> StepBenchArgs:
 def main(ns: argparse.Namespace) -> int:
     if ns.loader is not None:
         return _loader_main(ns.loader)
+    if ns.ablate is not None:
+        from .ablate import main as ablate_main
+        return ablate_main(ns.ablate, prog="fastmask bench --ablate")
     from .step import plot, run_step_bench, save_json
 
     args = args_from_namespace(ns)
