@@ -181,3 +181,17 @@ def test_eval_cli_random_init_with_folder_data(tmp_path, capsys):
     assert r["checkpoint"] is None and r["test_size"] + r["train_size"] == 120
     assert 0.0 <= r["knn_top1"] <= 1.0 and 0.0 <= r["linear_top1"] <= 1.0
     assert "k-NN@5" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("recipe", ["mae_tiny", "extrema_tiny", "adios_tiny"])
+def test_method_checkpoints_are_not_mistaken_for_bare_encoders(recipe):
+    """A method's state (any method: decoders, heads, teachers, occluders) is loaded as the whole
+    method; only a state whose keys all belong to the bare encoder is an exported encoder."""
+    from fastmask.engine.config import load_config
+    from fastmask.eval.load import _is_encoder_only
+    from fastmask.methods import build_method
+    from fastmask.models import create_model
+
+    cfg = load_config(recipe)
+    assert not _is_encoder_only(build_method(cfg).state_dict(), cfg)
+    assert _is_encoder_only(create_model(cfg.model, img_size=cfg.data.img_size).state_dict(), cfg)

@@ -111,8 +111,14 @@ def resolve_config(checkpoint: str | Path | None, recipe: str | None = None, ove
     return load_config(recipe, list(overrides))
 
 
-def _is_encoder_only(state: dict) -> bool:
-    return not any(k.startswith(("decoder_", "mask_token")) for k in state)
+def _is_encoder_only(state: dict, cfg) -> bool:
+    """True when every key of `state` belongs to the bare encoder `cfg.model` (an exported encoder);
+    a method's checkpoint has more (decoders, heads, teachers, occluders) whatever the method."""
+    from fastmask.models import create_model
+
+    with torch.device("meta"):  # keys only: no memory, no init work
+        keys = set(create_model(cfg.model, img_size=cfg.data.img_size).state_dict())
+    return set(state) <= keys
 
 
 def load_method(path: str | Path | None, cfg=None, overrides: list[str] = (),
@@ -125,7 +131,7 @@ def load_method(path: str | Path | None, cfg=None, overrides: list[str] = (),
     method = build_method(cfg)
     if weights is not None:
         state = read_state_dict(weights)
-        if _is_encoder_only(state):
+        if _is_encoder_only(state, cfg):
             raise CheckpointError(f"{weights} holds only encoder weights; this needs the whole method "
                                   f"(decoder too)")
         _load(method, state, weights)
@@ -138,7 +144,7 @@ def load_encoder(path: str | Path | None, cfg=None, overrides: list[str] = (),
     weights = resolve_weights(path) if path is not None else None
     cfg = load_config_for(weights, cfg, overrides)
     state = read_state_dict(weights) if weights is not None else None
-    if state is None or _is_encoder_only(state):
+    if state is None or _is_encoder_only(state, cfg):
         from fastmask.models import create_model
 
         encoder = create_model(cfg.model, img_size=cfg.data.img_size)
