@@ -439,7 +439,11 @@ def test_mae_mask_stream_is_checkpointable_and_per_rank(monkeypatch):
     resumed.load_state_dict(saved, strict=True)
     resumed(imgs)
     assert not torch.equal(seen[0], seen[1]) and torch.equal(seen[1], seen[2])
-    monkeypatch.setenv("RANK", "1")
+    # another rank (patched where the stream asks: an earlier in-process engine test may have left a
+    # world-size-1 process group initialized, which outranks the RANK variable)
+    import fastmask.methods._stream as stream
+
+    monkeypatch.setattr(stream, "_rank", lambda: 1)
     other_rank = _tiny_mae()
     other_rank.load_state_dict(saved, strict=True)
     other_rank.masker.register_forward_hook(lambda m, a, out: seen.append(out.mask.clone()))
