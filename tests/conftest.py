@@ -10,3 +10,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+# One intra-op thread per test process: the shapes here are tiny, and CI's 2 cores are shared with
+# DataLoader workers, DALI threads and the multi-rank tests' second process; two spinning OpenMP
+# threads under such contention made single tests tens of times slower.
+torch.set_num_threads(1)
