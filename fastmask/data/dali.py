@@ -47,7 +47,7 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from fastmask.data.files import image_files
+from fastmask.data.files import check_loader_args, image_files
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -163,14 +163,7 @@ class DaliLoader:
                  device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
         require_dali()  # before any work: a missing extra is the first thing to report
         device = torch.device(device)
-        problems = []
-        if not 0 <= rank < world_size:
-            problems.append(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if data_cfg.img_size < 1 or data_cfg.batch_size < 1:
-            problems.append(f"data.img_size and data.batch_size must be >= 1, got "
-                            f"{data_cfg.img_size} and {data_cfg.batch_size}")
-        if not 0.0 < data_cfg.min_scale <= 1.0:
-            problems.append(f"data.min_scale must be in (0, 1], got {data_cfg.min_scale}")
+        problems = check_loader_args(data_cfg, rank, world_size)
         if data_cfg.dali_threads < 1:
             problems.append(f"data.dali_threads must be >= 1, got {data_cfg.dali_threads}")
         if device.type not in ("cpu", "cuda"):

@@ -256,3 +256,16 @@ def image_files(data_cfg, threads: int = 0) -> tuple[list[str], np.ndarray, list
     if not files:
         raise ValueError(f"no decodable image files under {key}")
     return files, sizes, bad
+
+
+def check_loader_args(data_cfg, rank: int, world_size: int) -> list[str]:
+    """The problems every file loader checks before any work (rank, sizes, crop scale), as messages."""
+    problems = []
+    if not 0 <= rank < world_size:
+        problems.append(f"rank must be in [0, world_size={world_size}), got {rank}")
+    if data_cfg.img_size < 1 or data_cfg.batch_size < 1:
+        problems.append(f"data.img_size and data.batch_size must be >= 1, got "
+                        f"{data_cfg.img_size} and {data_cfg.batch_size}")
+    if not 0.0 < data_cfg.min_scale <= 1.0:
+        problems.append(f"data.min_scale must be in (0, 1], got {data_cfg.min_scale}")
+    return problems

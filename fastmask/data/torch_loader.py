@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from .dali import IMAGENET_MEAN, IMAGENET_STD, rrc_windows
+from .files import check_loader_args
 
 
 class _Samples(torch.utils.data.Dataset):
@@ -97,14 +98,7 @@ class TorchLoader:
 
     def __init__(self, data_cfg, rank: int = 0, world_size: int = 1, seed: int = 0,
                  device: torch.device | str = "cpu"):
-        problems = []
-        if not 0 <= rank < world_size:
-            problems.append(f"rank must be in [0, world_size={world_size}), got {rank}")
-        if data_cfg.img_size < 1 or data_cfg.batch_size < 1:
-            problems.append(f"data.img_size and data.batch_size must be >= 1, got "
-                            f"{data_cfg.img_size} and {data_cfg.batch_size}")
-        if not 0.0 < data_cfg.min_scale <= 1.0:
-            problems.append(f"data.min_scale must be in (0, 1], got {data_cfg.min_scale}")
+        problems = check_loader_args(data_cfg, rank, world_size)
         if data_cfg.num_workers < 0:
             problems.append(f"data.num_workers must be >= 0, got {data_cfg.num_workers}")
         if problems:
