@@ -21,6 +21,7 @@ hue 0.1, p 0.8, grayscale 0.2).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -33,6 +34,17 @@ _GRAY = (0.299, 0.587, 0.114)  # ITU-R 601 luma, as torchvision's rgb_to_graysca
 _RGB2YIQ = ((0.299, 0.587, 0.114), (0.596, -0.274, -0.322), (0.211, -0.523, 0.312))
 # Inverted once on the CPU: linalg.inv on a GPU tensor would sync on its error check every call.
 _YIQ2RGB = torch.linalg.inv(torch.tensor(_RGB2YIQ, dtype=torch.float64)).tolist()
+
+
+@functools.lru_cache(maxsize=64)
+def _constant(values: tuple, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """A small constant tensor, made once per (values, device, dtype): building it per step would copy
+    host memory to the GPU every step."""
+    return torch.tensor(values, device=device, dtype=dtype)
+
+
+def _tup(v) -> tuple:
+    return tuple(_tup(x) for x in v) if isinstance(v, (list, tuple)) else v
 
 
 @dataclass
@@ -75,8 +87,8 @@ class ViewAugment:
         B, dev = imgs.shape[0], imgs.device
         u = torch.rand(B, 12, device=dev, generator=generator)  # every per-sample draw at once
         x = _crop_flip(imgs.float(), u[:, :5], self.crop_scale, self.crop_ratio, self.hflip)
-        mean = torch.tensor(self.mean, device=dev).view(1, 3, 1, 1)
-        std = torch.tensor(self.std, device=dev).view(1, 3, 1, 1)
+        mean = _constant(_tup(self.mean), dev, torch.float32).view(1, 3, 1, 1)
+        std = _constant(_tup(self.std), dev, torch.float32).view(1, 3, 1, 1)
         x = (x * std + mean).clamp(0, 1)
         on = (u[:, 5] < self.jitter_p).float()  # jitter factors fall back to identity where off
 
@@ -102,7 +114,7 @@ class ViewAugment:
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    w = torch.tensor(_GRAY, device=x.device, dtype=x.dtype).view(1, 3, 1, 1)
+    w = _constant(_tup(_GRAY), x.device, x.dtype).view(1, 3, 1, 1)
     return (x * w).sum(dim=1, keepdim=True)
 
 
@@ -128,8 +140,8 @@ def _crop_flip(x: torch.Tensor, u: torch.Tensor, scale: tuple[float, float], rat
 
 def _hue_rotate(x: torch.Tensor, turns: torch.Tensor) -> torch.Tensor:
     """x [B, 3, H, W] RGB in [0, 1], turns [B] (fraction of a full hue circle) -> hue-rotated x."""
-    T = torch.tensor(_RGB2YIQ, device=x.device, dtype=x.dtype)
-    Tinv = torch.tensor(_YIQ2RGB, device=x.device, dtype=x.dtype)
+    T = _constant(_tup(_RGB2YIQ), x.device, x.dtype)
+    Tinv = _constant(_tup(_YIQ2RGB), x.device, x.dtype)
     a = 2 * math.pi * turns.to(x.dtype)
     c, s = a.cos(), a.sin()
     R = torch.zeros(x.shape[0], 3, 3, device=x.device, dtype=x.dtype)
