@@ -24,7 +24,7 @@ import torch
 
 from .checkpoint import checkpoint_root, latest_tag
 
-_STATE_KEYS = ("model", "module", "state_dict")
+_STATE_KEYS = ("model", "module", "state_dict", "encoder")
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -114,7 +114,8 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj:
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
+                                                       for k, v in obj.items()):
         raise ValueError(f"{p} holds no state dict (looked at the top level and under {', '.join(_STATE_KEYS)})")
     for prefix in ("module.", "_orig_mod."):
         if all(k.startswith(prefix) for k in obj):

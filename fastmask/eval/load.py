@@ -21,7 +21,6 @@ from pathlib import Path
 import torch
 from torch import nn
 
-_STATE_KEYS = ("module", "model", "state_dict", "encoder")
 _WEIGHT_SUFFIXES = (".pt", ".pth", ".bin")
 
 
@@ -61,28 +60,15 @@ def find_config(weights: Path) -> Path | None:
 
 
 def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
-    if weights.is_dir():
-        from fastmask.engine.export import consolidated_state_dict
+    """A run/checkpoint folder (consolidated from any ZeRO stage) or a weights file -> its state dict."""
+    from fastmask.engine.export import consolidated_state_dict, read_weights
 
+    if weights.is_dir():
         return consolidated_state_dict(weights)
     try:
-        obj = torch.load(weights, map_location="cpu", weights_only=True)
-    except Exception:  # files holding Python objects beside the tensors (trusted local files)
-        obj = torch.load(weights, map_location="cpu", weights_only=False)
-    if isinstance(obj, dict):
-        for key in _STATE_KEYS:
-            if isinstance(obj.get(key), dict):
-                obj = obj[key]
-                break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
-                                                       for k, v in obj.items()):
-        raise CheckpointError(f"{weights} holds no state dict (looked at the top level and under "
-                              f"{', '.join(_STATE_KEYS)})")
-    # DDP / compiled-module prefixes.
-    for prefix in ("module.", "_orig_mod."):
-        if all(k.startswith(prefix) for k in obj):
-            obj = {k[len(prefix):]: v for k, v in obj.items()}
-    return obj
+        return read_weights(weights)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
 
 
 def load_config_for(weights: Path | None, cfg=None, overrides: list[str] = ()):
