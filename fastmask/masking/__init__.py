@@ -19,11 +19,7 @@ _MODULES = ("random", "block", "attention_guided", "adversarial", "multi")
 
 def _load_all() -> None:
     for mod in _MODULES:
-        try:
-            importlib.import_module(f"fastmask.masking.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"fastmask.masking.{mod}":
-                raise
+        importlib.import_module(f"fastmask.masking.{mod}")
 
 
 def build_masker(name: str, **kwargs) -> MaskGenerator:

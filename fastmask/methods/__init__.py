@@ -19,11 +19,7 @@ def register_method(name: str):
 
 def _load_all() -> None:
     for mod in _MODULES:
-        try:
-            importlib.import_module(f"fastmask.methods.{mod}")
-        except ModuleNotFoundError as e:
-            if e.name != f"fastmask.methods.{mod}":
-                raise
+        importlib.import_module(f"fastmask.methods.{mod}")
 
 
 def get_method(name: str) -> type[Method]:

@@ -173,8 +173,4 @@ def _load_optional_backends() -> None:
     import importlib
 
     for mod in _BACKEND_MODULES:
-        try:
-            importlib.import_module(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+        importlib.import_module(mod)
