@@ -23,6 +23,7 @@ import torch
 from .features import (embedded_labeled_set, extract_features, fixed_split, image_folder_set,
                        to_model_input)
 from .knn import knn_accuracy
+from .load import add_source_arguments
 from .linear import ProbeArgs, linear_probe_accuracy
 
 _P = ProbeArgs()
@@ -32,13 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "\n".join(__doc__.splitlines()[2:])
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="run folder, checkpoint folder or weights file (.pt/.pth)")
-    src.add_argument("--random-init", action="store_true", help="evaluate a randomly initialized encoder")
-    parser.add_argument("--config", default=None,
-                        help="config recipe or YAML (default: the checkpoint's config.yaml)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                        help="config override, repeatable (e.g. --set model=vit_small_patch16)")
+    add_source_arguments(parser, "run folder, checkpoint folder or weights file (.pt/.pth)",
+                         "evaluate a randomly initialized encoder")
     parser.add_argument("--data", default=None, help="labeled image folder (default: the embedded digits)")
     parser.add_argument("--data-size", type=int, default=64, help="side images from --data are read at")
     parser.add_argument("--test-fraction", type=float, default=0.2,

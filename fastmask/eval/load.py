@@ -46,6 +46,18 @@ def resolve_weights(path: str | Path) -> Path:
                           f"found {sorted(f.name for f in p.iterdir())[:10]}")
 
 
+def add_source_arguments(parser, checkpoint_help: str, random_help: str) -> None:
+    """The arguments every eval-side command reads its model from: --checkpoint | --random-init,
+    --config and --set (config overrides)."""
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--checkpoint", help=checkpoint_help)
+    src.add_argument("--random-init", action="store_true", help=random_help)
+    parser.add_argument("--config", default=None,
+                        help="config recipe or YAML (default: the checkpoint's config.yaml)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="config override, repeatable")
+
+
 def find_config(weights: Path) -> Path | None:
     """The config saved with the weights: the checkpoint folder's own `config.yaml` (for a run
     folder: its latest checkpoint's), else the nearest one above (at most 4 levels up)."""

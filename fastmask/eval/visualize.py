@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from .features import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from .load import add_source_arguments
 
 HEADER = 16
 PAD = 4
@@ -34,11 +35,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = __doc__.splitlines()[0]
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
     parser.epilog = "\n".join(__doc__.splitlines()[2:])
-    src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--checkpoint", help="run folder, checkpoint folder or weights file of a whole method")
-    src.add_argument("--random-init", action="store_true", help="an untrained method (to see the layout)")
-    parser.add_argument("--config", default=None, help="config recipe or YAML (default: the checkpoint's)")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    add_source_arguments(parser, "run folder, checkpoint folder or weights file of a whole method",
+                         "an untrained method (to see the layout)")
     parser.add_argument("--data", default=None,
                         help="image folder (class subfolders); default: embedded photos")
     parser.add_argument("--images", type=int, default=4, help="rows in the grid")
