@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .. import ops
-from .blocks import DropPath, LayerNorm, Mlp, run_blocks
+from .blocks import DropPath, LayerNorm, Mlp, init_mae_weights, run_blocks
 
 
 class ClassAttention(nn.Module):
@@ -88,11 +88,7 @@ class ClassAttentionViT(nn.Module):
         self.ca_blocks = nn.ModuleList([
             ClassAttentionBlock(D, heads, mlp_ratio=mlp_ratio, init_values=init_values, backend=vit.backend)
             for _ in range(depth_ca)])
-        for m in self.ca_blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        self.ca_blocks.apply(init_mae_weights)  # a child's weights: through apply (see models/__init__)
 
     def no_weight_decay(self) -> set[str]:
         return {f"vit.{n}" for n in self.vit.no_weight_decay()}

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .blocks import init_mae_weights
+
 _ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
 _NORMS = ("ln", "bn", "none")
 
@@ -41,6 +43,13 @@ def _check(in_dim, hidden_dim, out_dim, num_layers, norm, act) -> None:
         raise ValueError("; ".join(problems))
 
 
+# Children's weights are initialised through `Module.apply`, one module at a time (see models/__init__).
+def _init_trunc_normal_linear(m: nn.Module) -> None:
+    if isinstance(m, nn.Linear):
+        nn.init.trunc_normal_(m.weight, std=0.02)
+        nn.init.zeros_(m.bias)
+
+
 class MLPHead(nn.Module):
     """x [B, in_dim] -> [B, out_dim]: (num_layers - 1) x [Linear, norm, act], then Linear
     (then `norm` without affine when `last_norm`, MoCo-v3's projector ending).
@@ -64,10 +73,7 @@ class MLPHead(nn.Module):
         elif last_norm and norm == "ln":
             layers.append(nn.LayerNorm(out_dim, elementwise_affine=False))
         self.mlp = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.mlp.apply(init_mae_weights)  # xavier Linears, zero biases
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.mlp[0].in_features:
@@ -122,10 +128,7 @@ class DINOHead(nn.Module):
                 layers += ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU(), nn.Linear(hidden_dim, hidden_dim)]
             layers += ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)]
         self.mlp = nn.Sequential(*layers)
-        for m in self.mlp.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                nn.init.zeros_(m.bias)
+        self.mlp.apply(_init_trunc_normal_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_g=norm_last_layer)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -43,6 +43,15 @@ class BasicBlock(nn.Module):
         return self.relu(out + identity)
 
 
+def _init_resnet(m: nn.Module) -> None:
+    """torchvision's ResNet init for one module (for `apply`): kaiming-normal convs (fan_out), BatchNorm 1/0."""
+    if isinstance(m, nn.Conv2d):
+        nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+    elif isinstance(m, nn.BatchNorm2d):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
 class ResNet(nn.Module):
     """A BasicBlock ResNet without classifier. `num_features` = `embed_dim` = 512 for ResNet-18."""
 
@@ -67,12 +76,7 @@ class ResNet(nn.Module):
         self.num_layers = len(layers)
         self.num_features = self.embed_dim = cin
         self.patch_size = None  # pixel masks only: no patch grid for token-level masking
-        for m in self.modules():
-            if isinstance(m, nn.Conv2d):
-                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            elif isinstance(m, nn.BatchNorm2d):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        self.apply(_init_resnet)  # children's weights: through apply (see models/__init__)
 
     def feature_map(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W] -> last-stage map [B, 512, h, w] (h = H/32, or H/8 with the small stem)."""

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ._registry import register_model
-from .blocks import Block, LayerNorm, PatchEmbed, init_mae_weights, run_blocks
+from .blocks import Block, LayerNorm, PatchConv, PatchEmbed, init_mae_weights, run_blocks
 from .pos_embed import sincos_2d
 
 # name -> (embed_dim, depth, num_heads); MAE's sizes (tiny/small from DeiT).
@@ -76,9 +76,7 @@ class VisionTransformer(nn.Module):
         with torch.no_grad():
             self.pos_embed.copy_(sincos_2d(self.embed_dim, self.grid_size, cls_token=True,
                                            device=self.pos_embed.device).unsqueeze(0))
-        w = self.patch_embed.proj.weight
-        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
-        nn.init.zeros_(self.patch_embed.proj.bias)
+        self.patch_embed.apply(_init_patch_proj)  # a child's weights: through apply (see models/__init__)
         nn.init.normal_(self.cls_token, std=0.02)
         for m in (self.blocks, self.norm):
             m.apply(init_mae_weights)
@@ -181,6 +179,14 @@ class VisionTransformer(nn.Module):
             setattr(view, attr, getattr(self, attr))
         view.train(self.training)
         return view
+
+
+def _init_patch_proj(module: nn.Module) -> None:
+    """MAE's patch-embed init (for `apply`): xavier-uniform on the conv weight viewed as [D, C*p*p], zero bias."""
+    if isinstance(module, PatchConv):
+        w = module.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(module.bias)
 
 
 def vit_config(name: str) -> dict:
