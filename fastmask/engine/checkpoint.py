@@ -6,6 +6,7 @@ Layout under the run folder DIR:
     DIR/checkpoints/step_00000040/           DeepSpeed's files (model states, ZeRO partitions) +
         engine_state.json                    step, epoch, batch position, world size, precision, ...
         rng_rank{r}.pt                       python / numpy / torch / cuda RNG states of rank r
+        frozen_rank{r}.pt                    frozen parameters (teachers), EMA shadows, buffers (`frozen_state`)
         config.yaml                          the resolved config of the run
     DIR/checkpoints/.staging/                a checkpoint being written (never read by resume)
 
@@ -31,6 +32,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import frozen_state
 from .distributed import barrier
 
 STAGING = ".staging"
@@ -122,6 +124,7 @@ def save(engine, run_dir: str | Path, step: int, state: dict, config_yaml: str, 
     folder = staging / tag
     folder.mkdir(parents=True, exist_ok=True)
     torch.save(rng_state(), folder / f"rng_rank{rank}.pt")
+    frozen_state.save(engine.module, folder, rank)
     barrier()
     _crash_point("ckpt", step)
     if rank == 0:
@@ -162,6 +165,7 @@ def load(engine, run_dir: str | Path, tag: str, rank: int, load_optimizer: bool 
                                      load_lr_scheduler_states=False, load_module_strict=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
+    frozen_state.load(engine.module, root / tag, rank)  # teachers, shadows, buffers: at any stage and world size
     rng_file = root / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -42,6 +42,9 @@ class EngineConfig:
     zero_stage: int = 0
     zero_bucket_size: int = 50_000_000       # elements per ZeRO reduce/all-gather bucket (and ZeRO-3 prefetch)
     zero3_max_live_parameters: int = 100_000_000  # ZeRO-3: gathered parameters kept live at most (memory cap)
+    offload_optimizer: str = "none"  # none | cpu | nvme: DeepSpeed's optimizer-state offload (ZeRO >= 1, accelerator)
+    offload_params: str = "none"     # none | cpu | nvme: parameter-partition offload (ZeRO-3, accelerator)
+    offload_nvme_path: str | None = None  # a folder on a local NVMe drive, for either nvme offload
     precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
     steps: int | None = None        # optimizer steps; None = epochs * steps_per_epoch
     stop_at: int | None = None      # stop (with a checkpoint) after this step without changing the schedule
@@ -214,6 +217,9 @@ def validate(cfg: Config) -> None:
         problems.append(f"mask_ratio must be in (0, 1), got {cfg.mask_ratio}")
     if cfg.engine.zero_stage not in (0, 1, 2, 3):
         problems.append(f"engine.zero_stage must be 0, 1, 2 or 3, got {cfg.engine.zero_stage}")
+    for key in ("offload_optimizer", "offload_params"):
+        if getattr(cfg.engine, key) not in ("none", "cpu", "nvme"):
+            problems.append(f"engine.{key} must be none|cpu|nvme, got {getattr(cfg.engine, key)!r}")
     if cfg.engine.precision not in ("auto", "fp32", "bf16", "fp16"):
         problems.append(f"engine.precision must be auto|fp32|bf16|fp16, got {cfg.engine.precision!r}")
     if cfg.data.loader not in ("auto", "torch", "dali", "synthetic"):

@@ -22,7 +22,10 @@ from pathlib import Path
 
 import torch
 
+from fastmask.methods.partition import full_shape
+
 from .checkpoint import checkpoint_root, latest_tag
+from .zero import gathered
 
 _STATE_KEYS = ("model", "module", "state_dict", "encoder")
 
@@ -100,15 +103,26 @@ def export_encoder(ckpt_dir: str | Path, out_path: str | Path) -> Path:
     return out
 
 
+def _load_mapped(p: Path, weights_only: bool):
+    """torch.load with the file memory-mapped (tensors are read when touched: every ZeRO-3 rank can
+    open a large checkpoint), or plainly for files in torch's legacy (pre-zip) format."""
+    try:
+        return torch.load(p, map_location="cpu", weights_only=weights_only, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err) and "zip" not in str(err):
+            raise
+        return torch.load(p, map_location="cpu", weights_only=weights_only)
+
+
 def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     """A weights file -> its state dict (official MAE: under "model"; DeepSpeed: "module")."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"weights file {p} does not exist")
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        obj = _load_mapped(p, weights_only=True)
     except Exception:  # noqa: BLE001 - DeepSpeed/argparse objects beside the tensors (a trusted local file)
-        obj = torch.load(p, map_location="cpu", weights_only=False)
+        obj = _load_mapped(p, weights_only=False)
     if isinstance(obj, dict):
         for key in _STATE_KEYS:
             if isinstance(obj.get(key), dict):
@@ -124,21 +138,31 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def _load_strict(method, state: dict, source: str) -> None:
-    own = method.state_dict()
+    """Load `state` into `method` strictly; ZeRO-3 partitioned parameters one at a time, gathered
+    (rank 0's copy is kept), so no rank holds the whole model at once."""
+    own = method.state_dict(keep_vars=True)
+    params = dict(method.named_parameters())
     # Fixed, never-trained tensors (sin-cos position embeddings) and the method's own bookkeeping
     # (`_extra_state`) may be absent; everything else must match by name and shape.
     optional = tuple(k for k, v in own.items() if k.endswith("_extra_state"))
-    frozen = {n for n, p in method.named_parameters() if not p.requires_grad}
+    frozen = {n for n, p in params.items() if not p.requires_grad}
     missing = [k for k in own if k not in state and k not in optional and k not in frozen]
     unexpected = [k for k in state if k not in own]
-    shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
-              if k in own and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+    own_shape = {k: full_shape(params[k]) if k in params else tuple(v.shape) for k, v in own.items()
+                 if isinstance(v, torch.Tensor)}
+    shapes = [f"{k}: {tuple(state[k].shape)} vs {own_shape[k]}" for k in state
+              if k in own_shape and isinstance(state[k], torch.Tensor) and tuple(state[k].shape) != own_shape[k]]
     if missing or unexpected or shapes:
         raise ValueError(f"weights {source} do not fit {type(method).__name__} "
                          f"(model={getattr(method, 'model_name', '?')}): missing {missing[:8]}"
                          f"{'...' if len(missing) > 8 else ''}; unexpected {unexpected[:8]}"
                          f"{'...' if len(unexpected) > 8 else ''}; shape mismatches {shapes[:4]}")
-    method.load_state_dict({k: v for k, v in state.items()}, strict=False)
+    with torch.no_grad():
+        for name, p in params.items():
+            if name in state:
+                with gathered([p]):
+                    p.data.copy_(state[name])
+    method.load_state_dict({k: v for k, v in state.items() if k not in params}, strict=False)
 
 
 def load_pretrained(method, path: str | Path) -> None:

@@ -5,8 +5,10 @@
 What happens, in order (everything that can be wrong with the input fails before step 1):
 1. the config is validated; rank, world size and device come from the environment (a plain process
    sets the single-process rendezvous variables itself, see `distributed`);
-2. the method is built (unknown method/model names, image size vs patch size, mask ratio: errors
-   here), seeded identically on every rank so all ranks start from the same weights; the loader is
+2. the ZeRO/offload settings are checked against the device and the method (`zero.check`); the
+   method is built (unknown method/model names, image size vs patch size, mask ratio: errors
+   here), seeded identically on every rank so all ranks start from the same weights, at ZeRO-3
+   partitioned as it is built (`zero.construct`: no rank holds the whole model); the loader is
    built (missing/corrupt images: errors here); `engine.init_from` weights are loaded;
 3. a torch AdamW over the method's param groups (fused on CUDA) and a generated DeepSpeed config
    (ZeRO stage, bf16/fp16/fp32, accumulation, clipping) go to `deepspeed.initialize`;
@@ -47,6 +49,7 @@ from .distributed import (RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_
                           init_distributed)
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from .schedule import lr_at, scaled_lr
+from .zero import check as check_zero, construct, offload_config
 
 
 class NonFiniteLossError(RuntimeError):
@@ -103,6 +106,7 @@ def build_ds_config(cfg: Config, world_size: int, precision: str, device: torch.
                     stage3_max_live_parameters=e.zero3_max_live_parameters,
                     stage3_max_reuse_distance=e.zero3_max_live_parameters,
                     stage3_gather_16bit_weights_on_model_save=False)
+    zero.update(offload_config(e))
     ds = {
         "train_micro_batch_size_per_gpu": B,
         "gradient_accumulation_steps": e.grad_accum,
@@ -112,6 +116,7 @@ def build_ds_config(cfg: Config, world_size: int, precision: str, device: torch.
         "steps_per_print": 2**31 - 1,  # our own logger reports; DeepSpeed's would sync per step
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,  # offload with torch's AdamW (CPU-fused) rather than DeepSpeedCPUAdam
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
                  "initial_scale_power": e.fp16_initial_scale_power, "loss_scale_window": 1000,
@@ -216,8 +221,10 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
 
     # --- everything that can be wrong with the input fails here, before any training work
+    check_zero(cfg, device, registry=method_factory is None)
     _seed_all(e.seed)  # the same on every rank: identical initial weights
-    method = _build_method(cfg, method_factory)
+    method = construct(lambda: _build_method(cfg, method_factory), cfg, info,
+                       build_ds_config(cfg, info.world_size, precision, device))  # ZeRO-3: partitioned as built
     from fastmask.data import build_loader
     loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device)
     steps_per_epoch = loader.batches_per_epoch // e.grad_accum
@@ -244,7 +251,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     load_universal = saved is not None and _needs_universal(saved, info.world_size, e.zero_stage, out / resume_tag)
     if load_universal:
         from .universal import ensure_universal
-        ensure_universal(ckpt.checkpoint_root(out), resume_tag, info)
+        ensure_universal(ckpt.checkpoint_root(out), resume_tag, info, e.zero_stage)
 
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     if out is not None and info.is_main:
@@ -423,9 +430,13 @@ def _needs_universal(saved: dict, world_size: int, stage: int, where: Path) -> b
     old_stage, old_world = saved["zero_stage"], saved["world_size"]
     if old_stage == stage and (old_world == world_size or stage == 0):
         return False  # same partitioning, or stage 0 whose optimizer state is whole
-    if old_stage == 0 or stage == 0:
+    family = {0: "stage 0", 1: "stages 1-2", 2: "stages 1-2", 3: "stage 3"}
+    if family[old_stage] != family[stage]:
+        # DeepSpeed's universal checkpoint (0.19) converts within stages 1-2 and within stage 3
+        # (its per-parameter files differ between the two); stage 0 needs no conversion at all.
         raise ConfigError(f"cannot resume {where} (ZeRO stage {old_stage}, {old_world} rank(s)) with ZeRO stage "
-                          f"{stage} on {world_size} rank(s): converting between stage 0 and a ZeRO stage is not "
-                          f"supported. Resume with engine.zero_stage={old_stage}, or start a new run from its "
-                          f"weights with engine.init_from={where} (the optimizer state starts fresh).")
+                          f"{stage} on {world_size} rank(s): resuming converts only within stage 0, within stages "
+                          f"1-2 and within stage 3 (any world size). Resume with engine.zero_stage={old_stage}, or "
+                          f"start a new run from its weights with engine.init_from={where} (the optimizer state "
+                          f"starts fresh).")
     return True

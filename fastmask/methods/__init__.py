@@ -29,13 +29,28 @@ def get_method(name: str) -> type[Method]:
     return METHODS[name]
 
 
-def build_method(cfg) -> Method:
-    """cfg: fastmask.engine.config.Config -> the Method, with cfg.method_args checked against its Args."""
+def zero_stage_refusal(cfg) -> str | None:
+    """The one-line reason the configured method cannot train at cfg.engine.zero_stage, or None
+    (the method's own declaration, `Method.zero_stage_refusal`)."""
     from ..engine.config import from_dict
 
+    cls = get_method(cfg.method)
+    why = cls.zero_stage_refusal(from_dict(cls.Args, dict(cfg.method_args), prefix="method_args."),
+                                 cfg.engine.zero_stage)
+    return f"method {cfg.method} cannot train at engine.zero_stage={cfg.engine.zero_stage}: {why}" if why else None
+
+
+def build_method(cfg) -> Method:
+    """cfg: fastmask.engine.config.Config -> the Method, with cfg.method_args checked against its Args
+    (and ConfigError when the method refuses the ZeRO stage)."""
+    from ..engine.config import ConfigError, from_dict
+
+    refusal = zero_stage_refusal(cfg)
+    if refusal:
+        raise ConfigError(refusal)
     cls = get_method(cfg.method)
     args = from_dict(cls.Args, dict(cfg.method_args), prefix="method_args.")
     return cls.from_config(cfg, args)
 
 
-__all__ = ["Method", "METHODS", "register_method", "get_method", "build_method"]
+__all__ = ["Method", "METHODS", "register_method", "get_method", "build_method", "zero_stage_refusal"]

@@ -54,7 +54,7 @@ from ..models.unet import Occluder
 from ..objectives.byol import byol_loss, simsiam_loss
 from ..objectives.infonce import nt_xent
 from . import register_method
-from .base import Method
+from .base import Method, decays
 from ._stream import DrawStream
 from .momentum import cosine_momentum, ema_update_, make_teacher
 from .views import ViewAugment
@@ -136,23 +136,27 @@ class ADIOS(Method):
         self.args, self.model_name, self.img_size = a, model, img_size
         self.lr_scale = 1.0 if a.mask_lr is None else a.mask_lr / lr
         is_vit = not model.startswith("resnet")
-        if is_vit:
-            backbone = create_model(model, img_size=img_size, drop_path_rate=a.drop_path_rate, backend=backend,
-                                    **a.backbone_args)
-        else:
-            backbone = create_model(model, img_size=img_size, small_stem=a.small_stem, **a.backbone_args)
-        dim = backbone.num_features if hasattr(backbone, "num_features") else backbone.embed_dim
         hid, out, pred = (d if d is not None else default for d, default in
                           zip((a.proj_hidden_dim, a.proj_output_dim, a.pred_hidden_dim), HEAD_DEFAULTS[a.ssl]))
-        if a.ssl == "simclr":
-            projector = MLPHead(dim, hid, out, num_layers=2, norm="none", act="relu")
-        elif a.ssl == "byol":
-            projector = MLPHead(dim, hid, out, num_layers=2, norm="bn", act="relu")
-        else:  # SimSiam: 3 layers, BN, BN without affine on the output
-            projector = MLPHead(dim, hid, out, num_layers=3, norm="bn", act="relu", last_norm=True)
-        self.online = _Online(backbone, projector, is_vit)
+
+        def online() -> _Online:  # backbone + projector; the BYOL teacher is a second one
+            if is_vit:
+                backbone = create_model(model, img_size=img_size, drop_path_rate=a.drop_path_rate, backend=backend,
+                                        **a.backbone_args)
+            else:
+                backbone = create_model(model, img_size=img_size, small_stem=a.small_stem, **a.backbone_args)
+            dim = backbone.num_features if hasattr(backbone, "num_features") else backbone.embed_dim
+            if a.ssl == "simclr":
+                projector = MLPHead(dim, hid, out, num_layers=2, norm="none", act="relu")
+            elif a.ssl == "byol":
+                projector = MLPHead(dim, hid, out, num_layers=2, norm="bn", act="relu")
+            else:  # SimSiam: 3 layers, BN, BN without affine on the output
+                projector = MLPHead(dim, hid, out, num_layers=3, norm="bn", act="relu", last_norm=True)
+            return _Online(backbone, projector, is_vit)
+
+        self.online = online()
         self.predictor = MLPHead(out, pred, out, num_layers=2, norm="bn", act="relu") if a.ssl != "simclr" else None
-        self.teacher = make_teacher(self.online) if a.ssl == "byol" else None
+        self.teacher = make_teacher(self.online, online) if a.ssl == "byol" else None
         self.masker = AdversarialMasking(
             occluder=Occluder(img_size, num_masks=a.num_masks, fbase=a.mask_fbase, norm=a.unet_norm),
             alpha_sparsity=a.alpha_sparsity, alpha_entropy=a.alpha_entropy)
@@ -167,11 +171,15 @@ class ADIOS(Method):
     def from_config(cls, cfg, args: "ADIOS.Args") -> "ADIOS":
         if cfg.masking != "adversarial":
             raise ValueError(f"adios: masks come from its own occluder; set masking=adversarial (got {cfg.masking!r})")
-        if args.mode == "alternating" and cfg.engine.zero_stage == 3:
-            raise ValueError("adios: mode=alternating calls the encoder with detached parameters, which ZeRO-3 "
-                             "partitions away; use engine.zero_stage <= 2 or method_args.mode=simultaneous")
         return cls(model=cfg.model, img_size=cfg.data.img_size, args=args, lr=cfg.engine.lr,
                    backend=cfg.engine.backend, seed=cfg.engine.seed)
+
+    @classmethod
+    def zero_stage_refusal(cls, args: "ADIOS.Args", stage: int) -> str | None:
+        if args.mode == "alternating" and stage == 3:
+            return ("mode=alternating runs the encoder with detached parameters (torch.func.functional_call), which "
+                    "ZeRO-3 partitions away; use engine.zero_stage <= 2 or method_args.mode=simultaneous")
+        return None
 
     # ------------------------------------------------------------------ randomness (views, ADIOS-s slots)
     def _generator(self, device: torch.device) -> torch.Generator:
@@ -272,11 +280,8 @@ class ADIOS(Method):
         skip = {f"online.backbone.{n}" for n in getattr(self.online.backbone, "no_weight_decay", set)()}
         groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            occ = name.startswith("masker.")
-            decay = not (p.ndim <= 1 or name.endswith(".bias") or name in skip)
-            groups.setdefault((occ, decay), []).append(p)
+            if p.requires_grad:
+                groups.setdefault((name.startswith("masker."), decays(name, p, skip)), []).append(p)
         out = []
         for (occ, decay), params in sorted(groups.items()):
             g = {"params": params, "weight_decay": weight_decay if decay else 0.0}

@@ -12,6 +12,14 @@ from typing import Any
 import torch
 from torch import nn
 
+from .partition import full_shape
+
+
+def decays(name: str, p: torch.Tensor, skip: set[str]) -> bool:
+    """Whether AdamW decays parameter `name`: not 1-D (norms), not a bias, not in `skip`. The shape
+    is the real one under ZeRO-3 partitioned construction (where `p.shape` is a placeholder's)."""
+    return len(full_shape(p)) > 1 and not name.endswith(".bias") and name not in skip
+
 
 class Method(nn.Module):
     """Base class. Subclasses set `Args` (a dataclass of their options) and implement `forward`."""
@@ -25,6 +33,12 @@ class Method(nn.Module):
     def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:  # imgs [B, C, H, W], normalized
         raise NotImplementedError
 
+    @classmethod
+    def zero_stage_refusal(cls, args: Any, stage: int) -> str | None:
+        """None when the method can train at ZeRO `stage` with `args` (its `Args`); otherwise the
+        one-line reason, which the engine reports before building anything. Every stage by default."""
+        return None
+
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called by the engine after every optimizer step (EMA/momentum teachers, schedules)."""
 
@@ -35,9 +49,8 @@ class Method(nn.Module):
         skip = set(self.no_weight_decay()) if hasattr(self, "no_weight_decay") else set()
         decay, no_decay = [], []
         for name, p in self.named_parameters():
-            if not p.requires_grad:
-                continue
-            (no_decay if p.ndim <= 1 or name.endswith(".bias") or name in skip else decay).append(p)
+            if p.requires_grad:
+                (decay if decays(name, p, skip) else no_decay).append(p)
         return [{"params": decay, "weight_decay": weight_decay},
                 {"params": no_decay, "weight_decay": 0.0}]
 

@@ -76,14 +76,18 @@ class ExtreMA(Method):
             raise ValueError("extrema: " + "; ".join(problems))
         self.masker = (build_masker("multi", mask_ratio=mask_ratio, num_masks=num_masks) if masking == "multi"
                        else build_masker(masking, mask_ratio=mask_ratio))
-        vit = create_model(model, img_size=img_size, drop_path_rate=drop_path_rate, backend=backend)
+
+        def student() -> nn.ModuleDict:  # encoder + projector; the teacher is a second one
+            vit = create_model(model, img_size=img_size, drop_path_rate=drop_path_rate, backend=backend)
+            encoder = ClassAttentionViT(vit, depth_ca=depth_ca, init_values=layer_scale_init)
+            projector = MLPHead(vit.embed_dim, proj_hidden_dim, proj_dim, num_layers=3, norm=head_norm)
+            return nn.ModuleDict({"encoder": encoder, "projector": projector})
+
+        self.student = student()
         if hasattr(self.masker, "num_keep"):
-            self.masker.num_keep(vit.num_patches)  # fail now on an impossible ratio x count
-        encoder = ClassAttentionViT(vit, depth_ca=depth_ca, init_values=layer_scale_init)
-        projector = MLPHead(vit.embed_dim, proj_hidden_dim, proj_dim, num_layers=3, norm=head_norm)
-        self.student = nn.ModuleDict({"encoder": encoder, "projector": projector})
+            self.masker.num_keep(self.student["encoder"].num_patches)  # fail now on an impossible ratio x count
         self.predictor = MLPHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, norm=head_norm)
-        self.teacher = make_teacher(self.student).eval()
+        self.teacher = make_teacher(self.student, student).eval()
         self.multi = masking == "multi"
         self.num_masks, self.base_momentum, self.eval_momentum = num_masks, momentum, eval_momentum
         self.momentum_now = momentum

@@ -95,11 +95,17 @@ class MST(Method):
                                        candidate_ratio=mask_rho if mask_mode == "bernoulli" else max(mask_rho, mask_ratio))
         else:
             self.masker = build_masker(masking, mask_ratio=mask_ratio)
-        backbone = create_model(model, img_size=img_size, drop_path_rate=drop_path_rate, backend=backend)
+
+        def student() -> nn.ModuleDict:  # backbone + DINO head; the teacher is a second one
+            backbone = create_model(model, img_size=img_size, drop_path_rate=drop_path_rate, backend=backend)
+            head = DINOHead(backbone.embed_dim, out_dim, head_hidden_dim, bottleneck_dim,
+                            norm_last_layer=norm_last_layer)
+            return nn.ModuleDict({"backbone": backbone, "head": head})
+
+        self.student = student()
+        backbone = self.student["backbone"]
         D = backbone.embed_dim
-        head = DINOHead(D, out_dim, head_hidden_dim, bottleneck_dim, norm_last_layer=norm_last_layer)
-        self.student = nn.ModuleDict({"backbone": backbone, "head": head})
-        self.teacher = make_teacher(self.student).eval()
+        self.teacher = make_teacher(self.student, student).eval()
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         nn.init.normal_(self.mask_token, std=0.02)
         self.decoder = ImageDecoder(D, backbone.patch_size, backbone.grid_size, backbone.in_chans, width=decoder_width)

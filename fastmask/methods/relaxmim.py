@@ -105,7 +105,13 @@ class RelaxMIM(Method):
                                       decoder_depth, decoder_num_heads, backend=backend)
             self.head = MLPHead(vit.embed_dim, proj_hidden_dim, proj_dim, num_layers=2, norm=head_norm)
             if target == "ema":
-                self.teacher = make_teacher(nn.ModuleDict({"backbone": self.backbone, "head": self.head})).eval()
+                def target_nets() -> nn.ModuleDict:  # backbone + head, as the student's
+                    return nn.ModuleDict({
+                        "backbone": create_model(model, img_size=img_size, drop_path_rate=drop_path_rate,
+                                                 backend=backend),
+                        "head": MLPHead(vit.embed_dim, proj_hidden_dim, proj_dim, num_layers=2, norm=head_norm)})
+
+                self.teacher = make_teacher(self._online(), target_nets).eval()
         self.stream = DrawStream(seed)
 
     @classmethod
@@ -132,6 +138,10 @@ class RelaxMIM(Method):
 
     def encoder(self) -> nn.Module:
         return self.backbone
+
+    def _online(self) -> nn.ModuleDict:
+        """The online backbone + head under the teacher's names (the same modules, no copy)."""
+        return nn.ModuleDict({"backbone": self.backbone, "head": self.head})
 
     # ------------------------------------------------------------------ step
     def _full_branch(self, imgs: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor | None]:
@@ -182,5 +192,4 @@ class RelaxMIM(Method):
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
         if hasattr(self, "teacher"):
-            ema_update_(self.teacher, nn.ModuleDict({"backbone": self.backbone, "head": self.head}),
-                        cosine_momentum(step, total_steps, self.base_momentum))
+            ema_update_(self.teacher, self._online(), cosine_momentum(step, total_steps, self.base_momentum))

@@ -1,0 +1,126 @@
+"""What depends on the ZeRO stage besides DeepSpeed's config: partitioned construction, offload, checks.
+
+- `check(cfg, device, registry)`: every reason the ZeRO/offload settings cannot run here, joined
+  into one ConfigError before any work: offload_optimizer needs stage >= 1 and offload_params
+  stage 3; `cpu` needs an accelerator to offload from (on a CPU-only run the states are in host
+  memory already, so it is refused rather than silently ignored); `nvme` needs
+  engine.offload_nvme_path and DeepSpeed's async_io op (libaio); and the method's own refusal
+  of the stage (`Method.zero_stage_refusal`, e.g. ADIOS's alternating mode at stage 3).
+- `offload_config(engine_cfg)`: the `zero_optimization` entries for DeepSpeed's offload.
+- `construct(build, cfg, info, ds_config)`: stage 3 builds the method inside `deepspeed.zero.Init`:
+  every module is partitioned when its own `__init__` ends, so no rank ever holds the whole model
+  (teachers, heads, position embeddings and buffers included; a parent's initialisation of its
+  children goes through `Module.apply`, which zero.Init gathers one module at a time). Tensors are
+  made as plain construction makes them (fp32, on the CPU, from the CPU RNG) and a module's
+  parameters are cast to the run's dtype just before they are partitioned: the initial weights
+  equal the stage 0-2 construction bit for bit in fp32 (bf16: up to the rounding of the weights
+  a parent re-initialises). Other stages: `build()` as is.
+- `gathered(params)`: a context in which ZeRO-3 parameters are whole and writable (rank 0's
+  values are broadcast on exit); a no-op for unpartitioned ones (engine.init_from uses it).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable
+
+import torch
+
+from .config import Config, ConfigError, EngineConfig
+from .distributed import DistInfo, init_distributed
+
+OFFLOAD_DEVICES = ("none", "cpu", "nvme")
+
+
+def _async_io_problem() -> str | None:
+    from deepspeed.ops.op_builder import AsyncIOBuilder
+
+    if AsyncIOBuilder().is_compatible(verbose=False):
+        return None
+    return "DeepSpeed's async_io op cannot be built here (it needs libaio: apt install libaio-dev)"
+
+
+def check(cfg: Config, device: torch.device, registry: bool = True) -> None:
+    """Raise one ConfigError naming every reason the ZeRO/offload settings cannot run on `device`.
+    registry: the method comes from the registry (cfg.method), so its stage refusal is checked too."""
+    e = cfg.engine
+    problems = []
+    for key, value, min_stage in (("offload_optimizer", e.offload_optimizer, 1), ("offload_params", e.offload_params, 3)):
+        if value == "none":
+            continue
+        if e.zero_stage < min_stage:
+            problems.append(f"engine.{key}={value} needs engine.zero_stage {'>= 1' if min_stage == 1 else '3'} "
+                            f"(got {e.zero_stage})")
+        if value == "cpu" and device.type == "cpu":
+            problems.append(f"engine.{key}=cpu moves states from accelerator memory to host memory, but this run "
+                            f"has no accelerator (device cpu): they are in host memory already; use none")
+    if "nvme" in (e.offload_optimizer, e.offload_params):
+        if not e.offload_nvme_path:
+            problems.append("nvme offload needs engine.offload_nvme_path (a folder on a local NVMe drive)")
+        why = _async_io_problem()
+        if why:
+            problems.append(f"nvme offload: {why}")
+    if registry:
+        from fastmask.methods import zero_stage_refusal
+
+        refusal = zero_stage_refusal(cfg)
+        if refusal:
+            problems.append(refusal)
+    if problems:
+        raise ConfigError("; ".join(problems))
+
+
+def offload_config(e: EngineConfig) -> dict:
+    """DeepSpeed `zero_optimization` entries for engine.offload_optimizer / engine.offload_params."""
+    out = {}
+    for key, value in (("offload_optimizer", e.offload_optimizer), ("offload_param", e.offload_params)):
+        if value != "none":
+            out[key] = {"device": value, "pin_memory": True,
+                        **({"nvme_path": e.offload_nvme_path} if value == "nvme" else {})}
+    return out
+
+
+def _partitioned_init(ds_config: dict):
+    import deepspeed
+
+    class PartitionedInit(deepspeed.zero.Init):
+        """zero.Init without its tensor-constructor overrides (see the module docstring): a
+        module's parameters are cast to the run's dtype right before they are partitioned."""
+
+        def _post_init_method(self, module):
+            for p in module.parameters(recurse=False):
+                if not hasattr(p, "ds_id") and p.is_floating_point() and p.dtype != self.dtype:
+                    p.data = p.data.to(self.dtype)
+            super()._post_init_method(module)
+
+    # mem_efficient_linear=False: DeepSpeed would replace torch.nn.functional.linear process-wide.
+    return PartitionedInit(config_dict_or_path=ds_config, mem_efficient_linear=False, tensor_overrides=[])
+
+
+def construct(build: Callable[[], torch.nn.Module], cfg: Config, info: DistInfo, ds_config: dict) -> torch.nn.Module:
+    """The method from `build()`, partitioned at construction at ZeRO stage 3 (see the module docstring)."""
+    if cfg.engine.zero_stage != 3:
+        return build()
+    init_distributed(info)
+    with _partitioned_init(ds_config):
+        method = build()
+    if cfg.engine.offload_params == "nvme":
+        from fastmask.methods.momentum import teachers
+
+        if teachers(method):
+            raise ConfigError(f"engine.offload_params=nvme swaps parameter partitions out to disk between uses, but "
+                              f"method {cfg.method}'s EMA teacher update reads its partitions after every step; use "
+                              f"engine.offload_params=cpu or none")
+    return method
+
+
+@contextlib.contextmanager
+def gathered(params: Iterable[torch.nn.Parameter]):
+    """Inside: ZeRO-3 parameters among `params` are whole; rank 0's values are kept (broadcast) on exit."""
+    zero = [p for p in params if hasattr(p, "ds_id")]
+    if not zero:
+        yield
+        return
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(zero, modifier_rank=0):
+        yield
