@@ -2,15 +2,18 @@
 
     python benchmarks/bench_zero_memory.py                      # ViT-L MAE, ZeRO 0 and 3, 2 ranks
     python benchmarks/bench_zero_memory.py --stages 0,1,2,3 --model vit_base_patch16 --ranks 2
+    python benchmarks/bench_zero_memory.py --stages 3 --model vit_huge_patch14 --config mae_vit_huge_patch14 --img-size 56
 
 The driver launches one `torchrun --standalone --nproc_per_node RANKS` per stage (a fresh process
-per stage, so peak RSS belongs to that stage), each running `--steps` optimizer steps of the fastmask
-engine (DeepSpeed, fp32 on CPU, synthetic data, tiny batch: activations stay small, so the figures
+per stage, so peak RSS belongs to that stage), each building the method as the engine does (at
+ZeRO-3 partitioned as it is built, `fastmask.engine.zero.construct`) and running `--steps` optimizer
+steps (DeepSpeed, fp32 on CPU, synthetic data, tiny batch: activations stay small, so the figures
 are the model states). Each rank reports:
 - param_bytes: the module's parameters held by this rank (ZeRO-3: its partition `ds_tensor`);
 - optim_bytes: the optimizer's tensors on this rank: fp32 master partitions (stages 1-3) and AdamW's
   exp_avg / exp_avg_sq (whole at stage 0, partitioned at 1-3);
 - total_state_bytes: unique storages of the two (shared tensors counted once);
+- peak_rss_build_bytes: peak resident memory once the method is built (construction's peak);
 - peak_rss_bytes: the process's peak resident memory (ru_maxrss), everything included.
 Prints a table and writes JSON (device, versions, shapes, per-rank figures) to --out.
 """
@@ -30,6 +33,10 @@ from pathlib import Path
 
 def _tensor_bytes(t) -> int:
     return t.numel() * t.element_size()
+
+
+def _peak_rss() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _measure(engine, optimizer) -> dict:
@@ -62,7 +69,7 @@ def _measure(engine, optimizer) -> dict:
         for t in getattr(zero, name, []) or []:
             optim += add(t)
     return {"param_bytes": params, "optim_bytes": optim, "total_state_bytes": params + optim,
-            "peak_rss_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024,
+            "peak_rss_bytes": _peak_rss(),
             "num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())}
 
 
@@ -75,6 +82,7 @@ def worker(args) -> None:
     from fastmask.engine.config import load_config
     from fastmask.engine.distributed import dist_info, init_distributed
     from fastmask.engine.trainer import build_ds_config
+    from fastmask.engine.zero import construct, share_fp32_master
     from fastmask.methods import build_method
 
     cfg = load_config(args.config, [f"model={args.model}", f"data.img_size={args.img_size}",
@@ -82,11 +90,13 @@ def worker(args) -> None:
                                     f"engine.zero_stage={args.stage}", "engine.precision=fp32"])
     info = dist_info()
     torch.manual_seed(0)
-    method = build_method(cfg)
+    ds_config = build_ds_config(cfg, info.world_size, "fp32", info.device)
+    method = construct(lambda: build_method(cfg), cfg, info, ds_config)
+    build_peak = _peak_rss()
     init_distributed(info)
     opt = torch.optim.AdamW(method.param_groups(cfg.engine.weight_decay), lr=1e-4, betas=cfg.engine.betas)
-    engine, *_ = deepspeed.initialize(model=method, optimizer=opt,
-                                      config=build_ds_config(cfg, info.world_size, "fp32", info.device))
+    engine, *_ = deepspeed.initialize(model=method, optimizer=opt, config=ds_config)
+    share_fp32_master(engine)
     loader = build_loader(cfg.data, info.rank, info.world_size, seed=0, device=info.device)
     t0 = time.perf_counter()
     for i, imgs in zip(range(args.steps), loader.epoch(0)):
@@ -94,7 +104,8 @@ def worker(args) -> None:
         engine.backward(loss)
         engine.step()
     step_s = (time.perf_counter() - t0) / args.steps
-    rec = {"rank": info.rank, "stage": args.stage, "loss": float(loss), "step_s": step_s, **_measure(engine, opt)}
+    rec = {"rank": info.rank, "stage": args.stage, "loss": float(loss), "step_s": step_s,
+           "peak_rss_build_bytes": build_peak, **_measure(engine, opt)}
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     with open(f"{args.result}.rank{info.rank}", "w") as f:
         json.dump(rec, f)
@@ -122,11 +133,13 @@ def driver(args) -> None:
     gib = 2**30
     print(f"MAE {args.model} ({results[0]['num_params'] / 1e6:.1f} M params), fp32 AdamW, {args.ranks} CPU ranks, "
           f"img {args.img_size}, batch {args.batch}/rank, {args.steps} steps")
-    print(f"{'stage':>5} {'rank':>4} {'params GiB':>10} {'optim GiB':>10} {'states GiB':>10} {'peak RSS GiB':>12} {'s/step':>7}")
+    print(f"{'stage':>5} {'rank':>4} {'params GiB':>10} {'optim GiB':>10} {'states GiB':>10} {'build RSS GiB':>13} "
+          f"{'peak RSS GiB':>12} {'s/step':>7}")
     for r in results:
         print(f"{r['stage']:>5} {r['rank']:>4} {r['param_bytes'] / gib:>10.3f} {r['optim_bytes'] / gib:>10.3f} "
-              f"{r['total_state_bytes'] / gib:>10.3f} {r['peak_rss_bytes'] / gib:>12.3f} {r['step_s']:>7.2f}")
-    out = {"benchmark": "zero_memory", "model": args.model, "img_size": args.img_size, "batch_per_rank": args.batch,
+              f"{r['total_state_bytes'] / gib:>10.3f} {r['peak_rss_build_bytes'] / gib:>13.3f} "
+              f"{r['peak_rss_bytes'] / gib:>12.3f} {r['step_s']:>7.2f}")
+    out = {"benchmark": "zero_memory", "command": "python " + " ".join(sys.argv), "model": args.model, "img_size": args.img_size, "batch_per_rank": args.batch,
            "ranks": args.ranks, "steps": args.steps, "precision": "fp32", "device": "cpu",
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()},

@@ -49,7 +49,7 @@ from .distributed import (RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_
                           init_distributed)
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from .schedule import lr_at, scaled_lr
-from .zero import check as check_zero, construct, offload_config
+from .zero import check as check_zero, construct, offload_config, share_fp32_master
 
 
 class NonFiniteLossError(RuntimeError):
@@ -266,6 +266,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, tuple(e.betas), device)
     ds_config = build_ds_config(cfg, info.world_size, precision, device, load_universal)
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
+    share_fp32_master(engine)
     if e.compile or e.cuda_graphs:
         # CUDA graphs through torch.compile's "reduce-overhead" mode (cudagraph trees): the whole
         # forward and backward replay as graphs where shapes are static, as MAE's visible-token count is.

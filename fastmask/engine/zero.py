@@ -15,6 +15,8 @@
   parameters are cast to the run's dtype just before they are partitioned: the initial weights
   equal the stage 0-2 construction bit for bit in fp32 (bf16: up to the rounding of the weights
   a parent re-initialises). Other stages: `build()` as is.
+- `share_fp32_master(engine)`: at ZeRO-3 in fp32, the optimizer's fp32 master partitions become
+  the parameter partitions themselves instead of a second copy (1/world_size of the model per rank).
 - `gathered(params)`: a context in which ZeRO-3 parameters are whole and writable (rank 0's
   values are broadcast on exit); a no-op for unpartitioned ones (engine.init_from uses it).
 """
@@ -111,6 +113,24 @@ def construct(build: Callable[[], torch.nn.Module], cfg: Config, info: DistInfo,
                               f"method {cfg.method}'s EMA teacher update reads its partitions after every step; use "
                               f"engine.offload_params=cpu or none")
     return method
+
+
+def share_fp32_master(engine) -> int:
+    """ZeRO-3: where the fp32 master partition of a parameter group has the dtype and device of the
+    group's parameter partitions (an fp32 run without optimizer offload), make it the same storage.
+    DeepSpeed means to share them (stage3 `_create_fp32_partitions`: "we don't need another copy of
+    the weights") but tests `tensor.device == device_name_string`, never true, so it keeps a copy.
+    Sharing is exact: the optimizer steps the partitions in place, and DeepSpeed's copy of the
+    master into the partitions becomes a copy onto itself. -> bytes freed per rank."""
+    low = getattr(engine.optimizer, "fp16_partitioned_groups_flat", None) or []
+    high = getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or []
+    freed = 0
+    for lp, hp in zip(low, high):
+        if (lp is not None and hp.dtype == lp.dtype and hp.device == lp.device and hp.shape == lp.shape
+                and hp.untyped_storage().data_ptr() != lp.untyped_storage().data_ptr()):
+            freed += hp.numel() * hp.element_size()
+            hp.data = lp.data
+    return freed
 
 
 @contextlib.contextmanager
