@@ -108,8 +108,8 @@ class _NaNAt(TinyMethod):
         super().__init__()
         self.at, self.calls = at, 0
 
-    def forward(self, imgs):
-        out = super().forward(imgs)
+    def forward(self, imgs, keys=None):
+        out = super().forward(imgs, keys)
         self.calls += 1
         if self.calls >= self.at:
             out["loss"] = out["loss"] * float("nan")

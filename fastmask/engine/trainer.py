@@ -14,7 +14,9 @@ What happens, in order (everything that can be wrong with the input fails before
    requires one, `never` ignores them), model, optimizer, loss scaler, step, data position and
    RNG states are restored, so the continued run takes the same steps an uninterrupted one would;
 5. the loop: per optimizer step the lr is set from the step index (warmup + cosine), each
-   micro-batch runs forward/backward/step, then `method.on_step_end(step, total)`. The loss and
+   micro-batch runs forward (with every sample's global key, `Loader.sample_keys`, from which the
+   method draws its masks and views: the same whatever the world size) /backward/step, then
+   `method.on_step_end(step, total)`. The loss and
    metrics are summed on the device (no host sync per step) and reduced every `log_every` steps
    into DIR/metrics.jsonl; checkpoints every `checkpoint_every` steps and at the end.
 
@@ -338,6 +340,9 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     try:
         while step < stop:
             micro = start_micro
+            # Each sample's global key: masks and views are drawn per sample from it (fastmask.draws),
+            # so they do not depend on the world size, the per-rank batch or a resume.
+            sample_keys = torch.from_numpy(np.ascontiguousarray(loader.sample_keys(epoch)))
             for imgs in itertools.islice(loader.epoch(epoch, start_micro), micro_per_epoch - start_micro):
                 if step >= stop:
                     break
@@ -345,7 +350,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                     lr = lr_at(step, total, base_lr, warmup, e.min_lr)
                     for g in optimizer.param_groups:
                         g["lr"] = lr * g.get("lr_scale", 1.0)  # per-group scale (ADIOS's occluder)
-                outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype))
+                keys = sample_keys[micro].to(device, non_blocking=True)
+                outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype), keys=keys)
                 loss = outputs["loss"]
                 engine.backward(loss)
                 engine.step()
