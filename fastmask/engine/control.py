@@ -1,5 +1,6 @@
 """Control-plane collectives: the few decisions every rank must share (a stop request, rank 0's plan
-for the run folder or its refusal), over a CPU (gloo) group, so deciding never syncs the GPU stream.
+for the run folder or its refusal, a checkpoint's weight norm), over a CPU (gloo) group, so deciding
+never syncs the GPU stream and works whatever device the values live on.
 
 Without an initialized process group, or on one rank, every function returns its argument.
 """
@@ -40,3 +41,13 @@ def max_over_ranks(value: int) -> int:
     t = torch.tensor([value], dtype=torch.long)
     dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
     return int(t.item())
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sums of `values` over the ranks (fp64)."""
+    group = _group()
+    if group is None:
+        return list(values)
+    t = torch.tensor(values, dtype=torch.float64)
+    dist.all_reduce(t, group=group)
+    return t.tolist()

@@ -6,10 +6,11 @@ A checkpoint of step s is *good* when
 2. its weights did not explode: their RMS is at most WEIGHT_GROWTH (100) x their RMS at the start
    of the run (the first invocation of the run, carried through resumes);
 3. the loss logged at step s is finite and not a blow-up: at most LOSS_BLOWUP (10) x the reference,
-   the larger of the median of the last RECENT logged losses and the run's first logged loss
-   (an untrained model's loss; using it keeps losses that legitimately fall towards 0, such as
-   BYOL's, from making a later ordinary rise look like a blow-up; not judged while the reference is
-   <= 0, e.g. a negative-cosine loss);
+   the larger of the median of the last RECENT logged losses that were not blow-ups themselves (so a
+   blow-up does not raise the bar for the next one) and the run's first logged loss (an untrained
+   model's loss: it keeps losses that legitimately fall towards 0, such as BYOL's, from making a
+   later ordinary rise look like a blow-up). Not judged while the reference is <= 0 (a
+   negative-cosine loss, say): there the weights' checks stand alone;
 4. the first loss computed from its weights, that of step s + 1, passes the same test. That loss
    is known one step later: until then the verdict is provisional, and a failing one is rewritten
    into the checkpoint as not good.
@@ -29,6 +30,9 @@ import statistics
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
+
+from .control import sum_over_ranks
 
 LOSS_BLOWUP = 10.0
 WEIGHT_GROWTH = 100.0
@@ -36,29 +40,28 @@ RECENT = 50
 
 
 def weight_sq_sum(module: torch.nn.Module) -> tuple[float, int]:
-    """-> (sum of squares, number of elements) of the module's parameters. Under ZeRO-3 each rank
-    holds partitions (`ds_tensor`, padded at the end): summed over the ranks (collective)."""
-    sq = torch.zeros((), dtype=torch.float64)
-    n, partitioned = 0, False
+    """-> (sum of squares, number of elements) of the module's parameters, in fp64 (no overflow),
+    with one host sync. Under ZeRO-3 each rank holds partitions (`ds_tensor`, padded at the end):
+    summed over the ranks (collective)."""
+    parts, n, partitioned = [], 0, False
     for p in module.parameters():
         if hasattr(p, "ds_tensor"):
             partitioned = True
-            import torch.distributed as dist
             rank = dist.get_rank(group=getattr(p, "ds_process_group", None))
             size = p.ds_tensor.ds_numel
-            valid = max(0, min(size, p.ds_numel - rank * size))
-            t = p.ds_tensor.narrow(0, 0, valid)
+            t = p.ds_tensor.narrow(0, 0, max(0, min(size, p.ds_numel - rank * size)))
             n += p.ds_numel if rank == 0 else 0
         else:
             t = p.detach()
             n += t.numel()
-        sq += t.float().pow(2).sum().double().cpu()
+        parts.append(torch.linalg.vector_norm(t.reshape(-1), dtype=torch.float64).square())
+    if not parts:
+        return 0.0, 0
+    device = parts[0].device
+    sq = torch.stack([x.to(device) for x in parts]).sum().item()
     if partitioned:
-        import torch.distributed as dist
-        stats = torch.tensor([sq.item(), float(n)], dtype=torch.float64, device=next(module.parameters()).device)
-        dist.all_reduce(stats)
-        return stats[0].item(), int(stats[1].item())
-    return sq.item(), n
+        sq, n = sum_over_ranks([sq, float(n)])
+    return sq, int(n)
 
 
 class CheckpointHealth:
@@ -72,6 +75,7 @@ class CheckpointHealth:
         self.recent: list[float] = list(saved.get("recent_losses", []))
         self.rms_init: float | None = saved.get("param_rms_init")
         self.good = list(good)
+        self.last: tuple[int, str | None] | None = None  # (step, problem) of the newest logged loss
         self._watch: tuple[int, Path] | None = None   # (step whose next loss is wanted, checkpoint folder)
         self._probe: list[torch.Tensor] = []
 
@@ -95,11 +99,14 @@ class CheckpointHealth:
             return (f"{what} {loss:.4g} is above {LOSS_BLOWUP:g} x the run's reference loss {ref:.4g} (a blow-up)")
         return None
 
-    def observe(self, loss: float) -> None:
-        """A logged loss (mean over the interval ending at a log step)."""
-        if self.first_loss is None and math.isfinite(loss):
-            self.first_loss = loss
-        self.recent = (self.recent + [loss])[-RECENT:]
+    def observe(self, step: int, loss: float) -> None:
+        """The loss logged at `step` (mean over the interval ending there)."""
+        problem = self._loss_problem(loss, f"the loss logged at step {step}")
+        self.last = (step, problem)
+        if problem is None:
+            self.recent = (self.recent + [loss])[-RECENT:]
+            if self.first_loss is None:
+                self.first_loss = loss
 
     def judge(self, step: int, module: torch.nn.Module) -> dict:
         """The verdict on the checkpoint of `step` (call right after `observe` of its loss). Collective
@@ -112,13 +119,8 @@ class CheckpointHealth:
         elif self.rms_init and rms > WEIGHT_GROWTH * self.rms_init:
             why.append(f"its weights grew {rms / self.rms_init:.3g} x (RMS {rms:.4g}, {self.rms_init:.4g} at the "
                        f"start of the run; the limit is {WEIGHT_GROWTH:g} x)")
-        if self.recent:
-            loss, history = self.recent[-1], self.recent
-            self.recent = history[:-1]  # judged against the losses before it
-            problem = self._loss_problem(loss, f"the loss logged at step {step}")
-            self.recent = history
-            if problem:
-                why.append(problem)
+        if self.last is not None and self.last[0] == step and self.last[1]:
+            why.append(self.last[1])
         return {"good": not why, "why": why, "param_rms": rms, "param_rms_init": self.rms_init,
                 "first_loss": self.first_loss, "recent_losses": self.recent}
 

@@ -319,7 +319,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
         if precision == "fp16":
             rec["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
         losses.append((step, rec["loss"]))
-        health.observe(rec["loss"])
+        health.observe(step, rec["loss"])
         logger.log(rec)
         acc, n_acc = {}, 0
         t_last, step_last = time.perf_counter(), step
