@@ -72,8 +72,8 @@ def test_manual_rollback_resumes_the_newest_complete_checkpoint_and_deletes_noth
     assert len(archived) == 1 and [r["step"] for r in _lines(archived[0])] == [5]
     assert _tags(out / "checkpoints") == ["step_00000007", "step_00000008"]
     # Item 10 (no TTY under pytest): one plain line per logged step, the bar's fields.
-    assert re.search(r"^step 8/8 \| loss \d+\.\d{4} \| lr \S+ \| \S+ img/s \| \S+ s/step \| \S+ elapsed, \S+ left$",
-                     err, re.M)
+    line = r"^step 8/8 \| loss \d+\.\d{4} \| lr \S+ \| \S+ img/s \| \S+ s/step \| \S+ elapsed, \S+ left$"
+    assert re.search(line, err, re.M)
     # The DeepSpeed config the run used.
     ds = json.loads((out / "ds_config.json").read_text())
     assert ds["train_batch_size"] == 8 and ds["zero_optimization"]["stage"] == 0
@@ -136,7 +136,8 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path, 
 def test_a_loss_blow_up_makes_checkpoints_not_good_and_resume_refuses_them(tmp_path, capsys):
     # lr=1 on TinyMethod: the loss goes from ~2 to ~1e6 in one step (finite), the weights ~30 x.
     out = tmp_path / "R"
-    _tiny(out, "engine.lr=1.0", "engine.warmup_steps=0", "engine.checkpoint_every=1", "engine.keep_last=5", steps=3)
+    _tiny(out, "engine.lr=1.0", "engine.warmup_steps=0", "engine.checkpoint_every=1", "engine.keep_last=5",
+          steps=3)
     health = {t: ckpt.read_state(out, t)["health"] for t in _tags(out / "checkpoints")}
     assert [h["good"] for h in health.values()] == [False, False, False]
     assert "the first loss from its weights (step 2)" in health["step_00000001"]["why"][0]

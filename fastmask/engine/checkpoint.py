@@ -16,9 +16,10 @@ renames the folder into place (one atomic rename) and replaces `latest` (written
 file, fsynced, `os.replace`d: also atomic); older checkpoints beyond `keep_last` are deleted only
 after that, never the newest good one (`keep_good`). DIR/checkpoints holds only the lineage of the
 run being continued and this run's checkpoints (`fastmask.engine.resume` moves anything else aside
-first), so pruning never deletes another run's work. A crash at any point leaves the previous checkpoint and `latest` untouched: a crash
-before the rename leaves only `.staging` (cleared by the next save), a crash between the rename
-and the pointer update leaves a complete folder that `latest` does not name yet.
+first), so pruning never deletes another run's work. A crash at any point leaves the previous
+checkpoint and `latest` untouched: a crash before the rename leaves only `.staging` (cleared by the
+next save), a crash between the rename and the pointer update leaves a complete folder that
+`latest` does not name yet (resume finds it by scanning).
 
 `FASTMASK_TEST_CRASH_AT=ckpt:N` makes the process `os._exit(137)` in the middle of writing the
 checkpoint of step N (after DeepSpeed's files, before the rename): what a kill -9 at the worst

@@ -73,8 +73,9 @@ def _signature_problem(saved: dict, new: dict) -> str | None:
     missing = [k for k in saved if k not in new]
     added = [k for k in new if k not in saved]
     reshaped = [f"{k} {saved[k]} -> {new[k]}" for k in saved if k in new and saved[k] != new[k]]
+    groups = (("not in the new model", missing), ("new", added), ("reshaped", reshaped))
     parts = [f"{what}: {', '.join(names[:3])}{f' (+{len(names) - 3} more)' if len(names) > 3 else ''}"
-             for what, names in (("not in the new model", missing), ("new", added), ("reshaped", reshaped)) if names]
+             for what, names in groups if names]
     return "the method's parameters differ (" + "; ".join(parts) + ")" if parts else None
 
 
@@ -97,8 +98,9 @@ def compare(saved_cfg: dict, new_cfg: dict, saved_params: dict | None, new_param
         elif rule == CHANGED:
             changed[key] = [a, b]
     if saved_precision != new_precision:
-        refused.append(f"precision {saved_precision} -> {new_precision} (engine.precision={old.get('engine.precision')} "
-                       f"-> {new.get('engine.precision')}; auto is bf16 on a GPU, fp32 on a CPU)")
+        refused.append(f"precision {saved_precision} -> {new_precision} (engine.precision="
+                       f"{old.get('engine.precision')} -> {new.get('engine.precision')}; auto is bf16 on a GPU, "
+                       f"fp32 on a CPU)")
     problem = _signature_problem(saved_params, new_params) if saved_params is not None else None
     if problem:
         refused.append(problem)

@@ -88,7 +88,8 @@ class CheckpointHealth:
     def _reference(self) -> float | None:
         if not self.recent:
             return None
-        ref = max(statistics.median(self.recent[-RECENT:]), self.first_loss if self.first_loss is not None else 0.0)
+        first = self.first_loss if self.first_loss is not None else 0.0
+        ref = max(statistics.median(self.recent[-RECENT:]), first)
         return ref if ref > 0 else None
 
     def _loss_problem(self, loss: float, what: str) -> str | None:

@@ -93,10 +93,9 @@ class MetricsLogger:
         elapsed = time.perf_counter() - self.t0
         done = r["step"] - self.start_step
         left = elapsed / done * (self.total_steps - r["step"]) if done > 0 else float("nan")
-        ips = r.get("imgs_per_s")
-        return (f"step {r['step']}/{self.total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | "
-                f"{ips if ips is not None else float('nan'):.1f} img/s | {r.get('step_s') or float('nan'):.3f} s/step | "
-                f"{_clock(elapsed)} elapsed, {_clock(left)} left")
+        ips, step_s = r.get("imgs_per_s") or float("nan"), r.get("step_s") or float("nan")
+        return (f"step {r['step']}/{self.total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | {ips:.1f} img/s | "
+                f"{step_s:.3f} s/step | {_clock(elapsed)} elapsed, {_clock(left)} left")
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

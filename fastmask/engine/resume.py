@@ -71,7 +71,8 @@ def scan(run_dir: str | Path) -> list[CheckpointInfo]:
     root = checkpoint_root(run_dir)
     if not root.is_dir():
         return []
-    return sorted((read_info(p) for p in root.iterdir() if p.is_dir() and _TAG.match(p.name)), key=lambda i: i.step)
+    infos = (read_info(p) for p in root.iterdir() if p.is_dir() and _TAG.match(p.name))
+    return sorted(infos, key=lambda i: i.step)
 
 
 def newest_good(run_dir: str | Path) -> CheckpointInfo | None:
@@ -161,6 +162,8 @@ def plan(run_dir: str | Path, mode: str, resume_from: int | str | None = None) -
     if not inside:  # continuing a checkpoint from elsewhere: DIR's own run is another lineage
         return Start(chosen, notes, _previous_run(run_dir, infos), "previous-run", None, [])
     future = [i.path for i in infos if i.step > chosen.step]
+    if future and resume_from is not None:
+        notes[0] += "; later runs of this command roll back to it again: drop engine.resume_from once it has run"
     good = [i.path for i in infos if i.good and i.step <= chosen.step]
     return Start(chosen, notes, future, f"after-step-{chosen.step}", chosen.step, good)
 

@@ -35,7 +35,8 @@ from .runlock import RunLock
 class RunFolder:
     def __init__(self, out: Path, info: DistInfo, start: Start, diff: ConfigDiff | None, schedule: str | None,
                  lock: RunLock | None):
-        self.out, self.info, self.start, self.diff, self.schedule, self.lock = out, info, start, diff, schedule, lock
+        self.out, self.info, self.start, self.diff = out, info, start, diff
+        self.schedule, self.lock = schedule, lock
 
     @property
     def resume_state(self) -> dict | None:

@@ -10,20 +10,28 @@ What happens, in order (everything that can be wrong with the input fails before
    built (missing/corrupt images: errors here); `engine.init_from` weights are loaded;
 3. a torch AdamW over the method's param groups (fused on CUDA) and a generated DeepSpeed config
    (ZeRO stage, bf16/fp16/fp32, accumulation, clipping) go to `deepspeed.initialize`;
-4. resume: when the run folder holds a checkpoint (`engine.resume=auto`, the default; `always`
-   requires one, `never` ignores them), model, optimizer, loss scaler, step, data position and
-   RNG states are restored, so the continued run takes the same steps an uninterrupted one would;
+4. the run folder (`RunFolder`, before anything is written in it): rank 0 locks it (a second run
+   is refused, naming the holder), picks the checkpoint to resume by scanning (the newest
+   complete good one with `engine.resume=auto`, the default; `always` requires one, `never`
+   starts over and moves the old run aside; `engine.resume_from` names one) and compares this
+   config with the checkpoint's (`config_diff`: refused or listed and recorded); then it moves
+   aside what does not belong to the continued run and writes config.yaml and ds_config.json.
+   Model, optimizer, loss scaler, step, data position and RNG states are restored, so the
+   continued run takes the same steps an uninterrupted one would;
 5. the loop: per optimizer step the lr is set from the step index (warmup + cosine), each
    micro-batch runs forward/backward/step, then `method.on_step_end(step, total)`. The loss and
    metrics are summed on the device (no host sync per step) and reduced every `log_every` steps
-   into DIR/metrics.jsonl; checkpoints every `checkpoint_every` steps and at the end.
+   into DIR/metrics.jsonl; checkpoints every `checkpoint_every` steps and at the end, each with
+   its `health` verdict (`fastmask.engine.health`). SIGTERM/SIGINT end the run after the current
+   step with a checkpoint (`StoppedBySignal`; the CLI exits 128 + the signal number).
 
 Non-finite losses: with fp16, DeepSpeed's dynamic loss scaler skips the step (counted as
 `skipped`); with bf16, DeepSpeed's overflow check skips steps with non-finite gradients (counted).
 `engine.on_nonfinite=stop` (the default) additionally stops the run at the next log or checkpoint
-boundary with the step of the first non-finite loss, before any checkpoint could hold the result
-(so the last checkpoint is the last good one). `skip` keeps going, counting; fp32 has no
-overflow check in DeepSpeed, so `skip` needs bf16 or fp16.
+boundary with the step of the first non-finite loss; no checkpoint is written after it, and the
+error names the newest checkpoint judged good (a checkpoint whose own weights gave the non-finite
+loss, or exploded weights, is not), which running again resumes. `skip` keeps going, counting;
+fp32 has no overflow check in DeepSpeed, so `skip` needs bf16 or fp16.
 """
 from __future__ import annotations
 
@@ -45,8 +53,7 @@ import yaml
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict, validate
 from .config_diff import param_signature
-from .distributed import (RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_mean, barrier, dist_info,
-                          init_distributed)
+from .distributed import RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_mean, dist_info, init_distributed
 from .health import CheckpointHealth
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from .runfolder import RunFolder
