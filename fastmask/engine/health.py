@@ -16,9 +16,9 @@ A checkpoint of step s is *good* when
    into the checkpoint as not good.
 Why those numbers: in the issue's repro (`engine.lr=1000000.0`, MAE ViT-Tiny), one step at lr 2e5
 took the weights' RMS from 0.06 to 1.7e5 (2.9e6 x), and the next loss was non-finite; with TinyMethod
-at lr=1 the loss went from 2.2 to 1.6e6 (7e5 x) in one step. Ordinary runs stay within a few x on
-both counts (the tiny test runs: logged losses within 1.3 x of their median, weight RMS within
-1.1 x), so the limits sit orders of magnitude from either.
+at lr=1 the loss went from 2.2 to 1.6e6 (7e5 x) in one step. Ordinary runs stay far inside both
+limits: the default `fastmask pretrain` (MAE ViT-Tiny, 40 steps) logged losses within 1.39 x of
+their median (its first loss is the largest) and ended with weights at 1.002 x their start RMS.
 
 The step itself stays free of host syncs: the loss of step s + 1 is kept on the device and judged at
 the next log or checkpoint, where the engine syncs anyway.
