@@ -161,8 +161,8 @@ def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None
     """Load `state` into `module`; a missing, unexpected or misshapen tensor is one ValueError naming them."""
     missing, unexpected, shapes = _fit_problems(module, state)
     if missing or unexpected or shapes:
-        raise ValueError(f"weights {source} do not fit {type(module).__name__} "
-                         f"(model={getattr(module, 'model_name', '?')}): missing {_listed(missing)}; "
+        model = f" (model={module.model_name})" if hasattr(module, "model_name") else ""
+        raise ValueError(f"weights {source} do not fit {type(module).__name__}{model}: missing {_listed(missing)}; "
                          f"unexpected {_listed(unexpected)}; shape mismatches {shapes[:4]}")
     module.load_state_dict(state, strict=False)
 
