@@ -9,8 +9,8 @@ What every subcommand shares, done here once:
 - errors never end in a traceback: a user error (bad config, missing or unfit file, unwritable
   path, ...) prints one line `fastmask <command>: error: ...` and exits 2; anything else prints one
   line `fastmask <command>: internal error: ...` and exits 1. Notes a command attached to the
-  exception (`add_note`: e.g. which checkpoint a failed run kept) end the line. FASTMASK_DEBUG=1
-  shows the traceback instead.
+  exception (`add_note`: e.g. which checkpoint a failed run kept) end the line; Ctrl-C ends with
+  `fastmask <command>: interrupted` and status 130. FASTMASK_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def add_note(e: BaseException, note: str) -> BaseException:
 
 
 def error_line(e: BaseException) -> str:
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
+    text = str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
     text = text if text.startswith(type(e).__name__) else f"{type(e).__name__}: {text}"
     return " ".join("; ".join([text, *getattr(e, "__notes__", [])]).split())  # one line, whatever the message
 
@@ -100,6 +100,12 @@ def run_command(command: str, fn, args) -> int:
     """fn(args) -> exit status, with the error contract of the module docstring."""
     try:
         return int(fn(args) or 0)
+    except KeyboardInterrupt as e:
+        if os.environ.get("FASTMASK_DEBUG"):
+            raise
+        print("; ".join([f"fastmask {command}: interrupted", *getattr(e, "__notes__", [])]), file=sys.stderr,
+              flush=True)
+        return 130
     except Exception as e:  # noqa: BLE001 - the contract: one line, never a traceback
         if os.environ.get("FASTMASK_DEBUG"):
             raise

@@ -193,3 +193,25 @@ def test_an_unexpected_exception_is_one_line_too(capsys, monkeypatch):
     monkeypatch.setenv("FASTMASK_DEBUG", "1")
     with pytest.raises(AttributeError):
         main(["info"])
+
+
+def test_ctrl_c_is_one_line_with_status_130(capsys, monkeypatch):
+    import fastmask.info as info
+
+    def interrupted():
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(info, "report", interrupted)
+    assert main(["info"]) == 130
+    assert capsys.readouterr().err.strip() == "fastmask info: interrupted"
+
+
+def test_info_lists_every_registered_op(capsys):
+    from fastmask import info
+    from fastmask.ops import backends
+
+    backends._load_optional_backends()
+    assert set(info.OPS) == set(backends._REGISTRY)  # patch_embed_visible was missing
+    assert main(["info", "--json"]) == 0
+    rep = json.loads(capsys.readouterr().out)
+    assert set(rep["ops"]) == set(info.OPS) and rep["ops"]["patch_embed_visible"]["cpu/float32"]["auto"] == "torch"

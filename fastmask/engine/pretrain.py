@@ -72,7 +72,7 @@ def check_outputs(out: Path, export: str | None) -> None:
     from fastmask.paths import check_output_dir, check_output_file
 
     check_output_dir(out, "--out",
-                     files=("config.yaml", "metrics.jsonl", "checkpoints", "checkpoints/latest"))
+                     files=("config.yaml", "metrics.jsonl", "checkpoints"))
     if export:
         check_output_file(export, "--export")
 
@@ -104,7 +104,7 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         result = pretrain(cfg, out=out)
-    except Exception as e:
+    except (Exception, KeyboardInterrupt) as e:
         if out.is_dir() and not hasattr(e, "last_checkpoint"):  # NonFiniteLossError names its own
             add_note(e, _kept(out))
         raise
