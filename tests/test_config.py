@@ -125,7 +125,7 @@ def test_unknown_optimizer_is_a_config_error():
 
 @pytest.mark.parametrize("spelling,value", [
     ("1e-3", 1e-3), ("1E-3", 1e-3), ("1.5e+2", 150.0), (".5", 0.5), ("-1e-4", -1e-4), ("+2.", 2.0),
-    ("1_000.5", 1000.5), ("3", 3.0), ("'1e-3'", 1e-3),
+    ("1_000.5", 1000.5), ("3", 3.0), ("'1e-3'", 1e-3), ("1:30.5", 90.5),
 ])
 def test_every_float_spelling_on_the_command_line_and_in_yaml(spelling, value, tmp_path):
     """YAML 1.2 and Python floats; PyYAML's YAML 1.1 resolver alone reads `1e-3` as a string."""

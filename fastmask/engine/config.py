@@ -26,8 +26,8 @@ class ConfigError(ValueError):
 
 
 class _Loader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's float syntax: PyYAML follows YAML 1.1, which reads
-    `1e-3` (no dot) as a string; YAML 1.2 and Python read every spelling below as a float."""
+    """PyYAML's safe loader reading every float spelling of YAML 1.1, YAML 1.2 and Python: PyYAML
+    follows YAML 1.1, which reads `1e-3` (no dot) as a string."""
 
 
 _FLOAT = "tag:yaml.org,2002:float"
@@ -37,6 +37,7 @@ _Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
       [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?   # 1.5, 2., 1.5e+2
     | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+                 # 1e-3, 1E3
     | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?          # .5, -.5e-1
+    | [-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*      # YAML 1.1 base 60: 1:30.5
     | [-+]?\.(?:inf|Inf|INF) | \.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
 
 
