@@ -42,7 +42,7 @@ _Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
 
 
 def yaml_load(text: str) -> Any:
-    """YAML text -> Python data, floats read as YAML 1.2 and Python read them (`1e-3` is 0.001)."""
+    """YAML text -> Python data, floats read as YAML 1.1, 1.2 and Python read them (`1e-3` is 0.001)."""
     return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
