@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -59,20 +60,19 @@ def default_recipe(overrides: list[str]) -> str:
 
 def _kept(out: Path) -> str:
     """Where a run that failed part-way left its work (for the error line)."""
-    from .checkpoint import checkpoint_root, latest_tag
+    from .resume import newest_good
 
-    tag = latest_tag(out) if out.is_dir() else None
-    if tag is None:
-        return f"the run folder {out} holds no complete checkpoint"
-    return f"the run folder keeps its last complete checkpoint {checkpoint_root(out) / tag}"
+    good = newest_good(out)
+    if good is None:
+        return f"the run folder {out} holds no good checkpoint"
+    return f"the run folder keeps its newest good checkpoint {good.path}, which running again resumes"
 
 
 def check_outputs(out: Path, export: str | None) -> None:
     """Everything this run will write can be written: checked before any work."""
     from fastmask.paths import check_output_dir, check_output_file
 
-    check_output_dir(out, "--out",
-                     files=("config.yaml", "metrics.jsonl", "checkpoints"))
+    check_output_dir(out, "--out", files=("config.yaml", "metrics.jsonl", "checkpoints"))
     if export:
         check_output_file(export, "--export")
 
@@ -80,7 +80,7 @@ def check_outputs(out: Path, export: str | None) -> None:
 def main(args: argparse.Namespace) -> int:
     import yaml
 
-    from .config import load_config, to_dict
+    from .config import ConfigError, load_config, to_dict
 
     if args.local_rank is not None:  # the deepspeed launcher passes --local_rank; the env holds it too
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -99,13 +99,19 @@ def main(args: argparse.Namespace) -> int:
     check_outputs(out, args.export)
     from fastmask.cli import add_note
 
+    from .signals import StoppedBySignal
     from .trainer import pretrain
 
     t0 = time.perf_counter()
     try:
         result = pretrain(cfg, out=out)
+    except StoppedBySignal as e:  # SIGTERM/Ctrl-C: a checkpoint was saved; 128 + the signal, as a shell reports it
+        print(f"fastmask pretrain: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except (Exception, KeyboardInterrupt) as e:
-        if out.is_dir() and not hasattr(e, "last_checkpoint"):  # NonFiniteLossError names its own
+        # A refusal before any work (ConfigError: a lock, a config change that cannot resume) changed
+        # nothing; NonFiniteLossError names its own checkpoint.
+        if out.is_dir() and not isinstance(e, ConfigError) and not hasattr(e, "last_checkpoint"):
             add_note(e, _kept(out))
         raise
     rank = int(os.environ.get("RANK", "0"))

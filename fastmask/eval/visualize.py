@@ -143,11 +143,14 @@ def sample_images(count: int, img_size: int, data: str | None = None, seed: int 
 
 
 def _reseed(method: torch.nn.Module, seed: int) -> None:
-    """The same masks (and views) for the same --seed: every draw stream restarts at (seed, draw 0)."""
+    """The same masks (and views) for the same --seed: every draw stream (`methods._stream.DrawStream`)
+    restarts at (seed, draw 0)."""
+    from fastmask.methods._stream import DrawStream
+
     for module in method.modules():
         for stream in (getattr(module, "stream", None), getattr(module, "_stream", None)):
-            if hasattr(stream, "draws"):
-                stream.seed, stream.draws = int(seed), 0
+            if isinstance(stream, DrawStream):
+                stream.load({"seed": int(seed), "draws": 0})
 
 
 def check_arguments(args: argparse.Namespace) -> None:
