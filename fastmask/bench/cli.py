@@ -90,6 +90,21 @@ def args_from_namespace(ns: argparse.Namespace) -> StepBenchArgs:
     return StepBenchArgs(**kw)
 
 
+def check_outputs(ns: argparse.Namespace) -> None:
+    """--out and --plot can be written (and --plot's matplotlib imported): checked before the benchmark."""
+    from fastmask.paths import check_output_file
+
+    if ns.out:
+        check_output_file(ns.out, "--out")
+    if ns.plot:
+        check_output_file(ns.plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError("--plot needs matplotlib, which is not installed (pip install matplotlib); "
+                              "run without --plot, or install it first") from None
+
+
 def main(ns: argparse.Namespace) -> int:
     if ns.loader is not None:
         return _loader_main(ns.loader)
@@ -98,6 +113,7 @@ def main(ns: argparse.Namespace) -> int:
         return ablate_main(ns.ablate, prog="fastmask bench --ablate")
     from .step import plot, run_step_bench, save_json
 
+    check_outputs(ns)
     args = args_from_namespace(ns)
     result = run_step_bench(args)
     print(json.dumps({"device": result["device"]["name"], "model": args.model, "batch_size": args.batch_size,
