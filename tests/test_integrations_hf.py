@@ -218,3 +218,19 @@ def test_triton_backend_matches_unpatched():
     out_f.loss.backward()
     out_r.loss.backward()
     _assert_grads_close(fused, ref, 10 * tol)
+
+
+def test_bench_integration_cli_hf(tmp_path):
+    import json
+
+    from fastmask.cli import main
+
+    out = tmp_path / "hf.json"
+    argv = ["bench", "--integration", "hf", "--model", "tiny", "--img-size", "32", "--patch-size", "16",
+            "--decoder-dim", "32", "--decoder-depth", "1", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
+            "--out", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    assert set(r["paths"]) == {"unpatched", "patched"} and r["versions"]["transformers"]
+    assert "norm_pix_loss" in r["patch_report"] and r["ratios"]["speedup_patched_vs_unpatched"] > 0
+    assert "1 layers as one chain" in r["patch_report"]  # the decoder arguments reached the model

@@ -214,3 +214,32 @@ def test_triton_backend_matches_unpatched():
     (out_f * g).sum().backward()
     (out_r * g).sum().backward()
     _assert_grads_close(fused, ref, 10 * tol)
+
+
+def test_auto_on_the_cpu_keeps_timms_own_code_where_only_the_reference_would_run():
+    """On the CPU `auto` resolves add_layer_norm and bias_gelu to the reference, so the patched Blocks and
+    Mlps run timm's own forwards, and attention lands on SDPA as timm's does: the same bits."""
+    ref, model = _pair()
+    apply_fastmask(model)
+    imgs, _ = _data()
+    assert torch.equal(model(imgs), ref(imgs))
+
+
+def test_bench_integration_cli_times_both_paths(tmp_path):
+    import json
+
+    from fastmask.cli import main
+
+    out = tmp_path / "timm.json"
+    argv = ["bench", "--integration", "timm", "--model", "tiny", "--img-size", "32", "--patch-size", "16",
+            "--batch-size", "2", "--warmup", "0", "--repeats", "2", "--out", str(out)]
+    assert main(argv) == 0
+    r = json.loads(out.read_text())
+    paths = r["paths"]
+    assert set(paths) == {"unpatched", "patched"} and all(len(p["step_s_times"]) == 2 for p in paths.values())
+    assert r["ratios"]["speedup_patched_vs_unpatched"] == pytest.approx(
+        paths["unpatched"]["step_s_median"] / paths["patched"]["step_s_median"])
+    assert "blocks as one chain" in r["patch_report"] and r["versions"]["timm"]
+    assert r["shapes"]["patches"] == 4 and r["device"]["type"] == "cpu"
+    with pytest.raises(ValueError, match="model must be one of"):
+        main(["bench", "--integration", "timm", "--model", "gigantic"])

@@ -14,7 +14,7 @@ from typing import Callable, Iterable
 
 from torch import nn
 
-from ..ops.backends import resolve_name
+from ..ops.backends import resolve_name, select
 
 _BACKENDS = "_fastmask_backends"
 
@@ -39,10 +39,19 @@ class PatchReport:
     def __str__(self) -> str:
         lines = [f"fastmask -> {self.library}: {len(self.patched)} modules patched "
                  f"(ops {', '.join(self.ops)}, backend {self.backend!r}), {len(self.left_alone)} left alone"]
-        lines += [f"  patched     {name or '(model)'}: {what}" for name, what in self.patched]
-        lines += [f"  left alone  {name or '(model)'}: {why}" for name, why in self.left_alone]
+        lines += [f"  patched     {what}: {names}" for what, names in _grouped(self.patched)]
+        lines += [f"  left alone  {why}: {names}" for why, names in _grouped(self.left_alone)]
         lines += [f"  original forward when {cond}" for cond in self.fallbacks]
         return "\n".join(lines)
+
+
+def _grouped(entries: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """[(name, text)] -> [(text, "name, name, ...")], first-seen order; long lists shortened."""
+    groups: dict[str, list[str]] = {}
+    for name, text in entries:
+        groups.setdefault(text, []).append(name or "(model)")
+    return [(text, ", ".join(n) if len(n) <= 4 else f"{len(n)} modules ({n[0]}, {n[1]}, ..., {n[-1]})")
+            for text, n in groups.items()]
 
 
 def check_apply_args(model: nn.Module, ops: Iterable[str], all_ops: tuple[str, ...], backend: str,
@@ -75,6 +84,17 @@ def patch_forward(module: nn.Module, fn: Callable, backends: dict[str, str | Non
 def backend_of(module: nn.Module, op: str) -> str | None:
     """The backend `op` runs on inside this patched module, None where the op was left out."""
     return getattr(module, _BACKENDS)[op]
+
+
+def resolve(module: nn.Module, op: str, **inputs) -> str | None:
+    """The backend `op` runs on for these inputs inside this patched module, or None where the library's
+    own code should run instead: the op was left out, or `auto` lands on the plain-PyTorch reference
+    (the library's eager code is the same math, without the reference's separate bias add). A backend
+    named explicitly, "torch" included, is always used."""
+    backend = backend_of(module, op)
+    if backend is None or (resolve_name(backend) == "auto" and select(op, backend, **inputs).name == "torch"):
+        return None
+    return backend
 
 
 def is_patched(module: nn.Module) -> bool:

@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 from . import require
-from ._patching import (PatchReport, backend_of, check_apply_args, is_patched, op_backends, patch_forward, revert,
-                        run_original, warn_left_alone)
+from ._patching import (PatchReport, backend_of, check_apply_args, is_patched, op_backends, patch_forward, resolve,
+                        revert, run_original, warn_left_alone)
 from .. import ops as fops
 from ..models.blocks import fc1_bias_gelu, fused_chain
 
@@ -64,7 +64,10 @@ def _attention_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = N
 
 
 def _mlp_forward(self, x: torch.Tensor) -> torch.Tensor:
-    x = fc1_bias_gelu(self, x, backend_of(self, "bias_gelu"))
+    backend = resolve(self, "bias_gelu", x=x, bias=self.fc1.bias)
+    if backend is None:
+        return type(self).forward(self, x)
+    x = fc1_bias_gelu(self, x, backend)
     return self.drop2(self.fc2(self.norm(self.drop1(x))))
 
 
@@ -76,11 +79,19 @@ def _block_forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None,
     if attn_mask is not None or is_causal:
         extra = {"is_causal": True} if is_causal else {}
         return run_original(self, "an attn_mask or is_causal argument", x, attn_mask=attn_mask, **extra)
-    return fused_chain([self], x, None, backend_of(self, "add_layer_norm"), mlp_fn=_call_mlp)
+    return _chain_or_own_forward(self, [self], x)
 
 
 def _blocks_forward(self, x: torch.Tensor) -> torch.Tensor:
-    return fused_chain(self, x, None, backend_of(self, "add_layer_norm"), mlp_fn=_call_mlp)
+    return _chain_or_own_forward(self, self, x)
+
+
+def _chain_or_own_forward(module: nn.Module, blocks, x: torch.Tensor) -> torch.Tensor:
+    norm = blocks[0].norm1
+    backend = resolve(module, "add_layer_norm", x=x, residual=x, weight=norm.weight, bias=norm.bias)
+    if backend is None:  # `auto` lands on the reference here: timm's own loop is the same math
+        return type(module).forward(module, x)
+    return fused_chain(blocks, x, None, backend, mlp_fn=_call_mlp)
 
 
 # ---------------------------------------------------------------- what is supported

@@ -40,8 +40,8 @@ import torch
 from torch import nn
 
 from . import require
-from ._patching import (PatchReport, backend_of, check_apply_args, is_patched, op_backends, patch_forward, revert,
-                        run_original, warn_left_alone)
+from ._patching import (PatchReport, backend_of, check_apply_args, is_patched, op_backends, patch_forward, resolve,
+                        revert, run_original, warn_left_alone)
 from .. import ops as fops
 from ..models.blocks import fused_chain, gelu_mlp
 
@@ -93,12 +93,13 @@ class _LayerView:
 def _run_layers(owner: nn.Module, layers: nn.ModuleList, x: torch.Tensor, final_norm: nn.LayerNorm) -> torch.Tensor:
     views = [_LayerView(layer, backend_of(owner, "attention")) for layer in layers]
     exact_gelu = all(_exact_gelu(layer.mlp.activation_fn) for layer in layers)
-    bias_gelu = backend_of(owner, "bias_gelu")
+    bias_gelu = resolve(owner, "bias_gelu", x=x, bias=layers[0].mlp.fc1.bias)
     mlp_fn = partial(_gelu_mlp, bias_gelu) if exact_gelu and bias_gelu else _call_mlp
     checkpoint = owner.training and any(getattr(layer, "gradient_checkpointing", False) for layer in layers)
-    # without the add_layer_norm op, the chain's adds and norms run the reference: HF's eager math
-    return fused_chain(views, x, final_norm, backend_of(owner, "add_layer_norm") or "torch", checkpoint,
-                       mlp_fn=mlp_fn)
+    # Without a fused add_layer_norm, the chain's adds and norms run the reference: HF's eager math.
+    norm = layers[0].layernorm_before
+    add_norm = resolve(owner, "add_layer_norm", x=x, residual=x, weight=norm.weight, bias=norm.bias) or "torch"
+    return fused_chain(views, x, final_norm, add_norm, checkpoint, mlp_fn=mlp_fn)
 
 
 # ---------------------------------------------------------------- the patched forwards
