@@ -16,16 +16,18 @@ import torch
 pytest.importorskip("transformers")
 from transformers import ViTMAEConfig, ViTMAEForPreTraining, ViTMAEModel  # noqa: E402
 
-from fastmask.integrations.transformers import ALL_OPS, apply_fastmask, is_patched, revert_fastmask  # noqa: E402
+from fastmask.integrations.transformers import (ALL_OPS, apply_fastmask, is_patched,  # noqa: E402
+                                                revert_fastmask)
 from fastmask.ops import backends  # noqa: E402
 
 L = 16  # (32 / 8) ** 2 patches
 
 
 def _config(**kw):
-    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64, image_size=32,
-                patch_size=8, decoder_hidden_size=24, decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                decoder_intermediate_size=48, norm_pix_loss=True, mask_ratio=0.75)
+    base = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                image_size=32, patch_size=8, decoder_hidden_size=24, decoder_num_hidden_layers=1,
+                decoder_num_attention_heads=2, decoder_intermediate_size=48, norm_pix_loss=True,
+                mask_ratio=0.75)
     return ViTMAEConfig(**{**base, **kw})
 
 
@@ -110,8 +112,8 @@ def test_training_steps_follow_the_same_loss_trajectory():
             trajectory[name].append(loss.item())
     assert trajectory["ref"][-1] < trajectory["ref"][0]  # it trains, so the comparison means something
     tol = _tol("torch")
-    torch.testing.assert_close(torch.tensor(trajectory["fused"]), torch.tensor(trajectory["ref"]), atol=10 * tol,
-                               rtol=10 * tol)
+    torch.testing.assert_close(torch.tensor(trajectory["fused"]), torch.tensor(trajectory["ref"]),
+                               atol=10 * tol, rtol=10 * tol)
     for (name, pf), pr in zip(fused.named_parameters(), ref.parameters()):
         torch.testing.assert_close(pf, pr, atol=100 * tol, rtol=100 * tol, msg=name)
 
@@ -202,8 +204,8 @@ def test_import_without_transformers_names_the_extra(monkeypatch):
         importlib.import_module("fastmask.integrations.transformers")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and "cpu" not in backends.backends_for("attention")["triton"].devices,
-                    reason="no GPU and TRITON_INTERPRET is not 1")
+@pytest.mark.skipif("cpu" not in backends.backends_for("attention")["triton"].devices
+                    and not torch.cuda.is_available(), reason="no GPU and TRITON_INTERPRET is not 1")
 def test_triton_backend_matches_unpatched():
     """Every op through the Triton kernels (the interpreter on the CPU) at a tiny size."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -227,8 +229,8 @@ def test_bench_integration_cli_hf(tmp_path):
 
     out = tmp_path / "hf.json"
     argv = ["bench", "--integration", "hf", "--model", "tiny", "--img-size", "32", "--patch-size", "16",
-            "--decoder-dim", "32", "--decoder-depth", "1", "--batch-size", "2", "--warmup", "0", "--repeats", "1",
-            "--out", str(out)]
+            "--decoder-dim", "32", "--decoder-depth", "1", "--batch-size", "2", "--warmup", "0",
+            "--repeats", "1", "--out", str(out)]
     assert main(argv) == 0
     r = json.loads(out.read_text())
     assert set(r["paths"]) == {"unpatched", "patched"} and r["versions"]["transformers"]

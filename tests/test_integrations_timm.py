@@ -17,7 +17,8 @@ from torch import nn
 pytest.importorskip("timm")
 from timm.models.vision_transformer import VisionTransformer  # noqa: E402
 
-from fastmask.integrations.timm import ALL_OPS, apply_fastmask, forward_visible, is_patched, revert_fastmask  # noqa: E402
+from fastmask.integrations.timm import (ALL_OPS, apply_fastmask, forward_visible, is_patched,  # noqa: E402
+                                        revert_fastmask)
 from fastmask.ops import backends  # noqa: E402
 
 TINY = dict(img_size=32, patch_size=8, embed_dim=48, depth=2, num_heads=3, num_classes=5)
@@ -93,8 +94,8 @@ def test_training_steps_follow_the_same_loss_trajectory():
             opt.step()
             trajectory[name].append(loss.item())
     assert trajectory["ref"][-1] < trajectory["ref"][0]  # it trains, so the comparison means something
-    torch.testing.assert_close(torch.tensor(trajectory["fused"]), torch.tensor(trajectory["ref"]), atol=10 * tol,
-                               rtol=10 * tol)
+    torch.testing.assert_close(torch.tensor(trajectory["fused"]), torch.tensor(trajectory["ref"]),
+                               atol=10 * tol, rtol=10 * tol)
     for (name, pf), pr in zip(fused.named_parameters(), ref.parameters()):
         torch.testing.assert_close(pf, pr, atol=100 * tol, rtol=100 * tol, msg=name)
 
@@ -124,6 +125,18 @@ def test_state_dict_round_trips_both_ways():
     apply_fastmask(patched_other, backend="torch")
     patched_other.load_state_dict(ref.state_dict())  # unpatched -> patched
     assert torch.equal(patched_other(imgs), fused(imgs))
+    for clone in (copy.deepcopy(fused), _save_load(fused)):  # whole-model copies stay patched and correct
+        assert is_patched(clone.blocks) and clone.blocks.forward.args[0] is clone.blocks
+        assert torch.equal(clone(imgs), fused(imgs))
+
+
+def _save_load(model):
+    import io
+
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
 
 
 def test_unsupported_parts_are_left_alone_and_reported():
@@ -163,7 +176,7 @@ def test_forward_visible_is_the_official_mae_encoder():
     imgs, _ = _data()
     B, L, K = imgs.shape[0], 16, 5
     ids_keep = torch.rand(B, L, generator=torch.Generator().manual_seed(4)).argsort(dim=1)[:, :K]
-    # official MAE forward_encoder on the unpatched timm modules: embed all, add pos, gather, cls, blocks, norm
+    # official MAE forward_encoder on the unpatched timm modules: embed, add pos, gather, cls, blocks, norm
     x = ref.patch_embed(imgs) + ref.pos_embed[:, 1:]
     x = torch.gather(x, 1, ids_keep.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
     x = torch.cat([(ref.cls_token + ref.pos_embed[:, :1]).expand(B, -1, -1), x], dim=1)
@@ -199,8 +212,8 @@ def test_import_without_timm_names_the_extra(monkeypatch):
         importlib.import_module("fastmask.integrations.timm")
 
 
-@pytest.mark.skipif(not torch.cuda.is_available() and "cpu" not in backends.backends_for("attention")["triton"].devices,
-                    reason="no GPU and TRITON_INTERPRET is not 1")
+@pytest.mark.skipif("cpu" not in backends.backends_for("attention")["triton"].devices
+                    and not torch.cuda.is_available(), reason="no GPU and TRITON_INTERPRET is not 1")
 def test_triton_backend_matches_unpatched():
     """Every op through the Triton kernels (the interpreter on the CPU) at a tiny size."""
     device = "cuda" if torch.cuda.is_available() else "cpu"

@@ -89,8 +89,9 @@ def _hf_model(a: IntegrationBenchArgs) -> tuple[nn.Module, Callable, Callable]:
     from ..integrations.transformers import apply_fastmask
 
     dim, depth, heads = VIT_ARCHS[a.model]
-    cfg = ViTMAEConfig(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads, intermediate_size=4 * dim,
-                       image_size=a.img_size, patch_size=a.patch_size, norm_pix_loss=True, mask_ratio=0.75,
+    cfg = ViTMAEConfig(hidden_size=dim, num_hidden_layers=depth, num_attention_heads=heads,
+                       intermediate_size=4 * dim, image_size=a.img_size, patch_size=a.patch_size,
+                       norm_pix_loss=True, mask_ratio=0.75,
                        decoder_hidden_size=a.decoder_dim, decoder_num_hidden_layers=a.decoder_depth,
                        decoder_num_attention_heads=16, decoder_intermediate_size=4 * a.decoder_dim)
     return ViTMAEForPreTraining(cfg), apply_fastmask, lambda m, batch: m(batch[0], noise=batch[1]).loss
@@ -146,11 +147,13 @@ def run_integration_bench(a: IntegrationBenchArgs, log: Callable[[str], None] = 
     dim, depth, heads = VIT_ARCHS[a.model]
     result = {"benchmark": f"integration_{a.library}", "args": {**dataclasses.asdict(a), "dtype": str(dtype)},
               "device": device_info(device), "versions": {**versions(), **_library_version(a.library)},
-              "shapes": {"batch": a.batch_size, "img_size": a.img_size, "patch_size": a.patch_size, "embed_dim": dim,
-                         "depth": depth, "num_heads": heads, "patches": (a.img_size // a.patch_size) ** 2},
+              "shapes": {"batch": a.batch_size, "img_size": a.img_size, "patch_size": a.patch_size,
+                         "embed_dim": dim, "depth": depth, "num_heads": heads,
+                         "patches": (a.img_size // a.patch_size) ** 2},
               "patch_report": str(report), "paths": paths, "ratios": ratios}
     log(json.dumps({"device": result["device"]["name"], "library": a.library, "model": a.model,
-                    "dtype": str(dtype), "step_s": {k: round(v["step_s_median"], 4) for k, v in paths.items()},
+                    "dtype": str(dtype),
+                    "step_s": {k: round(v["step_s_median"], 4) for k, v in paths.items()},
                     "ratios": {k: round(v, 3) for k, v in ratios.items()}}, indent=2))
     return result
 
@@ -170,13 +173,13 @@ def add_integration_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--patch-size", type=int, default=d.patch_size)
     parser.add_argument("--img-size", type=int, default=d.img_size)
     parser.add_argument("--decoder-dim", type=int, default=d.decoder_dim, help="hf: ViTMAE decoder width")
-    parser.add_argument("--decoder-depth", type=int, default=d.decoder_depth, help="hf: ViTMAE decoder layers")
+    parser.add_argument("--decoder-depth", type=int, default=d.decoder_depth, help="hf: decoder layers")
     parser.add_argument("--batch-size", type=int, default=d.batch_size)
     parser.add_argument("--dtype", default=d.dtype, choices=("auto", "fp32", "bf16", "fp16"))
     parser.add_argument("--device", default=d.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--backend", default=d.backend, help="fastmask.ops backend of the patched model")
     parser.add_argument("--warmup", type=int, default=d.warmup, help="untimed steps per path")
-    parser.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds (one step per path each)")
+    parser.add_argument("--repeats", type=int, default=d.repeats, help="timed rounds, one step per path each")
     parser.add_argument("--num-inputs", type=int, default=d.num_inputs, help="distinct batches rotated")
     parser.add_argument("--threads", type=int, default=d.threads, help="torch CPU threads")
     parser.add_argument("--seed", type=int, default=d.seed)

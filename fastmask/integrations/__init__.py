@@ -1,7 +1,7 @@
 """apply/revert pairs that drop fastmask's fused ops into other libraries' models, one module per library:
 
-    from fastmask.integrations.timm import apply_fastmask, revert_fastmask          # pip install 'fastmask[timm]'
-    from fastmask.integrations.transformers import apply_fastmask, revert_fastmask  # pip install 'fastmask[hf]'
+    from fastmask.integrations.timm import apply_fastmask, revert_fastmask          # fastmask[timm]
+    from fastmask.integrations.transformers import apply_fastmask, revert_fastmask  # fastmask[hf]
 
 `apply_fastmask(model)` swaps the forward of the parts it recognizes for one that runs through
 `fastmask.ops` and returns a `PatchReport` of what it patched and what it left alone (and why);

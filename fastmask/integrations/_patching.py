@@ -1,14 +1,16 @@
 """What the integrations share: swapping one module's forward for a fused one, undoing it, reporting it.
 
-A patch sets an instance attribute `forward` (a method bound to that module) next to the module's
-op -> backend table; the class, the parameters and the state_dict keys stay as they are (so
-`isinstance`, `copy.deepcopy`, optimizers and checkpoints see the original model), and `revert`
-deletes the two attributes, which brings back the class's own forward.
+A patch sets an instance attribute `forward` (`functools.partial(fused_forward, module)`: unlike a
+bound method it pickles, and `inspect.signature` still shows the forward's own arguments, which
+HF's Trainer reads) next to the module's op -> backend table; the class, the parameters and the
+state_dict keys stay as they are (so `isinstance`, `copy.deepcopy`, `torch.save(model)`, optimizers
+and checkpoints see the original model), and `revert` deletes the two attributes, which brings back
+the class's own forward.
 """
 from __future__ import annotations
 
 import dataclasses
-import types
+import functools
 import warnings
 from typing import Callable, Iterable
 
@@ -77,7 +79,7 @@ def check_apply_args(model: nn.Module, ops: Iterable[str], all_ops: tuple[str, .
 
 def patch_forward(module: nn.Module, fn: Callable, backends: dict[str, str | None]) -> None:
     """Make `fn(module, ...)` the module's forward; `backends` maps each op name to the backend it uses."""
-    module.forward = types.MethodType(fn, module)
+    module.forward = functools.partial(fn, module)
     setattr(module, _BACKENDS, dict(backends))
 
 
@@ -113,7 +115,7 @@ def revert(model: nn.Module) -> int:
 
 
 def op_backends(ops: tuple[str, ...], all_ops: tuple[str, ...], backend: str) -> dict[str, str | None]:
-    """op -> the chosen backend for the selected ops, None for the ones left out (the library's own code runs)."""
+    """op -> the chosen backend for the selected ops, None for those left out (the library's code runs)."""
     return {op: (backend if op in ops else None) for op in all_ops}
 
 
@@ -132,5 +134,5 @@ def run_original(module: nn.Module, reason: str, *args, **kwargs):
 def warn_left_alone(report: PatchReport) -> None:
     if report.left_alone:
         reasons = sorted({why for _, why in report.left_alone})
-        warnings.warn(f"fastmask: {len(report.left_alone)} {report.library} modules keep their original forward "
-                      f"({'; '.join(reasons)}); print the returned report for the list", stacklevel=3)
+        warnings.warn(f"fastmask: {len(report.left_alone)} {report.library} modules keep their original "
+                      f"forward ({'; '.join(reasons)}); print the returned report for the list", stacklevel=3)

@@ -1,7 +1,7 @@
 """fastmask's fused ops inside timm's VisionTransformer (and any model built from timm's `Block`).
 
     from fastmask.integrations.timm import apply_fastmask, revert_fastmask, forward_visible
-    report = apply_fastmask(model)          # model: timm.models.VisionTransformer, or anything holding timm Blocks
+    report = apply_fastmask(model)          # a timm VisionTransformer, or any model of timm Blocks
     print(report)                           # what was patched, what was left alone and why
     tokens = forward_visible(model, imgs, ids_keep)   # MAE-style encoder: visible patches only
     revert_fastmask(model)                  # the original forwards again
@@ -17,11 +17,19 @@ names and state_dict keys unchanged):
 - "add_layer_norm": each timm `Block` whose norms are LayerNorms with weight and bias: the
   attention branch's residual add fused with norm2 (`fastmask.ops.add_layer_norm`); an
   `nn.Sequential` of such blocks (the ViT's `blocks`) runs as one chain in which every residual
-  add is fused with the next block's norm1 too (`fastmask.models.blocks.fused_chain`). Layer
-  scale, drop path, qk-norm and the attention/MLP modules inside are called as they are.
+  add is fused with the next block's norm1 too (`fastmask.models.blocks.fused_chain`; the last
+  add stays plain and the model's final norm is timm's). Layer scale, drop path, qk-norm and the
+  attention/MLP modules inside are called as they are.
+
+With backend "auto", a patched Mlp or Block whose op would land on the plain-PyTorch reference
+(on the CPU) runs timm's own forward: the same math without the reference's separate bias add.
 
 Anything else (other block, attention or MLP classes, gated attention, other activations or
 norms) keeps its forward and is listed in the report's `left_alone` (and one warning).
+
+The fused forwards read some submodules' weights without calling those submodules (the norms'
+weights in the add+LayerNorm chain, fc1's), which DeepSpeed ZeRO stage 3 (parameters gathered
+per module call) does not see: use stages 0-2 with a patched model.
 """
 from __future__ import annotations
 
@@ -29,8 +37,8 @@ import torch
 from torch import nn
 
 from . import require
-from ._patching import (PatchReport, backend_of, check_apply_args, is_patched, op_backends, patch_forward, resolve,
-                        revert, run_original, warn_left_alone)
+from ._patching import (PatchReport, backend_of, check_apply_args, is_patched, op_backends, patch_forward,
+                        resolve, revert, run_original, warn_left_alone)
 from .. import ops as fops
 from ..models.blocks import fc1_bias_gelu, fused_chain
 
@@ -115,7 +123,9 @@ def _mlp_problem(m: nn.Module) -> str | None:
 
 
 def _layer_norm_ok(n: nn.Module) -> bool:
-    return type(n) in _LAYER_NORMS and n.weight is not None and n.bias is not None and len(n.normalized_shape) == 1
+    if type(n) not in _LAYER_NORMS:
+        return False
+    return n.weight is not None and n.bias is not None and len(n.normalized_shape) == 1
 
 
 def _block_problem(m: nn.Module) -> str | None:
@@ -124,7 +134,8 @@ def _block_problem(m: nn.Module) -> str | None:
 
 
 _TARGETS = (  # (class, op, forward, problem finder, what the report says)
-    (_vit.Attention, "attention", _attention_forward, _attention_problem, "attention -> fastmask.ops.attention"),
+    (_vit.Attention, "attention", _attention_forward, _attention_problem,
+     "attention -> fastmask.ops.attention"),
     (_vit.Mlp, "bias_gelu", _mlp_forward, _mlp_problem, "fc1 bias + GELU -> fastmask.ops.bias_gelu"),
     (_vit.Block, "add_layer_norm", _block_forward, _block_problem,
      "residual add + norm2 -> fastmask.ops.add_layer_norm"),
@@ -162,9 +173,9 @@ def apply_fastmask(model: nn.Module, ops=ALL_OPS, backend: str = "auto") -> Patc
     for name, m in model.named_modules():
         if type(m) is nn.Sequential and len(m) > 0 and all(b in fused_blocks for b in m):
             patch_forward(m, _blocks_forward, backends)
-            report.patched.append((name, f"{len(m)} blocks as one chain: every residual add + next norm fused"))
+            report.patched.append((name, f"{len(m)} blocks as one chain: each residual add + next norm"))
     if not found:
-        raise TypeError(f"apply_fastmask: {type(model).__name__} holds no timm Attention, Mlp or Block to patch")
+        raise TypeError(f"apply_fastmask: {type(model).__name__} holds no timm Attention, Mlp or Block")
     if "attention" in ops:
         report.fallbacks.append("an Attention or Block gets attn_mask / is_causal, or an Attention with "
                                 "attention dropout > 0 is in training")
@@ -215,8 +226,8 @@ def forward_visible(model: nn.Module, imgs: torch.Tensor, ids_keep: torch.Tensor
     P = model.num_prefix_tokens
     pos = model.pos_embed
     proj = model.patch_embed.proj
-    x = fops.patch_embed_visible(imgs, ids_keep, proj.weight, proj.bias, pos[0, 0 if model.no_embed_class else P:],
-                                 backend=backend)
+    patch_pos = pos[0, 0 if model.no_embed_class else P:]  # [L, D]
+    x = fops.patch_embed_visible(imgs, ids_keep, proj.weight, proj.bias, patch_pos, backend=backend)
     prefix = [t for t in (model.cls_token, getattr(model, "reg_token", None)) if t is not None]
     if prefix:
         prefix = torch.cat(prefix, dim=1)
