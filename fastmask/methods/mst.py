@@ -1,6 +1,6 @@
 """MST (Li et al., "MST: Masked Self-Supervised Transformer for Visual Representation", NeurIPS 2021,
 arXiv 2106.05656): DINO self-distillation plus attention-guided masking and a global image decoder.
-See shared/METHODS.md section 5 (no official code: the details are fastmask's [unverified] choices,
+See docs/methods.md, "MST" (no official code: the details are fastmask's [unverified] choices,
 configurable).
 
 Per step, on one batch of images:
@@ -32,7 +32,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..masking import build_masker
+from ..masking import Masks, build_masker
 from ..models import create_model
 from ..models.attention_probe import forward_with_cls_attention
 from ..models.heads import DINOHead
@@ -42,6 +42,7 @@ from . import register_method
 from ._stream import DrawStream
 from .base import Method
 from .momentum import cosine_momentum, ema_update_, make_teacher
+from .panels import hide_patches, patch_map, rescale
 from .views import ViewAugment
 
 
@@ -145,16 +146,24 @@ class MST(Method):
         return self.teacher["backbone"]  # DINO/MST evaluate the teacher
 
     # ------------------------------------------------------------------ step
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None,
+                masks: Masks | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W]; keys [B] int64 per-sample draw keys (None: this rank's counter);
+        masks: ready Masks for the 2B student rows (views 1 then 2; `mask` is what is used) instead
+        of drawing them."""
         backbone = self.student["backbone"]
         backbone.check_images(imgs)
         B = imgs.shape[0]
-        g = self.stream.next(imgs.device)
-        x = torch.cat([self.view1(imgs, g), self.view2(imgs, g)])                   # [2B, C, H, W]
+        d = self.stream.draws(B, imgs.device, keys)
+        dv = d.child("views")
+        x = torch.cat([self.view1(imgs, draws=dv), self.view2(imgs, draws=dv)])       # [2B, C, H, W]
         with torch.no_grad():
             t_tokens, attn = forward_with_cls_attention(self.teacher["backbone"], x)
             t_out = self.teacher["head"](t_tokens[:, 0])                            # [2B, K]
-        masks = self.masker(2 * B, backbone.grid_size, device=imgs.device, generator=g, scores=attn.mean(dim=1))
+        if masks is None:
+            masks = self.masker(2 * B, backbone.grid_size, draws=d.child("mask").repeat(2), scores=attn.mean(dim=1))
+        elif masks.mask.shape[0] != 2 * B:
+            raise ValueError(f"mst: masks= must hold 2B = {2 * B} rows, got {masks.mask.shape[0]}")
         s_tokens = backbone.forward_masked_tokens(x, masks.mask, self.mask_token)   # [2B, 1+L, D]
         s_out = self.student["head"](s_tokens[:, 0])
         dino = self.dino_loss(s_out.chunk(2), t_out.chunk(2), step=self.step)
@@ -167,6 +176,25 @@ class MST(Method):
             entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
         return {"loss": loss, "dino": dino.detach(), "rec": rec.detach(), "mask_ratio": masks.mask.mean(),
                 "teacher_entropy": entropy}
+
+    @torch.no_grad()
+    def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """imgs [B, 3, S, S] normalized -> panels for `fastmask visualize`, on the images themselves
+        (no view augmentation): "original"; "teacher attention" [B, 1, S, S] (the teacher's
+        last-block cls attention over the patches, head mean, min-max scaled per image); "mask"
+        [B, 1, S, S] (the attention-guided mask, 1 = hidden); "student input" (hidden patches grey:
+        the student gets the mask token there); "reconstruction" [B, 3, S, S] (the global decoder's
+        image from the student's tokens)."""
+        backbone = self.student["backbone"]
+        backbone.check_images(imgs)
+        d = self.stream.draws(imgs.shape[0], imgs.device)
+        scores = forward_with_cls_attention(self.teacher["backbone"], imgs)[1].mean(dim=1)   # [B, L]
+        masks = self.masker(imgs.shape[0], backbone.grid_size, draws=d.child("mask"), scores=scores)
+        recon = self.decoder(backbone.forward_masked_tokens(imgs, masks.mask, self.mask_token)[:, 1:])
+        p, grid = backbone.patch_size, backbone.grid_size
+        return {"original": imgs, "teacher attention": patch_map(rescale(scores), grid, p),
+                "mask": patch_map(masks.mask, grid, p), "student input": hide_patches(imgs, masks.mask, p),
+                "reconstruction": recon.float()}
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:
