@@ -45,7 +45,8 @@ CASES = {
                                  "method_args.pred_hidden_dim=64", "method_args.momentum=0.5"]),
     "relaxmim_stopgrad": ("relaxmim_tiny", [f"model={MICRO}", "method_args.decoder_depth=1",
                                             "method_args.decoder_embed_dim=32", "method_args.decoder_num_heads=4",
-                                            "method_args.proj_hidden_dim=64", "method_args.proj_dim=32"]),
+                                            "method_args.proj_hidden_dim=64", "method_args.proj_dim=32",
+                                            "method_args.negatives=image"]),  # batch negatives: per rank
     "mst": ("mst_tiny", [f"model={MICRO}", "method_args.out_dim=64", "method_args.head_hidden_dim=32",
                          "method_args.bottleneck_dim=16", "method_args.decoder_width=16", "method_args.momentum=0.5"]),
 }
