@@ -14,8 +14,17 @@ are the model states). Each rank reports:
   exp_avg / exp_avg_sq (whole at stage 0, partitioned at 1-3);
 - total_state_bytes: unique storages of the two (shared tensors counted once);
 - peak_rss_build_bytes: peak resident memory once the method is built (construction's peak);
-- peak_rss_bytes: the process's peak resident memory (ru_maxrss), everything included.
+- peak_rss_bytes: the process's peak resident memory (ru_maxrss), everything included;
+- rss_phases: (phase, peak RSS so far, RSS now) after imports, construction, deepspeed.initialize
+  and each forward / backward / optimizer step: where the peak comes from.
 Prints a table and writes JSON (device, versions, shapes, per-rank figures) to --out.
+
+Peak RSS and glibc: glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB),
+after which blocks of that size come from the heap, whose freed space it keeps. ZeRO-3 gathers and
+frees every layer's weights (MBs each) in every forward and backward, so with glibc's defaults its
+RSS holds up to a GiB of freed memory that ZeRO-0 never allocates. `--malloc-mmap-threshold 65536`
+fixes the threshold (`MALLOC_MMAP_THRESHOLD_`, the same for every stage): then RSS follows what is
+live. Both figures are worth recording; the JSON says which one it holds.
 """
 from __future__ import annotations
 
@@ -37,6 +46,11 @@ def _tensor_bytes(t) -> int:
 
 def _peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def _rss() -> int:
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 def _measure(engine, optimizer) -> dict:
@@ -91,21 +105,26 @@ def worker(args) -> None:
     info = dist_info()
     torch.manual_seed(0)
     ds_config = build_ds_config(cfg, info.world_size, "fp32", info.device)
-    method = construct(lambda: build_method(cfg), cfg, info, ds_config)
-    build_peak = _peak_rss()
+    phases = [("imported", _peak_rss(), _rss())]  # (phase, peak RSS so far, RSS now)
     init_distributed(info)
+    method = construct(lambda: build_method(cfg), cfg, info, ds_config)
+    phases.append(("built", _peak_rss(), _rss()))
     opt = torch.optim.AdamW(method.param_groups(cfg.engine.weight_decay), lr=1e-4, betas=cfg.engine.betas)
     engine, *_ = deepspeed.initialize(model=method, optimizer=opt, config=ds_config)
     share_fp32_master(engine)
+    phases.append(("initialized", _peak_rss(), _rss()))
     loader = build_loader(cfg.data, info.rank, info.world_size, seed=0, device=info.device)
     t0 = time.perf_counter()
     for i, imgs in zip(range(args.steps), loader.epoch(0)):
         loss = engine(imgs)["loss"]
+        phases.append((f"forward {i}", _peak_rss(), _rss()))
         engine.backward(loss)
+        phases.append((f"backward {i}", _peak_rss(), _rss()))
         engine.step()
+        phases.append((f"step {i}", _peak_rss(), _rss()))
     step_s = (time.perf_counter() - t0) / args.steps
     rec = {"rank": info.rank, "stage": args.stage, "loss": float(loss), "step_s": step_s,
-           "peak_rss_build_bytes": build_peak, **_measure(engine, opt)}
+           "peak_rss_build_bytes": phases[1][1], "rss_phases": phases, **_measure(engine, opt)}
     Path(args.result).parent.mkdir(parents=True, exist_ok=True)
     with open(f"{args.result}.rank{info.rank}", "w") as f:
         json.dump(rec, f)
@@ -125,6 +144,8 @@ def driver(args) -> None:
                "--batch", str(args.batch), "--steps", str(args.steps), "--config", args.config]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         env.setdefault("OMP_NUM_THREADS", "1")
+        if args.malloc_mmap_threshold is not None:
+            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"stage {stage} failed:\n{proc.stderr[-4000:]}")
@@ -141,6 +162,7 @@ def driver(args) -> None:
               f"{r['peak_rss_bytes'] / gib:>12.3f} {r['step_s']:>7.2f}")
     out = {"benchmark": "zero_memory", "command": "python " + " ".join(sys.argv), "model": args.model, "img_size": args.img_size, "batch_per_rank": args.batch,
            "ranks": args.ranks, "steps": args.steps, "precision": "fp32", "device": "cpu",
+           "malloc_mmap_threshold": args.malloc_mmap_threshold,
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
@@ -160,6 +182,9 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file for the results")
+    p.add_argument("--malloc-mmap-threshold", type=int, default=None,
+                   help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the ranks: allocations at least this "
+                        "large are mapped and unmapped, so freed memory leaves the RSS (see the module docstring)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)

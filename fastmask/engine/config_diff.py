@@ -26,8 +26,10 @@ RULES: dict[str, str] = {
     "data.loader": CHANGED, "data.root": CHANGED, "data.img_size": FIXED, "data.batch_size": CHANGED,
     "data.num_workers": IGNORED, "data.min_scale": CHANGED, "data.hflip": CHANGED, "data.on_corrupt": IGNORED,
     "data.dali_threads": IGNORED, "data.synthetic_size": CHANGED,
-    # zero_stage: stages 1-3 convert through DeepSpeed's universal format; 0 <-> 1-3 is refused by the trainer.
+    # zero_stage: within stages 1-2 and within stage 3 DeepSpeed's universal format converts; the trainer
+    # refuses the rest (`_needs_universal`). Offload moves states between memories, the math stays.
     "engine.zero_stage": CHANGED, "engine.zero_bucket_size": IGNORED, "engine.zero3_max_live_parameters": IGNORED,
+    "engine.offload_optimizer": IGNORED, "engine.offload_params": IGNORED, "engine.offload_nvme_path": IGNORED,
     "engine.precision": IGNORED,  # compared as resolved (fp32/bf16/fp16: `auto` differs per device), FIXED
     "engine.optimizer": FIXED,
     "engine.steps": CHANGED, "engine.epochs": CHANGED, "engine.stop_at": IGNORED, "engine.grad_accum": CHANGED,
