@@ -1,4 +1,4 @@
-"""MST's loss against an independent plain-PyTorch formulation written from shared/METHODS.md section 5
+"""MST's loss against an independent plain-PyTorch formulation written from the method description (shared/METHODS.md section 5)
 and DINO's main_dino.py (issue 15, item 4).
 
 The oracle shares no code with fastmask.models / objectives / methods: the ViT runs on timm's own
