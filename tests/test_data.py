@@ -137,7 +137,7 @@ _VIEWS = [ViewSpec(24, (1.0, 1.0), ratio=(1.0, 1.0), hflip=False), ViewSpec(12, 
 
 
 def _pil_view(path, window, size, flip) -> torch.Tensor:
-    """The window (x0, y0, w, h) of the original file, bicubic to size x size, flipped: uint8 [size, size, 3]."""
+    """The window (x0, y0, w, h) of the original file, bicubic to size, maybe flipped: uint8 [S, S, 3]."""
     from PIL import Image
 
     x0, y0, w, h = (int(v) for v in window)
@@ -151,14 +151,14 @@ def test_views_are_cut_from_the_original_image_where_drawn(folder):
     from fastmask.data.dali import view_params
 
     with pytest.warns(UserWarning):  # the folder's two corrupt files
-        loader = TorchLoader(_cfg(root=str(folder), batch_size=4, img_size=16, min_scale=0.2), seed=3, views=_VIEWS)
+        loader = TorchLoader(_cfg(root=str(folder), batch_size=4, img_size=16), seed=3, views=_VIEWS)
     batch = next(iter(loader.epoch(1)))
     assert [tuple(v.shape) for v in batch] == [(4, 3, 24, 24), (4, 3, 12, 12)]
     idx = loader.epoch_indices(1)[0]
     windows, flips = view_params(3, 1, idx, loader._sizes[idx], _VIEWS)
     assert windows.shape == (4, 2, 4) and flips.shape == (4, 2)
-    assert (windows[:, 0, 2:] == loader._sizes[idx]).all()    # scale (1, 1), ratio 1 on squares: the whole image
-    assert (windows[:, 1, 2] * windows[:, 1, 3] < 0.45 * loader._sizes[idx].prod(1)).all()  # local: <= 40 % area
+    assert (windows[:, 0, 2:] == loader._sizes[idx]).all()    # scale 1, ratio 1 on squares: the whole image
+    assert (windows[:, 1, 2] * windows[:, 1, 3] < 0.45 * loader._sizes[idx].prod(1)).all()  # local: <= 40 %
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
     for v, spec in enumerate(_VIEWS):
@@ -171,7 +171,8 @@ def test_views_restart_exactly_and_a_global_batch_is_the_same_on_any_rank_count(
     one = TorchLoader(_cfg(batch_size=6), 0, 1, seed=1, views=_VIEWS)
     two = [TorchLoader(_cfg(batch_size=3), r, 2, seed=1, views=_VIEWS) for r in range(2)]
     full = list(itertools.islice(one.epoch(2), 3))
-    tail = next(iter(TorchLoader(_cfg(batch_size=6, num_workers=2), 0, 1, seed=1, views=_VIEWS).epoch(2, start=2)))
+    other = TorchLoader(_cfg(batch_size=6, num_workers=2), 0, 1, seed=1, views=_VIEWS)  # worker processes
+    tail = next(iter(other.epoch(2, start=2)))
     assert all(torch.equal(a, b) for a, b in zip(full[2], tail))
     halves = [next(iter(t.epoch(2))) for t in two]
     for v in range(len(_VIEWS)):

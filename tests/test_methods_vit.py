@@ -115,6 +115,7 @@ def test_mae_with_block_masking_learns(data):
 
 @pytest.mark.slow
 def test_mst_learns_without_collapse(data):
+    torch.manual_seed(0)  # the initial weights: not whatever state earlier tests left the global RNG in
     m = get_method("mst")(model=MICRO, img_size=IMG, masking="attention", out_dim=256,
                           head_hidden_dim=128, bottleneck_dim=32, decoder_width=16, momentum=0.99,
                           drop_path_rate=0.0, mask_rho=0.5, mask_prob=0.3, local_crops_number=2,
@@ -178,7 +179,7 @@ def test_method_errors():
         get_method("mst")(model=MICRO, img_size=IMG, rec_loss="ssim")
 
 
-# ---------------------------------------------------------------- MST: multi-crop, DINO's augmentations, epochs
+# ---------------------------------------------------------------- MST: multi-crop, DINO's augmentations
 def _mst(**kw):
     torch.manual_seed(0)
     return get_method("mst")(model=MICRO, img_size=IMG, masking="attention", **{**_SMALL["mst"], **kw})
@@ -243,8 +244,9 @@ def test_gaussian_blur_matches_a_dense_per_sample_convolution():
 
 def test_view_blur_is_drawn_per_sample_with_its_probability():
     aug = ViewAugment(crop_scale=None, jitter_p=0.0, gray_p=0.0, blur_p=0.5)
-    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    x = (torch.rand(400, 3, 16, 16, generator=torch.Generator().manual_seed(1)) - mean) / std  # pixels in [0, 1]
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    x = (torch.rand(400, 3, 16, 16, generator=torch.Generator().manual_seed(1)) - mean) / std  # in [0, 1]
     changed = (aug(x, draws=Draws(torch.arange(400) * 7919, seed=3)) - x).abs().amax(dim=(1, 2, 3)) > 1e-4
     assert 0.42 < changed.float().mean().item() < 0.58                 # 200 +- 3 sigma of Binomial(400, 0.5)
     never = ViewAugment(crop_scale=None, jitter_p=0.0, gray_p=0.0)
@@ -263,15 +265,19 @@ def test_mst_trains_through_the_engine_on_loader_views(monkeypatch):
                                    "method_args.local_crop_size=16", "engine.steps=3", "engine.log_every=1"])
     built, record = {}, []
     make_opt = trainer.build_optimizer
-    monkeypatch.setattr(trainer, "build_optimizer", lambda *a, **k: built.setdefault("opt", make_opt(*a, **k)))
+    monkeypatch.setattr(trainer, "build_optimizer",
+                        lambda *a, **k: built.setdefault("opt", make_opt(*a, **k)))
 
     def factory(c):
         m = build_method(c)
         inputs = []
         m.register_forward_pre_hook(lambda _m, args: inputs.append([tuple(v.shape) for v in args[0]]))
         step_end = m.on_step_end
-        m.on_step_end = lambda step, total: (record.append([g["weight_decay"] for g in built["opt"].param_groups]),
-                                             step_end(step, total))
+
+        def on_step_end(step, total):
+            record.append([g["weight_decay"] for g in built["opt"].param_groups])
+            step_end(step, total)
+        m.on_step_end = on_step_end
         built["method"], built["inputs"] = m, inputs
         return m
 

@@ -1,5 +1,5 @@
-"""MST's loss against an independent plain-PyTorch formulation written from the method description (shared/METHODS.md section 5)
-and DINO's main_dino.py (issue 15, item 4).
+"""MST's loss against an independent plain-PyTorch formulation written from the method description
+(shared/METHODS.md section 5) and DINO's main_dino.py (issue 15, item 4).
 
 The oracle shares no code with fastmask.models / objectives / methods: the ViT runs on timm's own
 `Block`s, the patch embedding, the DINO head, the image decoder and the DINO cross-entropy are
@@ -30,7 +30,8 @@ RHO, PROB = 0.5, 0.5
 if MODEL not in MODELS:
     @register_model(name=MODEL)
     def _oracle_vit(**kw):
-        return VisionTransformer(**{"patch_size": P, "embed_dim": D, "depth": DEPTH, "num_heads": HEADS, **kw})
+        return VisionTransformer(**{"patch_size": P, "embed_dim": D, "depth": DEPTH, "num_heads": HEADS,
+                                    **kw})
 
 
 def _gen(seed):
@@ -41,8 +42,8 @@ def _mst(**kw):
     torch.manual_seed(0)
     args = dict(out_dim=K, head_hidden_dim=40, bottleneck_dim=16, decoder_width=16, drop_path_rate=0.0,
                 local_crops_number=N_LOCAL, local_crop_size=LOCAL, norm_last_layer=False, color_aug=False,
-                teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=5, freeze_last_layer=1,
-                mask_rho=RHO, mask_prob=PROB)
+                teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_teacher_temp_epochs=5,
+                freeze_last_layer=1, mask_rho=RHO, mask_prob=PROB)
     m = get_method("mst")(model=MODEL, img_size=IMG, masking="attention", **{**args, **kw})
     with torch.no_grad():  # a teacher that is not the student, a centre that is not zero
         for i, p in enumerate(m.teacher.parameters()):
@@ -51,6 +52,11 @@ def _mst(**kw):
     m.set_epoch_length(3)
     m.step = 7  # epoch 2 of the 5-epoch temperature warm-up; past the 1 frozen epoch
     return m
+
+
+def _part(sd: dict, prefix: str) -> dict:
+    """The entries of `sd` under `prefix`, with the prefix cut off."""
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
 
 
 def _views():
@@ -66,7 +72,8 @@ class OracleViT(torch.nn.Module):
         from timm.models.vision_transformer import Block
 
         norm = partial(torch.nn.LayerNorm, eps=1e-6)
-        self.blocks = torch.nn.ModuleList([Block(D, HEADS, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(DEPTH)])
+        self.blocks = torch.nn.ModuleList([Block(D, HEADS, 4.0, qkv_bias=True, norm_layer=norm)
+                                           for _ in range(DEPTH)])
         self.norm = norm(D)
         self.patch_w = torch.nn.Parameter(sd["patch_embed.proj.weight"].clone())
         self.patch_b = torch.nn.Parameter(sd["patch_embed.proj.bias"].clone())
@@ -74,7 +81,7 @@ class OracleViT(torch.nn.Module):
         self.register_buffer("pos_embed", sd["pos_embed"].clone())
         rest = {k: v for k, v in sd.items() if k.startswith(("blocks.", "norm."))}
         missing, unexpected = self.load_state_dict(rest, strict=False)
-        assert not unexpected and all(k in ("patch_w", "patch_b", "cls_token", "pos_embed") for k in missing), (missing, unexpected)
+        assert not unexpected and set(missing) <= {"patch_w", "patch_b", "cls_token", "pos_embed"}, missing
 
     def pos(self, grid: int) -> torch.Tensor:
         """[1, grid*grid, D]: the patch rows, interpolated bicubically to the grid (DINO's
@@ -154,8 +161,7 @@ def _oracle_masks(teacher: OracleViT, views) -> tuple[torch.Tensor, torch.Tensor
 def test_mst_loss_matches_the_independent_formulation():
     m = _mst().train()
     sd = {k: v.detach().clone() for k, v in m.state_dict().items() if not k.endswith("_extra_state")}
-    student = OracleViT({k[len("student.backbone."):]: v for k, v in sd.items() if k.startswith("student.backbone.")})
-    teacher = OracleViT({k[len("teacher.backbone."):]: v for k, v in sd.items() if k.startswith("teacher.backbone.")})
+    student, teacher = OracleViT(_part(sd, "student.backbone.")), OracleViT(_part(sd, "teacher.backbone."))
     views = _views()
     candidates, hidden = _oracle_masks(teacher, views)
     assert hidden.any() and not hidden.all()
@@ -165,14 +171,13 @@ def test_mst_loss_matches_the_independent_formulation():
     out["loss"].backward()
 
     # --- the oracle, on the same weights (head/decoder weights as leaf tensors to take gradients)
-    head = {k[len("student.head."):]: v.clone().requires_grad_() for k, v in sd.items() if k.startswith("student.head.")}
+    head = {k: v.clone().requires_grad_() for k, v in _part(sd, "student.head.").items()}
     dec = {k: v.clone().requires_grad_() for k, v in sd.items() if k.startswith("decoder.")}
     mask_token = sd["mask_token"].clone().requires_grad_()
     xg = torch.cat(views[:2])
     with torch.no_grad():
         t_tok = teacher(xg)
-        t_out = _head({k[len("teacher.head."):]: v for k, v in sd.items() if k.startswith("teacher.head.")},
-                      "", t_tok[:, 0])
+        t_out = _head(_part(sd, "teacher.head."), "", t_tok[:, 0])
     s_glob = student(xg, mask=hidden, mask_token=mask_token)
     s_loc = student(torch.cat(views[2:]))
     s_out = _head(head, "", torch.cat([s_glob[:, 0], s_loc[:, 0]]))
@@ -189,7 +194,7 @@ def test_mst_loss_matches_the_independent_formulation():
     # the centre moved towards the teacher's batch mean after the loss (momentum 0.9)
     torch.testing.assert_close(m.dino_loss.center, 0.9 * center0 + 0.1 * t_out.mean(0, keepdim=True),
                                rtol=1e-5, atol=1e-6)
-    # the student's gradients: backbone, mask token, head (last layer included: past its frozen epoch), decoder
+    # the student's gradients: backbone, mask token, head (the last layer past its frozen epoch), decoder
     ours = dict(m.named_parameters())
     pairs = [("student.backbone.patch_embed.proj.weight", student.patch_w),
              ("student.backbone.blocks.0.attn.qkv.weight", student.blocks[0].attn.qkv.weight),
@@ -208,8 +213,7 @@ def test_mst_loss_matches_the_independent_formulation():
 def test_mst_own_masks_hide_only_the_teachers_lowest_attention_patches():
     m = _mst(mask_prob=0.9)
     views = _views()
-    teacher = OracleViT({k[len("teacher.backbone."):]: v.detach() for k, v in m.state_dict().items()
-                         if k.startswith("teacher.backbone.")})
+    teacher = OracleViT({k: v.detach() for k, v in _part(m.state_dict(), "teacher.backbone.").items()})
     candidates, _ = _oracle_masks(teacher, views)
     got = []
     m.masker.register_forward_hook(lambda _m, _a, out: got.append(out.mask.bool()))

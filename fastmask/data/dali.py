@@ -10,9 +10,10 @@ antialiased) -> `fn.crop_mirror_normalize` (flip, (x - mean) / std, HWC -> CHW, 
 `DALIGenericIterator`. With `views` (a method's `fastmask.data.ViewSpec`s, e.g. MST's 2 global +
 N local crops): `fn.decoders.image` decodes the whole image once, then per view one `fn.resize`
 reads its window of the full-resolution image (`roi_start`/`roi_end`) straight to S_v x S_v and one
-`fn.crop_mirror_normalize` flips and normalizes it; the batch is a list of V tensors. On CPU the pipeline runs with `device_id=None`. One pipeline per epoch (its
-file list is the epoch's order); the next epoch's is built in a background thread while the last
-batch of the current one is consumed, so an epoch boundary does not stall on DALI's reader setup.
+`fn.crop_mirror_normalize` flips and normalizes it; the batch is a list of V tensors. On CPU the
+pipeline runs with `device_id=None`. One pipeline per epoch (its file list is the epoch's order);
+the next epoch's is built in a background thread while the last batch of the current one is
+consumed, so an epoch boundary does not stall on DALI's reader setup.
 
 What is decided in numpy rather than by DALI's random operators, and why:
 - Order and sharding. Each epoch, one permutation of all files drawn from (seed, epoch), cut into
@@ -27,8 +28,9 @@ What is decided in numpy rather than by DALI's random operators, and why:
   the image size found when the files were validated, with draws hashed from (seed, epoch, sample
   index) (`augment_params`; view v of a sample draws from (seed, epoch, sample index, v),
   `view_params`): a sample gets the same crop on any rank count or batch size, and the torch loader
-  cuts the same view windows. They reach DALI through `fn.external_source`. DALI's random operators instead advance a hidden
-  state per batch, so a pipeline restarted at batch k would draw different crops.
+  cuts the same view windows. They reach DALI through `fn.external_source`. DALI's random
+  operators instead advance a hidden state per batch, so a pipeline restarted at batch k would
+  draw different crops.
 
 Reproducibility: given (files, seed, epoch, rank, world_size, batch_size) the file order, crops and
 flips are exact (a sample's crop and flip given (files, seed, epoch) alone), and `epoch(e, start=k)`
@@ -143,7 +145,8 @@ def keyed_uniforms(seed: int, epoch: int, indices: np.ndarray, k: int, offset: i
 
 def augment_params(seed: int, epoch: int, indices: np.ndarray, sizes: np.ndarray, min_scale: float,
                    hflip: bool, attempts: int = 10, *, max_scale: float = 1.0,
-                   ratio: tuple[float, float] = (3 / 4, 4 / 3), view: int = 0) -> tuple[np.ndarray, np.ndarray]:
+                   ratio: tuple[float, float] = (3 / 4, 4 / 3),
+                   view: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Crop windows and flips of samples `indices` (into the dataset) in `epoch`.
 
     sizes int [N, 2]: (width, height) of those samples. -> (int32 [N, 4] (x0, y0, w, h), int32 [N] 0|1).
@@ -376,7 +379,8 @@ class DaliLoader:
                     except RuntimeError as e:
                         self._replace_bad_files(epoch, b, files, windows, flips, e)
                         break  # rebuild the pipeline from batch b with the bad files replaced
-                    got = [t if t.dtype == self.dtype else t.to(self.dtype) for t in map(out[0].get, self._outputs())]
+                    got = [out[0][name] for name in self._outputs()]
+                    got = [t if t.dtype == self.dtype else t.to(self.dtype) for t in got]
                     yield got if self.views is not None else got[0]
                     b += 1
             finally:

@@ -88,7 +88,8 @@ class _Samples(torch.utils.data.Dataset):
             raise RuntimeError("no image of the dataset can be decoded")
         if self.views is not None:
             # The windows fit the image decoded (a substitute's own size), keyed by the sample asked for.
-            windows, flips = view_params(self.seed, self.epoch, np.array([i]), np.array([img.size]), self.views)
+            windows, flips = view_params(self.seed, self.epoch, np.array([i]), np.array([img.size]),
+                                         self.views)
             return tuple(_cut(img, windows[0, v], v_spec.size, bool(flips[0, v]))
                          for v, v_spec in enumerate(self.views))
         rng = np.random.default_rng([self.seed, self.epoch, i])
@@ -98,7 +99,7 @@ class _Samples(torch.utils.data.Dataset):
 
 
 def _cut(img, window: np.ndarray, size: int, flip: bool) -> torch.Tensor:
-    """PIL image, window (x0, y0, w, h) -> uint8 [size, size, 3]: the window resized (bicubic), maybe flipped."""
+    """PIL image, window (x0, y0, w, h) -> uint8 [size, size, 3]: the window, bicubic, maybe flipped."""
     from PIL import Image
 
     x0, y0, w, h = (int(v) for v in window)

@@ -264,7 +264,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     init_distributed(info)
     method.to(device)
     optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, tuple(e.betas), device)
-    decay_groups = {i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0}  # on the wd schedule
+    decay_groups = {i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0}  # wd schedule
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     if e.compile or e.cuda_graphs:
         # CUDA graphs through torch.compile's "reduce-overhead" mode (cudagraph trees): the whole

@@ -57,7 +57,7 @@ from .views import ViewAugment
 
 @register_method("mst")
 class MST(Method):
-    """forward(imgs, keys=None, masks=None) -> {"loss", "dino", "rec", "mask_ratio", "teacher_entropy"} (fp32).
+    """forward(imgs, keys=None, masks=None) -> {"loss", "dino", "rec", "mask_ratio", "teacher_entropy"}.
 
     imgs: the views of `view_specs()`, [global1, global2, local1..N] ([B, 3, img_size, img_size] x 2,
     [B, 3, local_crop_size, local_crop_size] x N), normalized; or one batch [B, 3, img_size, img_size]
@@ -89,7 +89,7 @@ class MST(Method):
         local_crop_scale: tuple[float, float] = (0.05, 0.4)
         blur_p: tuple[float, float, float] = (1.0, 0.1, 0.5)  # global1, global2, locals (DINO)
         solarize_p: float = 0.2            # global2 only (DINO)
-        color_aug: bool = True             # false: the views enter as they come (no jitter, blur, solarization)
+        color_aug: bool = True             # false: views enter as they come (no jitter, blur, solarize)
         drop_path_rate: float = 0.1
         freeze_last_layer: float = 1.0     # epochs without a gradient to the head's last layer (DINO: 1)
 
@@ -169,8 +169,8 @@ class MST(Method):
         else:
             specs = self.view_specs()
             if len(imgs) != len(specs):
-                raise ValueError(f"mst: expects {len(specs)} views (2 global + {len(specs) - 2} local) or one "
-                                 f"batch tensor, got {len(imgs)} views")
+                raise ValueError(f"mst: expects {len(specs)} views (2 global + {len(specs) - 2} local) or "
+                                 f"one batch tensor, got {len(imgs)} views")
             batch = imgs[0].shape[0] if isinstance(imgs[0], torch.Tensor) and imgs[0].dim() else 0
             problems = [p for i, (x, s) in enumerate(zip(imgs, specs))
                         for p in _size_problems(x, s.size, f"view {i}", batch)]

@@ -63,7 +63,7 @@ def _tup(v) -> tuple:
 
 @dataclass
 class ViewAugment:
-    crop_scale: tuple[float, float] | None = (0.2, 1.0)   # None: no crop and no flip (the loader cut the view)
+    crop_scale: tuple[float, float] | None = (0.2, 1.0)   # None: no crop, no flip (the loader cut it)
     out_size: int | None = None                           # crop output side; None: the input's size
     crop_ratio: tuple[float, float] = (3 / 4, 4 / 3)
     hflip: bool = True

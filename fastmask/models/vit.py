@@ -124,7 +124,7 @@ class VisionTransformer(nn.Module):
         return torch.cat([cls, x], dim=1)
 
     def _patch_pos(self, imgs: torch.Tensor) -> torch.Tensor:
-        """-> [1, L, D]: the patch rows of the position embedding for `imgs`'s grid (resized if it differs)."""
+        """-> [1, L, D]: the position embedding's patch rows for `imgs`'s grid (resized if it differs)."""
         grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
         return resize_pos_embed(self.pos_embed, self.grid_size, grid)[:, 1:]
 
@@ -144,7 +144,7 @@ class VisionTransformer(nn.Module):
         Equals `(patch_embed(imgs) + pos_embed[:, 1:]).gather(ids_keep)` (MAE embeds all L patches,
         then gathers) but embeds only K patches (`PatchConv` -> `fastmask.ops.patch_embed_visible`).
         """
-        return self.patch_embed(imgs, ids_keep, self._patch_pos(imgs)[0])  # only the kept patches are embedded
+        return self.patch_embed(imgs, ids_keep, self._patch_pos(imgs)[0])  # embeds only the kept patches
 
     def forward_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W], ids_keep [B, K] int64 (visible patches, any order) -> [B, 1+K, D].

@@ -55,7 +55,7 @@ class DINOLoss(nn.Module):
         W = self.warmup_epochs
         if epoch is None or epoch >= W:
             return self.teacher_temp
-        frac = epoch / (W - 1) if W > 1 else 0.0  # linspace's endpoints: the warm-up's last epoch is teacher_temp
+        frac = epoch / (W - 1) if W > 1 else 0.0  # linspace: the warm-up's last epoch has teacher_temp
         return self.warmup_teacher_temp + frac * (self.teacher_temp - self.warmup_teacher_temp)
 
     def forward(self, student_views: Sequence[torch.Tensor], teacher_views: Sequence[torch.Tensor],
@@ -102,7 +102,8 @@ class DINOLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"out_dim={self.center.shape[1]}, student_temp={self.student_temp}, "
-                f"teacher_temp={self.warmup_teacher_temp}->{self.teacher_temp} over {self.warmup_epochs} epochs, "
+                f"teacher_temp={self.warmup_teacher_temp}->{self.teacher_temp} "
+                f"over {self.warmup_epochs} epochs, "
                 f"center_momentum={self.center_momentum}")
 
 
