@@ -42,6 +42,7 @@ from .footprint import (FLOP_BATCHES, MEASURE_BATCHES, BatchFit, Footprint, Para
                         count_params, measure_footprint)
 
 LOW_PRECISION = ("bf16", "fp16")
+SEARCH_TO = 64  # the largest micro-batch that fits is searched up to this multiple of the per-GPU batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,7 +144,7 @@ class Row:
     activation_bytes_per_image: float | None = None   # at the chosen micro-batch
     activations: float | None = None                  # at the chosen micro-batch
     total: float | None = None
-    max_micro_batch: int = 0                          # the largest that fits (0: not even 1)
+    max_micro_batch: int = 0                          # the largest that fits, up to SEARCH_TO x per GPU
     micro_batch: int | None = None                    # the largest divisor of the per-GPU batch that fits
     grad_accum: int | None = None
     comm_bytes: float | None = None
@@ -181,8 +182,8 @@ def plan_row(counts: ParamCounts, foot: Footprint, hw: Hardware, stage: int, che
     row = _new_row(stage, checkpointing, states)
     per_gpu = global_batch // hw.gpus
     fixed = _state_bytes(states)
-    # Search past the per-GPU batch (up to 64x) so the table says how much room is left.
-    row.max_micro_batch = _largest_fitting(hw.budget, fixed, foot.saved_bytes, cap=per_gpu * 64)
+    # Search past the per-GPU batch so the table says how much room is left.
+    row.max_micro_batch = _largest_fitting(hw.budget, fixed, foot.saved_bytes, cap=per_gpu * SEARCH_TO)
     divisors = [d for d in range(1, per_gpu + 1) if per_gpu % d == 0]
     micro = max((d for d in divisors if d <= row.max_micro_batch), default=None)
     if micro is None:

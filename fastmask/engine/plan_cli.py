@@ -17,7 +17,7 @@ import json
 import os
 import sys
 
-from .plan import FORMULAS, Hardware
+from .plan import FORMULAS, SEARCH_TO, Hardware
 
 _HW = Hardware()  # the one home of the hardware defaults
 
@@ -95,13 +95,14 @@ def format_plan(p: dict) -> str:
     head = ("stage", "ckpt", "params", "grads", "optim", "act/img", "act", "total", "max B", "B x accum",
             "comm/step", "step", "img/s")
     units = ("", "", "GiB", "GiB", "GiB", "MiB", "GiB", "GiB", "", "", "GB", "ms", "")
-    rows = []
+    rows, cap = [], p["per_gpu_batch"] * SEARCH_TO
     for r in p["rows"]:
         cells = [str(r["stage"]), "on" if r["checkpointing"] else "off", _gib(r["params"]), _gib(r["grads"]),
                  _gib(r["optimizer"])]
         if r["fits"]:
             cells += [f"{r['activation_bytes_per_image'] / 2**20:.1f}", _gib(r["activations"]),
-                      _gib(r["total"]), str(r["max_micro_batch"]), f"{r['micro_batch']} x {r['grad_accum']}",
+                      _gib(r["total"]), f"{r['max_micro_batch']}{'+' if r['max_micro_batch'] == cap else ''}",
+                      f"{r['micro_batch']} x {r['grad_accum']}",
                       f"{r['comm_bytes'] / 1e9:.2f}", f"{r['step_s'] * 1e3:.3g}", f"{r['images_per_s']:,.0f}"]
         else:
             cells += ["-"] * 7 + [r["note"]]
