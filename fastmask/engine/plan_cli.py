@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
 
 from .plan import FORMULAS, SEARCH_TO, Hardware
 
@@ -119,25 +117,20 @@ def format_plan(p: dict) -> str:
 
 
 def main(args: argparse.Namespace) -> int:
+    """Bad input raises ConfigError (a ValueError): `fastmask.cli` prints its one line and exits 2."""
     from .config import load_config
     from .plan import make_plan
-    from .pretrain import _message, _user_errors, default_recipe
+    from .pretrain import default_recipe
 
-    try:
-        cfg = load_config(args.config or default_recipe(args.overrides), list(args.overrides))
-        hw = Hardware(gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory,
-                      peak_tflops=args.peak_tflops, mfu=args.mfu, intra_node_gbps=args.intra_node_bw,
-                      inter_node_gbps=args.inter_node_bw, headroom=args.headroom, overlap=args.overlap)
-        global_batch = (args.global_batch if args.global_batch is not None
-                        else cfg.data.batch_size * cfg.engine.grad_accum * args.gpus)
-        checkpointing = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
-        p = make_plan(cfg, hw, global_batch, stages=sorted(set(args.stage or (0, 1, 2, 3))),
-                      checkpointing=checkpointing, offload_optimizer=args.offload_optimizer,
-                      offload_params=args.offload_params)
-    except _user_errors() as e:
-        if os.environ.get("FASTMASK_DEBUG"):
-            raise
-        print(f"fastmask plan: error: {_message(e)}", file=sys.stderr, flush=True)
-        return 2
+    cfg = load_config(args.config or default_recipe(args.overrides), list(args.overrides))
+    hw = Hardware(gpus=args.gpus, gpus_per_node=args.gpus_per_node, gpu_memory_gib=args.gpu_memory,
+                  peak_tflops=args.peak_tflops, mfu=args.mfu, intra_node_gbps=args.intra_node_bw,
+                  inter_node_gbps=args.inter_node_bw, headroom=args.headroom, overlap=args.overlap)
+    global_batch = (args.global_batch if args.global_batch is not None
+                    else cfg.data.batch_size * cfg.engine.grad_accum * args.gpus)
+    checkpointing = {"both": (False, True), "on": (True,), "off": (False,)}[args.checkpointing]
+    p = make_plan(cfg, hw, global_batch, stages=sorted(set(args.stage or (0, 1, 2, 3))),
+                  checkpointing=checkpointing, offload_optimizer=args.offload_optimizer,
+                  offload_params=args.offload_params)
     print(json.dumps(p, indent=1) if args.json else format_plan(p), flush=True)
     return 0
