@@ -38,8 +38,8 @@ def _prune(configs, named_args, **kwargs):
     """Under the interpreter run one tiny tile (no benchmarking on a CPU); on a GPU drop tiles wider than
     the row (they would only add masked lanes)."""
     n_cols = named_args["N"]
-    if interpreting():  # several column tiles on the tests' narrow rows, few programs on a model's wide ones
-        return [triton.Config({"BLOCK_M": 2, "BLOCK_N": 16 if n_cols <= 128 else 256}, num_warps=1)]
+    if interpreting():  # several column tiles on narrow rows (op tests), few programs on a model's MLP
+        return [triton.Config({"BLOCK_M": 2, "BLOCK_N": 16 if n_cols < 64 else 128}, num_warps=1)]
     fit = [c for c in configs if c.kwargs["BLOCK_N"] <= max(next_pow2(n_cols), 256)]
     return fit or configs[:1]
 

@@ -144,6 +144,32 @@ def test_patch_scatter(device, dtype, case):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("case", [c for c in SCATTER_CASES if c[1] < 50])
+def test_decoder_unshuffle(device, dtype, case):
+    """MAE's decoder input in one pass: tokens in dtype, fp32 mask token and position embedding (as under
+    AMP), output in the promoted dtype; gradients of x (in dtype), the mask token and a trainable pos."""
+    B, L, K, D = case
+    g = _gen("unshuffle", case, dtype)
+    _, ids_restore, _ = _masking(g, B, L, K, device)
+    x = _randn(g, B, 1 + K, D, device=device, dtype=dtype).requires_grad_()
+    mask_token = _randn(g, D, device=device).requires_grad_()
+    pos = _randn(g, 1, 1 + L, D, device=device)[0].requires_grad_()  # a view, as decoder_pos_embed[0]
+    leaves = [x, mask_token, pos]
+    refs = [t.detach().clone().requires_grad_() for t in leaves]
+    out = ops.decoder_unshuffle(x, ids_restore, mask_token, pos, backend="triton")
+    ref = reference.decoder_unshuffle(refs[0], ids_restore, refs[1], refs[2])
+    assert out.shape == (B, 1 + L, D) and out.dtype == torch.float32 == ref.dtype
+    _close(out, ref, {"atol": 0, "rtol": 0}, "forward (same fp32 additions as the reference)")
+    gout = _randn(g, *out.shape, device=device)
+    out.backward(gout)
+    ref.backward(gout)
+    assert x.grad.dtype == dtype
+    for name, t, r in zip(("x", "mask_token", "pos"), leaves, refs):
+        _close(t.grad, r.grad, _scaled(_tol("decoder_unshuffle", dtype), r.grad), f"{name} grad")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm_pix", [True, False])
 @pytest.mark.parametrize("case", IMAGE_CASES[:3])
 def test_norm_pix_loss(device, dtype, norm_pix, case):
@@ -298,14 +324,15 @@ def test_patch_embed_visible_rejects_bad_inputs():
 # ---- records, custom ops, torch.compile
 
 def test_records_declare_and_decline():
-    for op in ("patch_gather", "patch_scatter", "norm_pix_loss", "attention", "patch_embed_visible"):
+    for op in ("patch_gather", "patch_scatter", "decoder_unshuffle", "norm_pix_loss", "attention",
+               "patch_embed_visible"):
         rec = backends.backends_for(op)["triton"]
         assert set(rec.tolerances) == {torch.float32, torch.float16, torch.bfloat16}
     q = torch.randn(1, 1, 4, 512)
     reasons = dict(ops.explain("attention", q=q, k=q, v=q))["triton"]
     assert any("head dim 512" in r for r in reasons)
     with pytest.raises(ops.BackendUnavailable, match="float64"):
-        ops.patch_gather(torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.zeros(1, 2, dtype=torch.long), 4,
+        ops.patch_gather(torch.randn(1, 3, 8, 8, dtype=torch.float64), torch.tensor([[2, 0]]), 4,
                          backend="triton")
 
 
@@ -322,6 +349,9 @@ def _opcheck_cases(device):
         (tb.patch_gather_bwd_triton, (_randn(g, 2, 2, 48, device=device), ids_keep, 3, 8, 8, 4)),
         (tb.patch_scatter_fwd_triton, (tokens.requires_grad_(), ids_restore, mtok.requires_grad_())),
         (tb.patch_scatter_bwd_triton, (_randn(g, 2, 4, 16, device=device), ids_restore, 2)),
+        (tb.decoder_unshuffle_fwd_triton, (_randn(g, 2, 3, 16, device=device, dtype=torch.bfloat16).requires_grad_(),
+                                           ids_restore, mtok, _randn(g, 5, 16, device=device))),
+        (tb.decoder_unshuffle_bwd_triton, (_randn(g, 2, 5, 16, device=device), ids_restore, 2, torch.bfloat16)),
         (tb.norm_pix_loss_fwd_triton, (pred.requires_grad_(), imgs.detach(), mask, 4, True)),
         (tb.norm_pix_loss_bwd_triton, (torch.tensor(1.5, device=device), pred.detach(), imgs.detach(), mask,
                                        4, False)),
