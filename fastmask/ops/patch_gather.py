@@ -5,10 +5,11 @@ import torch
 
 from . import reference
 from ._checks import ALL_DEVICES, TORCH_DTYPES, check_images, check_index, check_index_values, fail_if
-from .backends import Backend, register, select
+from .backends import CUDA_FIRST, CUDA_FIRST_RULE, Backend, register, select, set_priority
 
 register(Backend(op="patch_gather", name="torch", fn=reference.patch_gather, devices=ALL_DEVICES,
                  dtypes=TORCH_DTYPES, key_input="imgs"))
+set_priority("patch_gather", CUDA_FIRST, CUDA_FIRST_RULE)
 
 
 def check_patch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int) -> None:
