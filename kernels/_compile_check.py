@@ -1,7 +1,8 @@
 """Compile every Triton kernel of fastmask.kernels for a GPU as its launcher launches it, without a GPU,
 and print registers, spills and shared memory per kernel.
 
-    python -m fastmask.kernels._compile_check [--arch 80 90] [--full] [--head-dims 32 64 80]
+    python -m fastmask.kernels._compile_check [--arch 80 90] [--full] [--head-dims 48 128]
+                                              [--kernels bias_gelu ...] [--json rows.json]
 
 The CPU interpreter runs the kernels' arithmetic but not Triton's GPU code generator, so a kernel can
 pass every interpreter test and still fail to compile for a GPU, or compile into a register-hungry,
@@ -20,12 +21,13 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
 import re
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 # (patch, encoder dim, heads), as benchmarks/bench_ops.py; the decoder is 512 wide, 16 heads, for all.
 MODELS = {"vit_b": (16, 768, 12), "vit_l": (16, 1024, 16), "vit_h": (14, 1280, 16)}
@@ -160,46 +162,52 @@ def cases(full: bool = False, head_dims: tuple[int, ...] = ()):
                 nl.norm_pix_loss_bwd(_meta((), dtype=f32), pred, imgs, mask, p, True)
 
             def scatter(dt=dt, ids_restore=ids_restore, B=B, L=L, K=K):
-                mtok = _meta(DEC_DIM, dtype=f32)
-                ps.patch_scatter_fwd(_meta(B, K, DEC_DIM, dtype=dt), ids_restore, mtok)
+                ps.patch_scatter_fwd(_meta(B, K, DEC_DIM, dtype=dt), ids_restore, _meta(DEC_DIM, dtype=f32))
                 ps.patch_scatter_bwd(_meta(B, L, DEC_DIM, dtype=dt), ids_restore, K)
-                # decoder_unshuffle as the MAE decoder calls it: bf16 tokens, fp32 parameters, fp32 stream out
+
+            def unshuffle(dt=dt, ids_restore=ids_restore, B=B, L=L, K=K):
+                # as the MAE decoder calls it: dt tokens, fp32 parameters, an fp32 stream out
                 pos = _meta(1, L + 1, DEC_DIM, dtype=f32)[0]
-                ps.patch_scatter_fwd(_meta(B, K + 1, DEC_DIM, dtype=dt), ids_restore, mtok, pos, cls=True,
-                                     out_dtype=f32)
+                ps.patch_scatter_fwd(_meta(B, K + 1, DEC_DIM, dtype=dt), ids_restore, _meta(DEC_DIM, dtype=f32),
+                                     pos, cls=True, out_dtype=f32)
                 ps.patch_scatter_bwd(_meta(B, L + 1, DEC_DIM, dtype=f32), ids_restore, K, cls=True, tok_dtype=dt)
 
-            def block_ops(dt=dt, dim=dim, rows=B * (K + 1)):
-                # As the fused chain runs under autocast: branch outputs in dt, the residual stream in fp32.
-                for d, m in ((dim, rows), (DEC_DIM, B * (L + 1))):
-                    x, w, stream = _meta(m, d, dtype=dt), _meta(d, dtype=f32), _meta(m, d, dtype=f32)
-                    y, h, mean, rstd = ln.layer_norm_fwd(x, stream, w, w, 1e-6, residual_dtype=f32)
-                    ln.layer_norm_bwd(y, h, w, mean, rstd, stream, dt, f32)
-                    if full:  # a model held in dt throughout: one gradient tensor for dx and dresidual
-                        y, h, mean, rstd = ln.layer_norm_fwd(x, x, w, w, 1e-6)
-                        ln.layer_norm_bwd(y, h, w, mean, rstd, y, dt, dt)
-                    u, b = _meta(m, 4 * d, dtype=dt), _meta(4 * d, dtype=f32)
-                    bg.bias_gelu_fwd(u, b)
-                    bg.bias_gelu_bwd(u, u, b)
+            def block_ops(m, d, dt=dt):
+                # as the fused chain runs under autocast: branch outputs in dt, the residual stream in fp32
+                x, w, stream = _meta(m, d, dtype=dt), _meta(d, dtype=f32), _meta(m, d, dtype=f32)
+                y, h, mean, rstd = ln.layer_norm_fwd(x, stream, w, w, 1e-6, residual_dtype=f32)
+                ln.layer_norm_bwd(y, h, w, mean, rstd, stream, dt, f32)
+                if full:  # a model held in dt throughout: one gradient tensor for dx and dresidual
+                    y, h, mean, rstd = ln.layer_norm_fwd(x, x, w, w, 1e-6)
+                    ln.layer_norm_bwd(y, h, w, mean, rstd, y, dt, dt)
+                u, b = _meta(m, 4 * d, dtype=dt), _meta(4 * d, dtype=f32)
+                bg.bias_gelu_fwd(u, b)
+                bg.bias_gelu_bwd(u, u, b)
 
-            def attention(dt=dt, dim=dim, heads=heads, N=K + 1, dh_list=head_dims):
-                shapes = [(heads, N, dim // heads), (DEC_HEADS, L + 1, DEC_DIM // DEC_HEADS)]
-                shapes += [(heads, N, dh) for dh in dh_list]
-                for H, n, dh in shapes:
-                    # q, k, v as the model makes them: strided views of one [B, N, 3, H, Dh] projection
-                    q, k, v = _meta(B, n, 3, H, dh, dtype=dt).permute(2, 0, 3, 1, 4).unbind(0)
-                    out, lse = at.attention_fwd(q, k, v)
-                    at.attention_bwd(out, q, k, v, out, lse)
+            def attention(H, n, dh, dt=dt, B=B):
+                # q, k, v as the model makes them: strided views of one [B, N, 3, H, Dh] projection
+                q, k, v = _meta(B, n, 3, H, dh, dtype=dt).permute(2, 0, 3, 1, 4).unbind(0)
+                out, lse = at.attention_fwd(q, k, v)
+                at.attention_bwd(out, q, k, v, out, lse)
 
-            yield f"{tag} patch_gather", gather
-            yield f"{tag} norm_pix_loss", loss
-            yield f"{tag} patch_scatter/decoder_unshuffle", scatter
-            yield f"{tag} block ops", block_ops
-            yield f"{tag} attention", attention
+            enc, dec = (B * (K + 1), dim), (B * (L + 1), DEC_DIM)
+            yield f"{tag} patch_gather [{B}, 3, {IMG}, {IMG}] K={K}", gather
+            yield f"{tag} norm_pix_loss [{B}, {L}, {P}]", loss
+            yield f"{tag} patch_scatter [{B}, {K}, {DEC_DIM}] L={L}", scatter
+            yield f"{tag} decoder_unshuffle [{B}, {K + 1}, {DEC_DIM}] L={L}", unshuffle
+            yield f"{tag} encoder add_layer_norm/bias_gelu [{enc[0]}, {enc[1]}]", lambda e=enc: block_ops(*e)
+            yield f"{tag} decoder add_layer_norm/bias_gelu [{dec[0]}, {dec[1]}]", lambda e=dec: block_ops(*e)
+            for where, H, n, dh in [("encoder", heads, K + 1, dim // heads),
+                                    ("decoder", DEC_HEADS, L + 1, DEC_DIM // DEC_HEADS)] + \
+                                   [("encoder", heads, K + 1, d) for d in head_dims]:
+                yield f"{tag} {where} attention B={B} H={H} N={n} Dh={dh}", \
+                    lambda H=H, n=n, dh=dh: attention(H, n, dh)
 
 
-def check(archs=(90,), full: bool = False, head_dims: tuple[int, ...] = (), log=print) -> list[Row]:
-    """Compile every recorded launch for every arch; raises on the first kernel that does not compile."""
+def check(archs=(90,), full: bool = False, head_dims: tuple[int, ...] = (), kernels: tuple[str, ...] = (),
+          log=print) -> list[Row]:
+    """Compile every recorded launch (of the kernels whose names contain one of `kernels`, default all)
+    for every arch; raises on the first kernel that does not compile."""
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise RuntimeError("unset TRITON_INTERPRET: interpreted kernels cannot be compiled for a GPU")
     rows, seen = [], set()
@@ -208,6 +216,8 @@ def check(archs=(90,), full: bool = False, head_dims: tuple[int, ...] = (), log=
         with recording() as launches:
             thunk()
         for fn, args, kwargs, configs in launches:
+            if kernels and not any(k in fn.__name__ for k in kernels):
+                continue
             for config in configs:
                 for arch in archs:
                     compiled, spec = compile_launch(fn, args, kwargs, config, arch)
@@ -232,8 +242,13 @@ def main(argv=None) -> int:
     ap.add_argument("--full", action="store_true", help="ViT-B/L/H in bf16, fp16 and fp32")
     ap.add_argument("--head-dims", type=int, nargs="*", default=[],
                     help="extra attention head dims at the encoder's shape (e.g. 48 96 128 256)")
+    ap.add_argument("--kernels", nargs="*", default=[], help="only kernels whose names contain one of these")
+    ap.add_argument("--json", default=None, help="also write the rows to this JSON file")
     a = ap.parse_args(argv)
-    check(tuple(a.arch), a.full, tuple(a.head_dims))
+    rows = check(tuple(a.arch), a.full, tuple(a.head_dims), tuple(a.kernels))
+    if a.json:
+        with open(a.json, "w") as f:
+            json.dump([asdict(r) for r in rows], f, indent=1)
     return 0
 
 
