@@ -1,0 +1,100 @@
+"""fastmask's training step as `fastmask pretrain` runs it: the method inside the DeepSpeed engine.
+
+    step = make_engine_step(cfg, method)      # cfg: the pretrain Config (load_config(...))
+    loss = step(imgs)                         # one optimizer step; no host sync
+
+Built from the engine's own pieces (`fastmask.engine.trainer`): `resolve_precision`,
+`build_optimizer` (torch AdamW, fused, over `method.param_groups`), `build_ds_config` (ZeRO stage,
+precision, accumulation, clipping) and `deepspeed.initialize`, plus `engine.compile` when
+`engine.compile` / `engine.cuda_graphs` is set. One call = one iteration of the trainer's loop
+with grad_accum 1: the lr written into every group (warmup + cosine from the step index),
+`engine(imgs)` (imgs cast to the run's dtype), `engine.backward`, `engine.step`, the loss and
+scalar metrics summed on the device with the first non-finite step recorded, `on_step_end`.
+Logging, checkpointing and the loader are not part of a step.
+
+Keep this in step with `fastmask.engine.trainer._pretrain`'s loop: tests/test_bench.py checks that
+this step and `pretrain()` give the same losses on the same images.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable
+
+import torch
+from torch import nn
+
+
+def why_not_engine() -> str | None:
+    """Why the DeepSpeed engine cannot run here (deepspeed missing), else None."""
+    try:
+        import deepspeed  # noqa: F401
+    except ImportError as e:
+        return f"the engine step needs deepspeed ({e})"
+    return None
+
+
+def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> Callable:
+    """cfg: a fastmask Config; module: the method (forward(imgs) -> {"loss", ...}, param_groups(wd)),
+    built by the caller (seeded as it likes) -> step(imgs) -> loss (detached).
+
+    total_steps: the lr schedule's length (default cfg.engine.steps, else 1,000,000). The process
+    group is initialized once per process (world size 1 unless a launcher set RANK/WORLD_SIZE); the
+    rendezvous variables a plain process sets for itself are removed again, as `pretrain` does.
+    """
+    import deepspeed
+
+    from fastmask.engine.distributed import RENDEZVOUS_VARS, dist_info, init_distributed
+    from fastmask.engine.schedule import lr_at, scaled_lr
+    from fastmask.engine.trainer import build_ds_config, build_optimizer, resolve_precision
+
+    e = cfg.engine
+    saved_env = {k: os.environ.get(k) for k in RENDEZVOUS_VARS}
+    try:
+        info = dist_info()
+        device = info.device
+        precision = resolve_precision(e.precision, device)
+        init_distributed(info)
+        module.to(device)
+        base_lr = e.lr if e.lr is not None else scaled_lr(e.blr, cfg.data.batch_size * e.grad_accum * info.world_size)
+        optimizer = build_optimizer(e.optimizer, module.param_groups(e.weight_decay), base_lr, tuple(e.betas), device)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
+                                               config=build_ds_config(cfg, info.world_size, precision, device))
+        if e.compile or e.cuda_graphs:
+            engine.compile(compile_kwargs={"mode": "reduce-overhead"} if e.cuda_graphs else {})
+    finally:
+        for k, v in saved_env.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    total = total_steps or e.steps or 1_000_000
+    warmup = e.warmup_steps or 0
+    state = {"step": 0, "acc": {}, "first_bad": torch.full((), -1, dtype=torch.long, device=device)}
+
+    def step(imgs: torch.Tensor) -> torch.Tensor:
+        n = state["step"]
+        lr = lr_at(n, total, base_lr, warmup, e.min_lr)
+        for g in optimizer.param_groups:
+            g["lr"] = lr * g.get("lr_scale", 1.0)
+        outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype))
+        loss = outputs["loss"]
+        engine.backward(loss)
+        engine.step()
+        loss_d = loss.detach().float()
+        bad = state["first_bad"]
+        state["first_bad"] = torch.where((bad < 0) & ~torch.isfinite(loss_d), torch.full_like(bad, n + 1), bad)
+        acc = state["acc"]
+        for k, v in outputs.items():
+            if isinstance(v, torch.Tensor) and v.numel() == 1:
+                v = v.detach().float().reshape(())
+                acc[k] = acc[k] + v if k in acc else v.clone()
+        state["step"] = n + 1
+        if hasattr(module, "on_step_end"):
+            module.on_step_end(n + 1, total)
+        return loss.detach()
+
+    step.optimizer = optimizer  # type: ignore[attr-defined]
+    step.engine = engine  # type: ignore[attr-defined]
+    step.precision = precision  # type: ignore[attr-defined]
+    return step
