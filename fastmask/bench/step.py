@@ -317,10 +317,12 @@ def _build_path(name: str, args: StepBenchArgs, cfg, shape: F.MAEShape, device: 
     if args.fastmask_step == "direct":
         module.to(device)
         e = cfg.engine
-        step = make_fastmask_step(module, dtype, device, weight_decay=e.weight_decay, betas=tuple(e.betas))
+        run = torch.compile(module) if e.compile else module  # engine.compile, as pretrain's engine.compile()
+        step = make_fastmask_step(run, dtype, device, weight_decay=e.weight_decay, betas=tuple(e.betas))
         return step, forward, module, (
             f"the method with the engine's optimizer ({_describe(step.optimizer)}) WITHOUT DeepSpeed "
-            f"(fastmask_step=direct), autocast {DTYPE_NAMES[dtype]}, no host sync")
+            f"(fastmask_step=direct), autocast {DTYPE_NAMES[dtype]}, no host sync"
+            + (", torch.compile" if e.compile else ""))
     from .engine_step import make_engine_step
 
     step = make_engine_step(cfg, module)
