@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 from typing import Callable
+from unittest import mock
 
 import torch
 from torch import nn
@@ -37,19 +38,20 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
     """cfg: a fastmask Config; module: the method (forward(imgs) -> {"loss", ...}, param_groups(wd)),
     built by the caller (seeded as it likes) -> step(imgs) -> loss (detached).
 
-    total_steps: the lr schedule's length (default cfg.engine.steps, else 1,000,000). The process
-    group is initialized once per process (world size 1 unless a launcher set RANK/WORLD_SIZE); the
-    rendezvous variables a plain process sets for itself are removed again, as `pretrain` does.
+    total_steps: the lr schedule's length (default cfg.engine.steps, else 1,000,000); warmup is
+    engine.warmup_steps (engine.warmup_epochs needs a loader's epoch length: taken as none). The
+    process group is initialized once per process (world size 1 unless a launcher set RANK/WORLD_SIZE).
     """
     import deepspeed
 
-    from fastmask.engine.distributed import RENDEZVOUS_VARS, dist_info, init_distributed
+    from fastmask.engine.distributed import dist_info, init_distributed
     from fastmask.engine.schedule import lr_at, scaled_lr
     from fastmask.engine.trainer import build_ds_config, build_optimizer, resolve_precision
 
     e = cfg.engine
-    saved_env = {k: os.environ.get(k) for k in RENDEZVOUS_VARS}
-    try:
+    # The rendezvous variables a plain process sets for itself (dist_info) are dropped again when the
+    # engine is built, as pretrain() does, so a process started later does not inherit the port.
+    with mock.patch.dict(os.environ):
         info = dist_info()
         device = info.device
         precision = resolve_precision(e.precision, device)
@@ -61,12 +63,6 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
                                                config=build_ds_config(cfg, info.world_size, precision, device))
         if e.compile or e.cuda_graphs:
             engine.compile(compile_kwargs={"mode": "reduce-overhead"} if e.cuda_graphs else {})
-    finally:
-        for k, v in saved_env.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
     total = total_steps or e.steps or 1_000_000
     warmup = e.warmup_steps or 0
