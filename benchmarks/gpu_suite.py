@@ -50,6 +50,7 @@ from typing import Any, Callable
 ROOT = Path(__file__).resolve().parents[1]
 SCHEMA_VERSION = 1
 STAGES = ("build", "env", "correctness", "ops", "step", "summary")
+COMPILED_STEP_S = 240  # what the compiled fastmask step run needs (compile + timing); skipped with less left
 COPY_PATTERN = re.compile(r"copy|cast|_to_copy|memcpy|convert|contiguous", re.IGNORECASE)
 
 
@@ -331,7 +332,7 @@ def profile_top(step: Callable, inputs: list, device, steps: int, top: int = 20)
             "gpu_idle_definition": "1 - (union of kernel intervals) / (first kernel start to last kernel end)"}
 
 
-def stage_step(plan: Plan, matmul_tflops: float | None, log) -> dict:
+def stage_step(plan: Plan, matmul_tflops: float | None, seconds_left: Callable[[], float], log) -> dict:
     import torch
 
     from fastmask.bench.step import (StepBenchArgs, build_fastmask_method, make_fastmask_step, resolve_device_dtype,
@@ -340,7 +341,9 @@ def stage_step(plan: Plan, matmul_tflops: float | None, log) -> dict:
     args = StepBenchArgs(**plan.step, fastmask_step="direct", baseline="both")
     result = run_step_bench(args, log=log)
     out = {"side_by_side": result}
-    if plan.fastmask_compile:
+    if plan.fastmask_compile and seconds_left() < COMPILED_STEP_S:
+        out["fastmask_compiled_skipped"] = f"time budget: {seconds_left():.0f} s left, it needs ~{COMPILED_STEP_S} s"
+    elif plan.fastmask_compile:
         compiled = dataclasses.replace(args, baseline="none", overrides=(*args.overrides, "engine.compile=true"),
                                        strong_compile=False)
         out["fastmask_compiled"] = run_step_bench(compiled, log=log)
@@ -434,6 +437,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops-compile", action="store_true", help="also time torch.compile rows in the ops stage")
     ap.add_argument("--no-fastmask-compile", dest="fastmask_compile", action="store_false",
                     help="skip the extra step run of fastmask with torch.compile")
+    ap.add_argument("--budget-s", type=float, default=540,
+                    help="seconds the whole run should take: the optional compiled fastmask step is skipped "
+                         f"when fewer than {COMPILED_STEP_S} are left")
     args = ap.parse_args(argv)
     stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     if args.build_csrc and "build" not in stages:
@@ -446,6 +452,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not args.dry_run and not torch.cuda.is_available():
         ap.error("no CUDA device: run on a GPU, or pass --dry-run for the CPU check")
+    t_start = time.perf_counter()
     plan = Plan.make(args.dry_run, args.ops_compile, args.fastmask_compile)
     out = Path(args.out)
     suite = Suite(out, args, plan)
@@ -464,7 +471,8 @@ def main(argv: list[str] | None = None) -> int:
         "env": lambda: stage_env(plan),
         "correctness": lambda: stage_correctness(plan, log),
         "ops": lambda: stage_ops(plan, out, env_value("copy", "gbps_read_plus_write")),
-        "step": lambda: stage_step(plan, env_value("matmul", "tflops") if not args.dry_run else None, log),
+        "step": lambda: stage_step(plan, env_value("matmul", "tflops") if not args.dry_run else None,
+                                   lambda: args.budget_s - (time.perf_counter() - t_start), log),
         "summary": lambda: stage_summary(suite),
     }
     for stage in (s for s in STAGES if s in stages):
