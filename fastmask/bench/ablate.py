@@ -71,8 +71,8 @@ OPS = ("patch_embed_visible", "attention", "add_layer_norm", "bias_gelu", "patch
 FUSED_MEMORY_OPS = ("patch_embed_visible", "patch_scatter", "norm_pix_loss")
 CHAIN_OPS = ("add_layer_norm", "bias_gelu")
 ATTENTION_BACKENDS = ("sdpa", "triton", "xformers")
-ROW_KINDS = ("official", "no_host_sync", "no_grad_norm", "fused_adamw", "fastmask_model", "fused_ops", "attention",
-             "fused_ln_gelu", "compile", "cuda_graphs", "fastmask", "strong")
+ROW_KINDS = ("official", "no_host_sync", "no_grad_norm", "fused_adamw", "fastmask_model", "fused_ops",
+             "attention", "fused_ln_gelu", "compile", "cuda_graphs", "fastmask", "strong")
 INTERPRETER_REASON = ("Triton on the CPU runs only through its interpreter (TRITON_INTERPRET=1): "
                       "interpreter timings are not performance")
 
@@ -182,9 +182,11 @@ class Row:
 
 def _official_rows() -> list[Row]:
     knobs = dict(host_sync=True, grad_norm=True, optimizer="default")
-    rows = [Row("official", "the official MAE step (module docstring)", kind="official", official=dict(knobs))]
+    rows = [Row("official", "the official MAE step (module docstring)", kind="official",
+                official=dict(knobs))]
     for name, change, knob in (
-            ("no_host_sync", "drops loss.item(), the finite check and cuda.synchronize() per step", ("host_sync", False)),
+            ("no_host_sync", "drops loss.item(), the finite check and cuda.synchronize() per step",
+             ("host_sync", False)),
             ("no_grad_norm", "drops the loss scaler's per-step gradient norm (unused in pretraining)",
              ("grad_norm", False)),
             ("fused_adamw", "torch's fused AdamW instead of its default implementation for the device",
@@ -203,8 +205,8 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
 
     rows = _official_rows()
     ops = {op: "torch" for op in OPS}
-    rows.append(Row("fastmask_model", "fastmask's MAE model, every op on the torch backend: only visible patches "
-                    "embedded, loss on hidden patches only", "fused_adamw", ops=dict(ops)))
+    rows.append(Row("fastmask_model", "fastmask's MAE model, every op on the torch backend: only visible "
+                    "patches embedded, loss on hidden patches only", "fused_adamw", ops=dict(ops)))
 
     # fused memory-bound ops
     fused, missing = {}, []
@@ -214,8 +216,8 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
             fused[op] = name
         else:
             missing.append(why)
-    rows.append(Row("fused_ops", "fused patch embed / scatter / norm-pix loss", "fastmask_model", ops={**ops, **fused},
-                    skip="; ".join(missing)))
+    rows.append(Row("fused_ops", "fused patch embed / scatter / norm-pix loss", "fastmask_model",
+                    ops={**ops, **fused}, skip="; ".join(missing)))
     ops.update(fused if not missing else {})
     carried = [] if not missing else ["fused patch embed/scatter/loss unavailable here (torch)"]
 
@@ -223,15 +225,15 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
     attn_table = backends.backends_for("attention")
     for name in ATTENTION_BACKENDS:
         rec = attn_table.get(name)
-        rows.append(Row(f"attn_{name}", f"attention backend {name}", "fused_ops", ops={**ops, "attention": name},
-                        note="; ".join(carried),
+        rows.append(Row(f"attn_{name}", f"attention backend {name}", "fused_ops",
+                        ops={**ops, "attention": name}, note="; ".join(carried),
                         skip=(f"attention: backend {name!r} is not registered" if rec is None
                               else _why_not(rec, device))))
 
     # the fused LayerNorm / GELU chain, with one attention backend
     if attention == "auto":
-        attention = (backends.select("attention", "auto", **attention_probe).name if attention_probe is not None
-                     else "sdpa")
+        attention = ("sdpa" if attention_probe is None
+                     else backends.select("attention", "auto", **attention_probe).name)
     ops["attention"] = attention
     attn_row = next((r for r in rows if r.name == f"attn_{attention}"), None)
     if attn_row is not None and attn_row.skip:
@@ -252,8 +254,8 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
     else:
         carried.append("fused LayerNorm/GELU unavailable here (torch)")
 
-    rows.append(Row("compile", "torch.compile of the method", "fused_ln_gelu", ops=dict(ops), compile_mode="default",
-                    note="; ".join(carried)))
+    rows.append(Row("compile", "torch.compile of the method", "fused_ln_gelu", ops=dict(ops),
+                    compile_mode="default", note="; ".join(carried)))
     rows.append(Row("cuda_graphs", "torch.compile mode='reduce-overhead' (CUDA graphs) instead of 'default'",
                     "compile", ops=dict(ops), compile_mode="reduce-overhead", note="; ".join(carried),
                     skip="" if device.type == "cuda" else
@@ -263,8 +265,8 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
 
     rows.append(Row("fastmask", "what fastmask pretrain runs with this config: the DeepSpeed engine step",
                     kind="engine", skip=why_not_engine() or ""))
-    rows.append(Row("strong", "the strong baseline: official model code, timm SDPA blocks, fused AdamW, no syncs, "
-                    "torch.compile", kind="strong", skip=why_not_strong() or ""))
+    rows.append(Row("strong", "the strong baseline: official model code, timm SDPA blocks, fused AdamW, "
+                    "no syncs, torch.compile", kind="strong", skip=why_not_strong() or ""))
     for row in rows:
         kind = "attention" if row.name.startswith("attn_") else row.name
         if kind not in kinds and not row.skip:
@@ -288,7 +290,7 @@ class AblateArgs:
     overrides: tuple[str, ...] = ()
     attention: str = "auto"             # attention backend of the fused_ln_gelu, compile and cuda_graphs rows
     rows: tuple[str, ...] = ROW_KINDS
-    compile_backend: str = "inductor"   # torch.compile backend of the compile and strong rows (inductor: the real one)
+    compile_backend: str = "inductor"   # torch.compile backend of the compile and strong rows
     peak_tflops: float | None = None
     num_inputs: int = 3
     memory: bool = True
@@ -495,8 +497,9 @@ def format_table(result: dict[str, Any]) -> str:
                      f"{x(r['speedup_vs_official']):>11}  {what}" + (f"  [{r['note']}]" if r["note"] else ""))
     for other in ("strong", "official"):
         v = result[f"fastmask_vs_{other}"]
-        lines.append(f"fastmask vs {other}: " + (f"{v['per_round_median']:.2f}x (per-round median; ratio of "
-                                                   f"medians {v['median_ratio']:.2f}x)" if v else "not measured"))
+        lines.append(f"fastmask vs {other}: " + ("not measured" if v is None else
+                                                  f"{v['per_round_median']:.2f}x (per-round median; ratio of "
+                                                  f"medians {v['median_ratio']:.2f}x)"))
     return "\n".join(lines)
 
 

@@ -152,7 +152,8 @@ class OfficialMAE(nn.Module):
     def _init_weights(self) -> None:
         with torch.no_grad():
             self.pos_embed.copy_(sincos_pos_embed_2d(self.pos_embed.shape[-1], self.grid, True))
-            self.decoder_pos_embed.copy_(sincos_pos_embed_2d(self.decoder_pos_embed.shape[-1], self.grid, True))
+            dec = self.decoder_pos_embed
+            dec.copy_(sincos_pos_embed_2d(dec.shape[-1], self.grid, True))
         w = self.patch_embed.proj.weight.data
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
         for t in (self.cls_token, self.mask_token, self.enc_mask_token):

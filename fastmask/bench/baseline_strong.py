@@ -78,5 +78,6 @@ def make_strong_step(model: OfficialMAE, dtype: torch.dtype, mask_ratio: float =
         return loss.detach()
 
     step.optimizer = opt  # type: ignore[attr-defined]
-    step.compiled = f"torch.compile(backend={compile_backend!r})" if compile else None  # type: ignore[attr-defined]
+    compiled = f"torch.compile(backend={compile_backend!r})" if compile else None
+    step.compiled = compiled  # type: ignore[attr-defined]
     return step

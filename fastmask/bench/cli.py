@@ -36,7 +36,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=_D.batch_size)
     parser.add_argument("--mask-ratio", type=float, default=_D.mask_ratio)
     parser.add_argument("--dtype", default=_D.dtype, choices=("auto", "fp32", "bf16", "fp16"),
-                        help="auto: bf16 on CUDA, fp32 on CPU (engine.precision for fastmask, autocast for the baselines)")
+                        help="auto: bf16 on CUDA, fp32 on CPU (engine.precision for fastmask, autocast for "
+                             "the baselines)")
     parser.add_argument("--device", default=_D.device, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--warmup", type=int, default=_D.warmup,
                         help="untimed steps per path (the first one is reported)")
@@ -46,14 +47,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="baselines timed beside fastmask: official (the official MAE step), strong "
                              "(timm SDPA blocks, fused AdamW, no syncs, torch.compile), both, none")
     parser.add_argument("--ablation", action="store_true",
-                        help="also time MAE's all-token encoder (mask tokens in the encoder), fastmask and official")
+                        help="also time MAE's all-token encoder (mask tokens in the encoder), fastmask and "
+                             "official")
     parser.add_argument("--fastmask-step", default=_D.fastmask_step, choices=FASTMASK_STEPS,
                         help="engine: the DeepSpeed step pretrain runs; direct: the method and the engine's "
                              "optimizer without DeepSpeed (for machines without it)")
     parser.add_argument("--no-strong-compile", dest="strong_compile", action="store_false",
                         help="do not torch.compile the strong baseline (tests; the result says so)")
     parser.add_argument("--compile-backend", default=_D.compile_backend,
-                        help="torch.compile backend of the strong baseline (inductor; aot_eager for a quick check)")
+                        help="torch.compile backend of the strong baseline (inductor; aot_eager for a quick "
+                             "check)")
     parser.add_argument("--threads", type=int, default=_D.threads, help="torch CPU threads")
     parser.add_argument("--backend", default=_D.backend, help="fastmask.ops backend for the fastmask path "
                                                                "(engine.backend)")
@@ -107,7 +110,8 @@ def main(ns: argparse.Namespace) -> int:
     args = args_from_namespace(ns)
     result = run_step_bench(args)
     print(json.dumps({"device": result["device"]["name"], "model": args.model, "batch_size": args.batch_size,
-                      "dtype": result["args"]["dtype"], "skipped": result["skipped"], "ratios": result["ratios"]},
+                      "dtype": result["args"]["dtype"], "skipped": result["skipped"],
+                      "ratios": result["ratios"]},
                      indent=2))
     if ns.out:
         print(f"[bench] wrote {save_json(result, ns.out)}")

@@ -57,10 +57,12 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
         precision = resolve_precision(e.precision, device)
         init_distributed(info)
         module.to(device)
-        base_lr = e.lr if e.lr is not None else scaled_lr(e.blr, cfg.data.batch_size * e.grad_accum * info.world_size)
-        optimizer = build_optimizer(e.optimizer, module.param_groups(e.weight_decay), base_lr, tuple(e.betas), device)
-        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer,
-                                               config=build_ds_config(cfg, info.world_size, precision, device))
+        global_batch = cfg.data.batch_size * e.grad_accum * info.world_size
+        base_lr = e.lr if e.lr is not None else scaled_lr(e.blr, global_batch)
+        groups = module.param_groups(e.weight_decay)
+        optimizer = build_optimizer(e.optimizer, groups, base_lr, tuple(e.betas), device)
+        ds_config = build_ds_config(cfg, info.world_size, precision, device)
+        engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         if e.compile or e.cuda_graphs:
             engine.compile(compile_kwargs={"mode": "reduce-overhead"} if e.cuda_graphs else {})
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
@@ -79,7 +81,8 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
         engine.step()
         loss_d = loss.detach().float()
         bad = state["first_bad"]
-        state["first_bad"] = torch.where((bad < 0) & ~torch.isfinite(loss_d), torch.full_like(bad, n + 1), bad)
+        state["first_bad"] = torch.where((bad < 0) & ~torch.isfinite(loss_d), torch.full_like(bad, n + 1),
+                                         bad)
         acc = state["acc"]
         for k, v in outputs.items():
             if isinstance(v, torch.Tensor) and v.numel() == 1:

@@ -74,7 +74,7 @@ class StepBenchArgs:
     recipe: str | None = None           # fastmask config recipe the method is built from
     overrides: tuple[str, ...] = ()     # extra key=value config overrides
     fastmask_step: str = "engine"       # engine (DeepSpeed, as pretrain) | direct (no DeepSpeed)
-    strong_compile: bool = True         # torch.compile the strong baseline (its definition; off only for tests)
+    strong_compile: bool = True         # torch.compile the strong baseline (part of it; off for tests only)
     compile_backend: str = "inductor"   # the strong baseline's torch.compile backend
     peak_tflops: float | None = None    # for MFU; None: the known-device table (GPU), else no MFU
     num_inputs: int = 3                 # distinct random batches rotated through the timed calls
@@ -307,12 +307,14 @@ def _build_path(name: str, args: StepBenchArgs, cfg, shape: F.MAEShape, device: 
         step = make_strong_step(model, dtype, args.mask_ratio, compile=args.strong_compile,
                                 compile_backend=args.compile_backend)
         return step, official_forward(model, dtype, args.mask_ratio), model, (
-            f"the official model code with timm's Block (SDPA: {uses_sdpa(model)}), {_describe(step.optimizer)}, "
+            f"the official model code with timm's Block (SDPA: {uses_sdpa(model)}), "
+            f"{_describe(step.optimizer)}, "
             f"no host syncs, {step.compiled or 'NOT compiled (strong_compile off)'}")
     from fastmask.methods import build_method
 
     method = build_method(cfg)
-    module = AllTokensMAE(find_mae_model(method), args.mask_ratio, backend=args.backend) if all_tokens else method
+    module = (AllTokensMAE(find_mae_model(method), args.mask_ratio, backend=args.backend) if all_tokens
+              else method)
     forward = make_fastmask_forward(module, dtype, device)
     if args.fastmask_step == "direct":
         module.to(device)
@@ -341,7 +343,8 @@ def _why_not(name: str, args: StepBenchArgs) -> str | None:
         from .engine_step import why_not_engine
         reason = why_not_engine()
         if reason:  # the path the user asked for cannot run: say so before any work, never substitute
-            raise RuntimeError(f"{reason}; run with --fastmask-step direct to time the method without DeepSpeed")
+            raise RuntimeError(f"{reason}; run with --fastmask-step direct to time the method without "
+                               "DeepSpeed")
     return None
 
 
@@ -456,7 +459,8 @@ def ratios(results: dict[str, dict]) -> dict[str, float]:
     def per_round(num: str, den: str) -> float:
         # Paths are timed in interleaved rounds: the median of per-round ratios cancels load that
         # drifts between rounds (a shared CPU) better than the ratio of the medians.
-        return statistics.median(a / b for a, b in zip(results[num]["step_s_times"], results[den]["step_s_times"]))
+        pairs = zip(results[num]["step_s_times"], results[den]["step_s_times"])
+        return statistics.median(a / b for a, b in pairs)
 
     pairs = [("official", ""), ("strong", ""), ("official", "_all_tokens")]
     for base, suffix in pairs:
