@@ -1,5 +1,8 @@
-"""`fastmask bench`: the training-step benchmark (what `fastmask pretrain` runs, beside the official
-MAE step and a strong plain-PyTorch baseline), or, with `--loader ...`, the data-loader benchmark.
+"""`fastmask bench`: pretrain's training step beside the official MAE step and a strong baseline.
+
+The fastmask path is the DeepSpeed step `fastmask pretrain` runs; `official` is the official MAE
+code's step, `strong` a strong plain-PyTorch baseline (fastmask.bench.step says what each runs).
+With `--loader ...` the data-loader benchmark runs instead, with `--ablate ...` the ablation.
 
     fastmask bench --model vit_base_patch16 --batch-size 8 --dtype fp32 --threads 2 --out step.json
     fastmask bench --model vit_large_patch16 --batch-size 256 --dtype bf16 --baseline strong --plot step.png
