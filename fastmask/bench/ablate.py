@@ -362,6 +362,7 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
     """Plan, build, time and measure every row; -> the JSON-ready result (see the module docstring)."""
     a = args if isinstance(args, AblateArgs) else args_from_namespace(args)
     validate(a)
+    code = versions()  # at the start: the git sha of the code that runs, not of a later checkout
     sa = _step_args(a)
     device, dtype = resolve_device_dtype(sa)
     if a.threads:
@@ -452,7 +453,7 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
         "benchmark": "ablation",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_info(device),
-        "versions": versions(),
+        "versions": code,
         "env": {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
                 "FASTMASK_BACKEND": os.environ.get("FASTMASK_BACKEND")},
         "args": {**dataclasses.asdict(a), "dtype": DTYPE_NAMES[dtype], "device": str(device)},

@@ -354,6 +354,7 @@ def run_step_bench(args: StepBenchArgs, log: Callable[[str], None] = print) -> d
     device, dtype = resolve_device_dtype(args)
     if args.threads:
         torch.set_num_threads(args.threads)
+    code = versions()  # at the start: the git sha of the code that runs, not of a later checkout
     cfg = fastmask_config(args, dtype)
     skipped = {n: r for n in args.paths if (r := _why_not(n, args))}
     torch.manual_seed(args.seed)
@@ -417,7 +418,7 @@ def run_step_bench(args: StepBenchArgs, log: Callable[[str], None] = print) -> d
         "benchmark": "train_step",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_info(device),
-        "versions": versions(),
+        "versions": code,
         "args": {**dataclasses.asdict(args), "dtype": DTYPE_NAMES[dtype], "device": str(device),
                  "paths": list(args.paths)},
         "shapes": _shapes(shape, args) if shape else None,
