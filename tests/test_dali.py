@@ -163,6 +163,7 @@ def test_dali_and_torch_loaders_walk_the_same_files_in_the_same_order(root):
         d, t = make(c, rank, 2, seed=1), TorchLoader(c, rank, 2, 1, "cpu")
         assert d.batches_per_epoch == t.batches_per_epoch
         assert np.array_equal(d.epoch_indices(3), t.epoch_indices(3))
+        assert np.array_equal(d.sample_keys(3), t.sample_keys(3))  # the same draws for the same sample
 
 
 @needs_dali

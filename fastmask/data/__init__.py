@@ -20,6 +20,7 @@ import importlib.util
 from collections.abc import Iterator
 from typing import Protocol, runtime_checkable
 
+import numpy as np
 import torch
 
 
@@ -34,11 +35,18 @@ class Loader(Protocol):
       exactly the batches k, k+1, ... of `epoch(e)`, which is what makes a resumed run continue
       the uninterrupted one. Ranks see disjoint samples of each epoch; the last partial batch is
       dropped (drop_last).
+
+    - `sample_keys(epoch)`: int64 [batches_per_epoch, B], the global key of every sample this rank
+      yields in `epoch` (row t = batch t): unique over the run and the same for a sample whatever
+      the world size or per-rank batch (`epoch * num_samples + dataset index` for the file loaders).
+      Methods key their random masks and views by it (`fastmask.draws`).
     """
 
     batches_per_epoch: int
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]: ...
+
+    def sample_keys(self, epoch: int) -> np.ndarray: ...
 
 
 def dali_available() -> bool:

@@ -236,6 +236,10 @@ class DaliLoader:
         p.build()
         return p
 
+    def sample_keys(self, epoch: int) -> np.ndarray:
+        """-> int64 [batches_per_epoch, B]: each sample's global key, epoch * N + its index (N samples)."""
+        return epoch * len(self.files) + self.epoch_indices(epoch).astype(np.int64)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         """Yield this rank's batches [B, 3, S, S] (dtype, device) of `epoch`, from batch `start` on."""
         if not 0 <= start <= self.batches_per_epoch:

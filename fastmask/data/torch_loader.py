@@ -131,6 +131,10 @@ class TorchLoader:
         glob = perm[:self.batches_per_epoch * B * W].reshape(self.batches_per_epoch, W, B)
         return glob[:, self.rank]
 
+    def sample_keys(self, epoch: int) -> np.ndarray:
+        """-> int64 [batches_per_epoch, B]: each sample's global key, epoch * N + its index (N samples)."""
+        return epoch * self.num_samples + self.epoch_indices(epoch).astype(np.int64)
+
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         """Yield this rank's batches imgs [B, 3, S, S] float32 (normalized, on device), from `start` on."""
         if not 0 <= start <= self.batches_per_epoch:

@@ -66,6 +66,7 @@ class EngineConfig:
     on_nonfinite: str = "stop"      # stop | skip
     backend: str = "auto"           # fastmask.ops backend for every fused op
     resume: str = "auto"            # auto (resume when the run folder holds a checkpoint) | always | never
+    resume_from: int | str | None = None  # resume this checkpoint: a step of the run folder, or a checkpoint folder
     init_from: str | None = None    # weights to start from: an official MAE .pth or a fastmask checkpoint folder
     fp16_initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
 

@@ -89,6 +89,8 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"engine.steps={args.steps}")
     if args.resume is not None:
         overrides.append(f"engine.resume={args.resume}")
+    from .signals import StoppedBySignal
+
     errors = _user_errors()
     try:
         cfg = load_config(args.config, overrides)
@@ -111,6 +113,9 @@ def main(args: argparse.Namespace) -> int:
                   f"{time.perf_counter() - t0:.1f} s, run folder {out}"
                   + (f", encoder exported to {args.export}" if args.export else ""), flush=True)
         return 0
+    except StoppedBySignal as e:  # SIGTERM/Ctrl-C: a checkpoint was saved; 128 + the signal, as a shell reports it
+        print(f"fastmask pretrain: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
     except errors as e:
         if os.environ.get("FASTMASK_DEBUG"):
             raise

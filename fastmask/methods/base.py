@@ -22,7 +22,11 @@ class Method(nn.Module):
     class Args:
         pass
 
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:  # imgs [B, C, H, W], normalized
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W] normalized; keys [B] int64: each sample's global draw key (the engine passes
+        `Loader.sample_keys`; masks and views drawn from `fastmask.draws.Draws` keyed by them do not
+        depend on the world size, the batch split or a resume). None: the method's own counter.
+        Methods that draw masks also take `masks=` (ready `fastmask.masking.Masks`) to fix them."""
         raise NotImplementedError
 
     def on_step_end(self, step: int, total_steps: int) -> None:

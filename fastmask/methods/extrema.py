@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..masking import build_masker
+from ..masking import Masks, build_masker
 from ..models import create_model
 from ..models.class_attention import ClassAttentionViT
 from ..models.heads import MLPHead
@@ -114,13 +114,21 @@ class ExtreMA(Method):
         return (self.teacher if self.eval_momentum else self.student)["encoder"]
 
     # ------------------------------------------------------------------ step
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None,
+                masks: Masks | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W]; keys [B] int64 per-sample draw keys (None: this rank's counter);
+        masks: ready Masks for the M*B student rows (row m*B + b = mask m of image b) instead of drawing."""
         enc = self.student["encoder"]
         enc.vit.check_images(imgs)
         B, M = imgs.shape[0], self.num_masks
-        g = self.stream.next(imgs.device)
-        x1, x2 = self.augment.two_views(imgs, g) if self.augment is not None else (imgs, imgs)
-        masks = self.masker(B if self.multi else M * B, enc.grid_size, device=imgs.device, generator=g)
+        d = self.stream.draws(B, imgs.device, keys)
+        x1, x2 = self.augment.two_views(imgs, draws=d.child("views")) if self.augment is not None else (imgs, imgs)
+        if masks is None:
+            dm = d.child("mask")
+            masks = self.masker(B, enc.grid_size, draws=dm) if self.multi else \
+                self.masker(M * B, enc.grid_size, draws=dm.repeat(M))
+        elif masks.ids_keep.shape[0] != M * B:
+            raise ValueError(f"extrema: masks= must hold M*B = {M * B} rows, got {masks.ids_keep.shape[0]}")
         with torch.no_grad():
             k = self.teacher["projector"](self.teacher["encoder"].forward_features(x2)[:, 0])  # [B, d]
         # Row m*B + b is mask m of image b (MultiMasking's layout): repeat the batch M times to match.

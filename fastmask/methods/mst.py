@@ -32,7 +32,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..masking import build_masker
+from ..masking import Masks, build_masker
 from ..models import create_model
 from ..models.attention_probe import forward_with_cls_attention
 from ..models.heads import DINOHead
@@ -139,16 +139,24 @@ class MST(Method):
         return self.teacher["backbone"]  # DINO/MST evaluate the teacher
 
     # ------------------------------------------------------------------ step
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None,
+                masks: Masks | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W]; keys [B] int64 per-sample draw keys (None: this rank's counter);
+        masks: ready Masks for the 2B student rows (views 1 then 2; `mask` is what is used) instead
+        of drawing them."""
         backbone = self.student["backbone"]
         backbone.check_images(imgs)
         B = imgs.shape[0]
-        g = self.stream.next(imgs.device)
-        x = torch.cat([self.view1(imgs, g), self.view2(imgs, g)])                   # [2B, C, H, W]
+        d = self.stream.draws(B, imgs.device, keys)
+        dv = d.child("views")
+        x = torch.cat([self.view1(imgs, draws=dv), self.view2(imgs, draws=dv)])       # [2B, C, H, W]
         with torch.no_grad():
             t_tokens, attn = forward_with_cls_attention(self.teacher["backbone"], x)
             t_out = self.teacher["head"](t_tokens[:, 0])                            # [2B, K]
-        masks = self.masker(2 * B, backbone.grid_size, device=imgs.device, generator=g, scores=attn.mean(dim=1))
+        if masks is None:
+            masks = self.masker(2 * B, backbone.grid_size, draws=d.child("mask").repeat(2), scores=attn.mean(dim=1))
+        elif masks.mask.shape[0] != 2 * B:
+            raise ValueError(f"mst: masks= must hold 2B = {2 * B} rows, got {masks.mask.shape[0]}")
         s_tokens = backbone.forward_masked_tokens(x, masks.mask, self.mask_token)   # [2B, 1+L, D]
         s_out = self.student["head"](s_tokens[:, 0])
         dino = self.dino_loss(s_out.chunk(2), t_out.chunk(2), step=self.step)

@@ -32,7 +32,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..masking import build_masker
+from ..masking import Masks, build_masker
 from ..models import create_model
 from ..models.attention_probe import forward_with_cls_attention
 from ..models.heads import MLPHead
@@ -153,13 +153,17 @@ class RelaxMIM(Method):
             z = tokens[:, 1:] if self.level == "token" else tokens[:, 1:].mean(dim=1)
             return nets["head"](z), scores
 
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None,
+                masks: Masks | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W]; keys [B] int64 per-sample draw keys (None: this rank's counter);
+        masks: ready Masks [B] instead of drawing them."""
         vit = self.backbone
         vit.check_images(imgs)
         B, L = imgs.shape[0], vit.num_patches
-        g = self.stream.next(imgs.device)
         kb, scores = self._full_branch(imgs)
-        masks = self.masker(B, vit.grid_size, device=imgs.device, generator=g, scores=scores)
+        if masks is None:
+            d = self.stream.draws(B, imgs.device, keys)
+            masks = self.masker(B, vit.grid_size, draws=d.child("mask"), scores=scores)
         latent = vit.forward_visible(imgs, masks.ids_keep)                   # [B, 1+K, D]
         out = self.decoder(latent, masks.ids_restore)                        # [B, L, p*p*C] or [B, L, D]
         metrics = {"mask_ratio": masks.mask.mean()}

@@ -1,10 +1,11 @@
 """Two augmented views of one batch, made on the batch's device (the engine yields one view).
 
     aug = ViewAugment(crop_scale=(0.2, 1.0))
-    v1, v2 = aug.two_views(imgs, generator)      # imgs [B, 3, H, W] normalized -> two [B, 3, H, W]
+    v1, v2 = aug.two_views(imgs, draws=d)        # imgs [B, 3, H, W] normalized -> two [B, 3, H, W]
 
 SimCLR/BYOL-style pipeline on tensors, batched, without host syncs (every random draw is one
-tensor op with an explicit `torch.Generator`):
+tensor op on per-sample keyed `fastmask.draws.Draws`, or keys from an explicit `torch.Generator`,
+so a sample's view depends on the sample alone, not on its batch or rank):
 1. random resized crop + horizontal flip as one per-sample affine `grid_sample` (bilinear): area
    fraction ~ U(crop_scale), aspect ratio log-uniform in crop_ratio (3/4, 4/3), crop side clamped to the image
    (torchvision retries out-of-range draws instead; clamping keeps it one kernel);
@@ -27,6 +28,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from ..draws import Draws, as_draws
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -80,12 +83,13 @@ class ViewAugment:
         if problems:
             raise ValueError("ViewAugment: " + "; ".join(problems))
 
-    def __call__(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    def __call__(self, imgs: torch.Tensor, generator: torch.Generator | None = None,
+                 draws: Draws | None = None) -> torch.Tensor:
         """imgs [B, 3, H, W] normalized, float -> one augmented view, same shape and dtype."""
         if imgs.dim() != 4 or imgs.shape[1] != 3 or not imgs.is_floating_point():
             raise ValueError(f"ViewAugment expects float imgs [B, 3, H, W], got {imgs.dtype} {tuple(imgs.shape)}")
         B, dev = imgs.shape[0], imgs.device
-        u = torch.rand(B, 12, device=dev, generator=generator)  # every per-sample draw at once
+        u = as_draws(B, draws, generator, dev, "ViewAugment").uniform(12).to(dev)  # every per-sample draw at once
         x = _crop_flip(imgs.float(), u[:, :5], self.crop_scale, self.crop_ratio, self.hflip)
         mean = _constant(_tup(self.mean), dev, torch.float32).view(1, 3, 1, 1)
         std = _constant(_tup(self.std), dev, torch.float32).view(1, 3, 1, 1)
@@ -107,10 +111,10 @@ class ViewAugment:
         x = torch.where(sol_on & (x >= 0.5), 1 - x, x)
         return ((x - mean) / std).to(imgs.dtype)
 
-    def two_views(self, imgs: torch.Tensor, generator: torch.Generator | None = None
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    def two_views(self, imgs: torch.Tensor, generator: torch.Generator | None = None,
+                  draws: Draws | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """imgs [B, 3, H, W] -> (view1, view2), independent draws of the same pipeline (ADIOS: n_crops 2)."""
-        return self(imgs, generator), self(imgs, generator)
+        return self(imgs, generator, draws), self(imgs, generator, draws)
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
