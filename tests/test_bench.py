@@ -171,15 +171,16 @@ def test_engine_step_equals_pretrain_on_the_same_images():
     cfg = load_config("mae_tiny", ["data.img_size=32", "data.batch_size=4", "data.loader=synthetic",
                                    "method_args.decoder_depth=1", "engine.steps=4", "engine.warmup_steps=2",
                                    "engine.log_every=4"])
-    seen = {"imgs": [], "loss": []}
+    seen = {"imgs": [], "keys": [], "loss": []}
 
     def factory(c):
         method = build_method(c)
         forward = method.forward
 
-        def recorded(imgs, *args, **kwargs):
-            out = forward(imgs, *args, **kwargs)
+        def recorded(imgs, keys=None):
+            out = forward(imgs, keys=keys)
             seen["imgs"].append(imgs.clone())
+            seen["keys"].append(keys.clone())
             seen["loss"].append(float(out["loss"].detach()))
             return out
 
@@ -190,8 +191,12 @@ def test_engine_step_equals_pretrain_on_the_same_images():
     torch.manual_seed(cfg.engine.seed)  # pretrain seeds so before building the method
     step = make_engine_step(cfg, build_method(cfg))
     assert step.precision == "fp32" and step.optimizer.defaults["fused"] is True
-    ours = [float(step(x)) for x in seen["imgs"]]
+    ours = [float(step(x, keys)) for x, keys in zip(seen["imgs"], seen["keys"])]
     assert len(ours) == 4 and ours == seen["loss"]
+    # Without keys the step makes the loader's own (epoch 0, one rank): the same masks again.
+    torch.manual_seed(cfg.engine.seed)
+    step = make_engine_step(cfg, build_method(cfg))
+    assert [float(step(x)) for x in seen["imgs"]] == seen["loss"]
 
 
 def test_time_calls_rotates_inputs():

@@ -1,16 +1,18 @@
 """fastmask's training step as `fastmask pretrain` runs it: the method inside the DeepSpeed engine.
 
     step = make_engine_step(cfg, method)      # cfg: the pretrain Config (load_config(...))
-    loss = step(imgs)                         # one optimizer step; no host sync
+    loss = step(imgs)                         # one optimizer step; no host sync (keys= optional)
 
 Built from the engine's own pieces (`fastmask.engine.trainer`): `resolve_precision`,
 `build_optimizer` (torch AdamW, fused, over `method.param_groups`), `build_ds_config` (ZeRO stage,
 precision, accumulation, clipping) and `deepspeed.initialize`, plus `engine.compile` when
 `engine.compile` / `engine.cuda_graphs` is set. One call = one iteration of the trainer's loop
 with grad_accum 1: the lr written into every group (warmup + cosine from the step index),
-`engine(imgs)` (imgs cast to the run's dtype), `engine.backward`, `engine.step`, the loss and
-scalar metrics summed on the device with the first non-finite step recorded, `on_step_end`.
-Logging, checkpointing and the loader are not part of a step.
+`engine(imgs, keys=keys)` (imgs cast to the run's dtype; keys, the samples' global keys for the
+per-sample draws, copied to the device as the loop does), `engine.backward`, `engine.step`, the loss
+and scalar metrics summed on the device with the first non-finite step recorded, `on_step_end`.
+Logging, checkpointing, the checkpoint-health probe (it records only the step after a checkpoint)
+and the loader are not part of a step.
 
 Keep this in step with `fastmask.engine.trainer._pretrain`'s loop: tests/test_bench.py checks that
 this step and `pretrain()` give the same losses on the same images.
@@ -70,12 +72,17 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
     warmup = e.warmup_steps or 0
     state = {"step": 0, "acc": {}, "first_bad": torch.full((), -1, dtype=torch.long, device=device)}
 
-    def step(imgs: torch.Tensor) -> torch.Tensor:
+    B = cfg.data.batch_size
+
+    def step(imgs: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         n = state["step"]
         lr = lr_at(n, total, base_lr, warmup, e.min_lr)
         for g in optimizer.param_groups:
             g["lr"] = lr * g.get("lr_scale", 1.0)
-        outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype))
+        if keys is None:  # what the loader gives at epoch 0 on one rank: the samples' global positions
+            keys = torch.arange(n * B, (n + 1) * B, dtype=torch.int64)
+        imgs = imgs if imgs.dtype == dtype else imgs.to(dtype)
+        outputs = engine(imgs, keys=keys.to(device, non_blocking=True))
         loss = outputs["loss"]
         engine.backward(loss)
         engine.step()

@@ -187,7 +187,8 @@ class AllTokensMAE(nn.Module):
         self.enc_mask_token = nn.Parameter(torch.zeros(model.embed_dim))
         nn.init.normal_(self.enc_mask_token, std=0.02)
 
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """keys: the engine's per-sample keys, accepted and unused (a benchmark's masks: torch's RNG)."""
         from fastmask import ops
 
         B, L = imgs.shape[0], self.model.num_patches
