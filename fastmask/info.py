@@ -21,7 +21,8 @@ MAE_ATTENTION_SHAPES = [
     ("MAE-H/14 encoder", 256, 16, 65, 80), ("MAE decoder (p16)", 256, 16, 197, 32),
     ("MAE decoder (p14)", 256, 16, 257, 32),
 ]
-OPS = ("patch_gather", "patch_scatter", "norm_pix_loss", "attention", "add_layer_norm", "bias_gelu")
+OPS = ("patch_gather", "patch_embed_visible", "patch_scatter", "norm_pix_loss", "attention", "add_layer_norm",
+       "bias_gelu")
 
 
 def _example_inputs(op: str, device: str, dtype: torch.dtype) -> dict:
@@ -29,6 +30,9 @@ def _example_inputs(op: str, device: str, dtype: torch.dtype) -> dict:
     t = lambda *s, dt=dtype: torch.empty(*s, device=device, dtype=dt)  # noqa: E731
     if op == "patch_gather":
         return {"imgs": t(2, 3, 32, 32), "ids_keep": t(2, 1, dt=torch.int64), "patch_size": 16}
+    if op == "patch_embed_visible":
+        return {"imgs": t(2, 3, 32, 32), "ids_keep": t(2, 1, dt=torch.int64), "weight": t(8, 3, 16, 16),
+                "bias": t(8), "pos_embed": t(4, 8)}
     if op == "patch_scatter":
         return {"tokens": t(2, 1, 8), "ids_restore": t(2, 4, dt=torch.int64), "mask_token": t(8)}
     if op == "norm_pix_loss":
@@ -76,7 +80,7 @@ def format_report(rep: dict) -> str:
     lines = [f"fastmask backends — torch {rep['torch']}, GPU: {rep['cuda_device'] or 'none'}", ""]
     for op, per_dev in rep["ops"].items():
         for dev, info in per_dev.items():
-            lines.append(f"{op:15s} {dev:14s} auto -> {info['auto']}")
+            lines.append(f"{op:19s} {dev:14s} auto -> {info['auto']}")
             for name, reasons in info["backends"].items():
                 lines.append(f"    {name:9s} {'ok' if not reasons else 'declines: ' + '; '.join(reasons)}")
     lines += ["", "attention at MAE shapes:"]

@@ -1,6 +1,6 @@
 """The official MAE training step, as facebookresearch/mae's own code runs it, independent of fastmask.
 
-Written from the spec (shared/METHODS.md section 1, the official `models_mae.py`, `engine_pretrain.py`,
+Written from the spec (docs/methods.md, MAE; the official `models_mae.py`, `engine_pretrain.py`,
 `util/misc.py`, `util/lr_sched.py`), deliberately without any fastmask model, op or kernel, so it can
 serve as the oracle of the loss-parity test and as the `official` row of `fastmask bench`:
 
