@@ -86,6 +86,9 @@ def cases(model: str, dims: tuple[int, int, int], B: int, img: int, decoder: tup
                          pos_embed=t(L, D, scale=0.02)), grad=["weight", "bias", "pos_embed"]),
         dict(op="patch_scatter", part="decoder", inputs=dict(tokens=t(B, K, Dd), ids_restore=ids_restore,
                                                              mask_token=t(Dd)), grad=["tokens", "mask_token"]),
+        dict(op="decoder_unshuffle", part="decoder input",
+             inputs=dict(x=t(B, 1 + K, Dd), ids_restore=ids_restore, mask_token=t(Dd), pos_embed=t(1 + L, Dd)),
+             grad=["x", "mask_token", "pos_embed"]),
         dict(op="norm_pix_loss", part="loss", inputs=dict(pred=t(B, L, P), imgs=imgs, mask=mask, patch_size=p),
              grad=["pred"]),
     ]
