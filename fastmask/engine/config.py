@@ -71,7 +71,7 @@ class EngineConfig:
     epochs: int = 1
     grad_accum: int = 1
     clip_grad: float | None = None
-    optimizer: str = "adamw"        # adamw (torch, fused on CUDA) | apex_fused_adam (NVIDIA apex, if importable)
+    optimizer: str = "adamw"        # adamw (torch, fused) | apex_fused_adam (NVIDIA apex, if importable)
     blr: float = 1.5e-4             # lr = blr * effective_batch / 256 unless lr is set
     lr: float | None = None
     min_lr: float = 0.0

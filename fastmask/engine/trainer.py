@@ -8,7 +8,7 @@ What happens, in order (everything that can be wrong with the input fails before
 2. the method is built (unknown method/model names, image size vs patch size, mask ratio: errors
    here), seeded identically on every rank so all ranks start from the same weights; the loader is
    built (missing/corrupt images: errors here); `engine.init_from` weights are loaded;
-3. a torch AdamW over the method's param groups (fused on CUDA) and a generated DeepSpeed config
+3. a torch AdamW over the method's param groups (fused, on CUDA and CPU) and a generated DeepSpeed config
    (ZeRO stage, bf16/fp16/fp32, accumulation, clipping) go to `deepspeed.initialize`;
 4. the run folder (`RunFolder`, before anything is written in it): rank 0 locks it (a second run
    is refused, naming the holder), picks the checkpoint to resume by scanning (the newest
@@ -167,10 +167,10 @@ def _crash_point(step: int) -> None:
 
 def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
                     device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: torch's (fused kernel on CUDA, the default), or NVIDIA apex's FusedAdam when asked for
+    """AdamW: torch's (its fused kernel on CUDA and CPU, the default), or NVIDIA apex's FusedAdam when asked for
     (`engine.optimizer=apex_fused_adam`, CUDA only; apex is not on PyPI, so never required)."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type in ("cuda", "cpu"))
     if name == "apex_fused_adam":
         if device.type != "cuda":
             raise ConfigError("engine.optimizer=apex_fused_adam needs a CUDA device; use adamw")
