@@ -294,6 +294,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     step = start_step
     epoch, start_micro = _data_position(saved, start_step, steps_per_epoch, e.grad_accum, cfg, info)
     micro_per_epoch = steps_per_epoch * e.grad_accum
+    keep_fp32 = getattr(method, "keeps_fp32_images", False)  # pixel targets from fp32 pixels (Method)
     losses: list[tuple[int, float]] = []
     acc: dict[str, torch.Tensor] = {}
     n_acc = 0
@@ -347,7 +348,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                     for g in optimizer.param_groups:
                         g["lr"] = lr * g.get("lr_scale", 1.0)  # per-group scale (ADIOS's occluder)
                 keys = sample_keys[micro].to(device, non_blocking=True)
-                outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype), keys=keys)
+                outputs = engine(imgs if imgs.dtype == dtype or keep_fp32 else imgs.to(dtype), keys=keys)
                 loss = outputs["loss"]
                 engine.backward(loss)
                 engine.step()

@@ -17,6 +17,10 @@ class Method(nn.Module):
     """Base class. Subclasses set `Args` (a dataclass of their options) and implement `forward`."""
 
     name: str = ""
+    # True: under bf16/fp16 the engine hands over the loader's fp32 images and the method casts its
+    # network input itself, so pixel targets come from fp32 pixels (the official MAE code's AMP does
+    # the same: autocast lowers the encoder's matmuls, the normalized-pixel target stays fp32).
+    keeps_fp32_images: bool = False
 
     @dataclasses.dataclass
     class Args:
