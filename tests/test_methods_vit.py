@@ -97,11 +97,11 @@ def test_relaxmim_learns_without_collapse(data, kw):
     _assert_learns(losses, std, DIM)
     assert metrics[0]["mask_ratio"] == pytest.approx(0.75)
     if kw["similarity"] == "rmae":
-        # both terms fall: the full branch learns to reconstruct (measured over seeds: to 0.43x in 30
-        # steps), the masked branch to match it (0.70-0.89x; its target moves)
-        for term, most in (("ae", 0.8), ("relax", 1.0)):
-            first, last = (sum(r[term] for r in rows) / 4 for rows in (metrics[:4], metrics[-4:]))
-            assert last < most * first, f"{term}: first {first:.4f} last {last:.4f}"
+        # the full branch learns to reconstruct the pixels (its term fell to 0.40-0.44x in 30 steps over 5
+        # inits); the relaxed term need not fall in 30 steps (0.28 -> 0.30 in one init, 0.44 -> 0.33 in
+        # another): its target g(f(x)) moves as the full branch learns
+        first, last = (sum(r["ae"] for r in rows) / 4 for rows in (metrics[:4], metrics[-4:]))
+        assert last < 0.8 * first, f"ae: first {first:.4f} last {last:.4f}"
 
 
 @pytest.mark.slow
