@@ -58,7 +58,7 @@ def test_mae_forward_flops_match_flop_counter_of_baseline():
 
 
 def test_performance_md_figures():
-    """PERFORMANCE.md's table: 58.7 / 124.5 / 291 train GFLOP per image for MAE B/16, L/16, H/14."""
+    """docs/performance.md's table: 58.7 / 124.5 / 291 train GFLOP per image for MAE B/16, L/16, H/14."""
     b = F.MAEShape()
     l = F.MAEShape(embed_dim=1024, depth=24, num_heads=16)
     h = F.MAEShape(patch_size=14, embed_dim=1280, depth=32, num_heads=16)

@@ -226,7 +226,7 @@ def test_official_mae_layout_at_full_size():
     assert set(mae.state_dict()) == set(ours) | {"_extra_state"}
     # named parameters are the official names too (no prefix), so optimizer groups read the same
     assert {n for n, _ in mae.named_parameters()} == set(ours)
-    # the engine's TFLOP/s: PERFORMANCE.md's 124.5 GFLOP per training image for MAE ViT-L/16
+    # the engine's TFLOP/s: docs/performance.md's 124.5 GFLOP per training image for MAE ViT-L/16
     assert round(mae.flops_per_image() / 1e9, 1) == 124.5
 
 

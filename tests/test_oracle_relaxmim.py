@@ -1,5 +1,6 @@
-"""RelaxMIM's loss of one step against an independent plain-PyTorch formulation written from
-shared/METHODS.md section 3 (and RelaxMIM's docstring where METHODS.md leaves a choice open).
+"""RelaxMIM's loss of one step against an independent plain-PyTorch formulation written from the
+method spec (the team's METHODS.md section 3; docs/methods.md, "RelaxMIM") and, where it leaves a
+choice open, RelaxMIM's docstring.
 
 The oracle shares no code with fastmask.models, masking or objectives: timm's PatchEmbed and Block,
 MAE's decoder forward as the official code writes it (mask tokens appended, unshuffled by a gather),
@@ -135,7 +136,7 @@ def _info_nce(queries, keys, positive):
 
 
 def _oracle_loss(kw, online, teacher, imgs, ids_keep, ids_restore, mask):
-    """One step's loss from METHODS.md section 3. `teacher` makes the target under target=ema."""
+    """One step's loss, written from the spec. `teacher` makes the target under target=ema."""
     sim, target = kw["similarity"], kw.get("target", "stopgrad")
     masked = online.decoder(online.backbone(imgs, ids_keep), ids_restore)          # g(f(M x)) [B, L, *]
     if sim == "pixel":

@@ -1,7 +1,7 @@
 """The comparison point: MAE as it is usually written, in plain PyTorch, independent of fastmask.
 
 This follows the structure of the official facebookresearch/mae `models_mae.py` and its training
-loop (`engine_pretrain.py`), written here from the spec in METHODS.md section 1, deliberately
+loop (`engine_pretrain.py`), written here from the spec in docs/methods.md (MAE), deliberately
 without any fastmask model, op or kernel:
 
 - Conv2d patch embedding of ALL L patches, fixed 2-D sin-cos positions added, then `torch.gather`

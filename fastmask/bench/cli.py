@@ -5,6 +5,7 @@ with `--loader ...`, the data-loader benchmark.
     fastmask bench --model vit_large_patch16 --batch-size 256 --dtype bf16 --out step.json --plot step.png
     fastmask bench --loader [loader options...]      # everything after --loader goes to fastmask.bench.loader
     fastmask bench --ablate [ablation options...]    # the optimization ablation (fastmask.bench.ablate)
+    fastmask bench --integration timm|hf [options...]  # timm / HF model, unpatched vs patched (bench.integration)
 
 Defaults live in `fastmask.bench.step.StepBenchArgs`. Op benchmarks: `pytest benchmarks/`.
 """
@@ -30,6 +31,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--ablate", nargs=argparse.REMAINDER, default=None, metavar="ABLATE_ARGS",
                         help="run the optimization ablation instead; the rest of the line goes to it "
                              "(`fastmask bench --ablate --help` lists its options)")
+    parser.add_argument("--integration", nargs=argparse.REMAINDER, default=None, metavar="LIBRARY [ARGS]",
+                        help="time a timm or HF model's training step unpatched vs patched by "
+                             "fastmask.integrations; the rest of the line goes to it "
+                             "(`fastmask bench --integration --help` lists its options)")
     parser.add_argument("--method", default=_D.method, help="registered method (the baseline exists for mae)")
     parser.add_argument("--model", default=_D.model, help="registered ViT, e.g. vit_base_patch16")
     parser.add_argument("--img-size", type=int, default=_D.img_size)
@@ -90,14 +95,33 @@ def args_from_namespace(ns: argparse.Namespace) -> StepBenchArgs:
     return StepBenchArgs(**kw)
 
 
+def check_outputs(ns: argparse.Namespace) -> None:
+    """--out and --plot can be written (and --plot's matplotlib imported): checked before the benchmark."""
+    from fastmask.paths import check_output_file
+
+    if ns.out:
+        check_output_file(ns.out, "--out")
+    if ns.plot:
+        check_output_file(ns.plot, "--plot")
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise ImportError("--plot needs matplotlib, which is not installed (pip install matplotlib); "
+                              "run without --plot, or install it first") from None
+
+
 def main(ns: argparse.Namespace) -> int:
     if ns.loader is not None:
         return _loader_main(ns.loader)
     if ns.ablate is not None:
         from .ablate import main as ablate_main
         return ablate_main(ns.ablate, prog="fastmask bench --ablate")
+    if ns.integration is not None:
+        from .integration import main as integration_main
+        return integration_main(ns.integration)
     from .step import plot, run_step_bench, save_json
 
+    check_outputs(ns)
     args = args_from_namespace(ns)
     result = run_step_bench(args)
     print(json.dumps({"device": result["device"]["name"], "model": args.model, "batch_size": args.batch_size,

@@ -1,5 +1,5 @@
 """ADIOS (Shi et al., arXiv 2201.13100, ICML 2022): an adversarial U-Net occluder hides parts of one
-view, the encoder learns SimCLR / BYOL / SimSiam invariance to what is left. METHODS.md section 4.
+view, the encoder learns SimCLR / BYOL / SimSiam invariance to what is left. See docs/methods.md.
 
 Per batch (the engine yields one normalized batch; the two views are made here, `views.ViewAugment`):
     x1, x2 = two augmented views

@@ -1,5 +1,5 @@
 """MAE (He et al., arXiv 2111.06377): hide most patches, encode only the visible ones, reconstruct
-the hidden ones' normalized pixels with a light decoder. See shared/METHODS.md section 1.
+the hidden ones' normalized pixels with a light decoder. See docs/methods.md, "MAE".
 
 Layout choice: the method *is* the official model. `MAE` subclasses
 `fastmask.models.MaskedAutoencoderViT`, whose attributes are facebookresearch/mae's
@@ -193,7 +193,7 @@ class MAE(MaskedAutoencoderViT, Method):
 
     def flops_per_image(self) -> float | None:
         """Matmul FLOPs of one training step per image (forward + backward = 3x forward), counted as
-        `fastmask.bench.flops` does (PERFORMANCE.md's convention); None for non-square images."""
+        `fastmask.bench.flops` does (docs/performance.md's convention); None for non-square images."""
         from ..bench.flops import MAEShape, mae_train_flops  # lazy: only the engine's logging needs it
 
         if self.img_size[0] != self.img_size[1]:

@@ -1,6 +1,6 @@
 """MST (Li et al., "MST: Masked Self-Supervised Transformer for Visual Representation", NeurIPS 2021,
 arXiv 2106.05656): DINO self-distillation plus attention-guided masking and a global image decoder.
-See shared/METHODS.md section 5 (no official code: the details are fastmask's [unverified] choices,
+See docs/methods.md, "MST" (no official code: the details are fastmask's [unverified] choices,
 configurable).
 
 Per step, on one batch of images:
@@ -42,6 +42,7 @@ from . import register_method
 from ._stream import DrawStream
 from .base import Method
 from .momentum import cosine_momentum, ema_update_, make_teacher
+from .panels import hide_patches, patch_map, rescale
 from .views import ViewAugment
 
 
@@ -169,6 +170,25 @@ class MST(Method):
             entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
         return {"loss": loss, "dino": dino.detach(), "rec": rec.detach(), "mask_ratio": masks.mask.mean(),
                 "teacher_entropy": entropy}
+
+    @torch.no_grad()
+    def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """imgs [B, 3, S, S] normalized -> panels for `fastmask visualize`, on the images themselves
+        (no view augmentation): "original"; "teacher attention" [B, 1, S, S] (the teacher's
+        last-block cls attention over the patches, head mean, min-max scaled per image); "mask"
+        [B, 1, S, S] (the attention-guided mask, 1 = hidden); "student input" (hidden patches grey:
+        the student gets the mask token there); "reconstruction" [B, 3, S, S] (the global decoder's
+        image from the student's tokens)."""
+        backbone = self.student["backbone"]
+        backbone.check_images(imgs)
+        d = self.stream.draws(imgs.shape[0], imgs.device)
+        scores = forward_with_cls_attention(self.teacher["backbone"], imgs)[1].mean(dim=1)   # [B, L]
+        masks = self.masker(imgs.shape[0], backbone.grid_size, draws=d.child("mask"), scores=scores)
+        recon = self.decoder(backbone.forward_masked_tokens(imgs, masks.mask, self.mask_token)[:, 1:])
+        p, grid = backbone.patch_size, backbone.grid_size
+        return {"original": imgs, "teacher attention": patch_map(rescale(scores), grid, p),
+                "mask": patch_map(masks.mask, grid, p), "student input": hide_patches(imgs, masks.mask, p),
+                "reconstruction": recon.float()}
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:

@@ -1,6 +1,6 @@
 """RelaxMIM (Kong & Zhang, "Understanding Masked Image Modeling via Learning Occlusion Invariant
 Feature", arXiv 2208.04164): MIM as a siamese method, masked view vs full view, with the similarity
-measure switchable by one value. See shared/METHODS.md section 3 (no official code: the details
+measure switchable by one value. See docs/methods.md, "RelaxMIM" (no official code: the details
 below are fastmask's [unverified] reconstruction, all configurable).
 
     similarity: "infonce" (C-MAE)  encoder f on the visible tokens -> light decoder with learnable
@@ -72,6 +72,7 @@ from . import register_method
 from ._stream import DrawStream
 from .base import Method
 from .momentum import cosine_momentum, ema_update_, make_teacher
+from .panels import hide_patches, patch_map, reconstruction_panels
 
 _CHOICES = {"similarity": ("infonce", "rmae", "pixel"), "target": ("stopgrad", "ema", "shared"),
             "level": ("token", "image"), "negatives": ("batch", "image")}
@@ -218,6 +219,27 @@ class RelaxMIM(Method):
         return (full if self.target == "shared" else full.detach()), (full if ae else None), scores
 
     # ------------------------------------------------------------------ step
+    def _masked_step(self, x: torch.Tensor, keys: torch.Tensor | None,
+                     masks: Masks | None) -> tuple[object, Masks, torch.Tensor]:
+        """x [B, C, H, W] in the networks' dtype -> (the full branch's result: z^b (infonce), (relaxed
+        target, online g(f(x)) or None) (rmae), None (pixel); masks; the decoder's output from the
+        visible patches [B, L, p*p*C] or [B, L, D]). The full branch runs first: attention-guided
+        masks read its scores."""
+        vit = self.backbone
+        full, scores = None, None
+        if self.similarity == "infonce":
+            full, scores = self._cmae_full(x)
+        elif self.similarity == "rmae":
+            *full, scores = self._rmae_full(x)
+        elif self.use_scores and masks is None:
+            with torch.no_grad():
+                scores = self._encode_full(vit, x)[1]
+        if masks is None:
+            d = self.stream.draws(x.shape[0], x.device, keys)
+            masks = self.masker(x.shape[0], vit.grid_size, draws=d.child("mask"), scores=scores)
+        latent = vit.forward_visible(x, masks.ids_keep)                     # [B, 1+K, D]
+        return full, masks, self.decoder(latent, masks.ids_restore)
+
     def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None,
                 masks: Masks | None = None) -> dict[str, torch.Tensor]:
         """imgs [B, C, H, W]; keys [B] int64 per-sample draw keys (None: this rank's counter);
@@ -226,28 +248,18 @@ class RelaxMIM(Method):
         vit.check_images(imgs)
         B, L = imgs.shape[0], vit.num_patches
         x = imgs.to(vit.patch_embed.proj.weight.dtype)                      # the networks' input; targets read imgs
-        scores = None
-        if self.similarity == "infonce":
-            kb, scores = self._cmae_full(x)
-        elif self.similarity == "rmae":
-            relaxed_target, full, scores = self._rmae_full(x)
-        elif self.use_scores and masks is None:
-            with torch.no_grad():
-                scores = self._encode_full(vit, x)[1]
-        if masks is None:
-            d = self.stream.draws(B, imgs.device, keys)
-            masks = self.masker(B, vit.grid_size, draws=d.child("mask"), scores=scores)
-        latent = vit.forward_visible(x, masks.ids_keep)                     # [B, 1+K, D]
-        out = self.decoder(latent, masks.ids_restore)                        # [B, L, p*p*C] or [B, L, D]
+        full, masks, out = self._masked_step(x, keys, masks)
         metrics = {"mask_ratio": masks.mask.mean()}
         if self.similarity == "pixel":
             return {"loss": self.objective(out, imgs, masks.mask), **metrics}
         if self.similarity == "rmae":
+            relaxed_target, online_full = full
             loss = metrics["relax"] = relaxed_reconstruction(out, relaxed_target, masks.mask)
-            if full is not None:
-                metrics["ae"] = self.objective(full, imgs, torch.ones_like(masks.mask))
+            if online_full is not None:
+                metrics["ae"] = self.objective(online_full, imgs, torch.ones_like(masks.mask))
                 loss = loss + self.ae_weight * metrics["ae"]
             return {"loss": loss, **{k: v.detach() for k, v in metrics.items()}}
+        kb = full
         if self.level == "image":
             loss = info_nce(self.head(out.mean(dim=1)), kb, self.temperature)
         else:
@@ -261,6 +273,30 @@ class RelaxMIM(Method):
                 pos = hidden + torch.arange(B, device=imgs.device).unsqueeze(1) * L
                 loss = info_nce(qa.flatten(0, 1), kb.flatten(0, 1), self.temperature, positives=pos.flatten())
         return {"loss": loss, **metrics}
+
+    @torch.no_grad()
+    def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """imgs [B, 3, S, S] normalized -> panels for `fastmask visualize`: "original", "mask"
+        [B, 1, S, S] (1 = hidden), "masked" (hidden patches grey: the encoder sees the visible ones),
+        then what the decoder does:
+        - similarity "pixel" or "rmae": "reconstruction" and "recon + visible" (the masked branch's
+          decoded pixels, each patch mapped back with the true patch's mean and variance when norm_pix);
+        - similarity "infonce": "similarity" [B, 1, S, S], per position (cos + 1) / 2 of the masked
+          branch's decoder output and the full-image branch's token, both through the head h."""
+        vit = self.backbone
+        vit.check_images(imgs)
+        x = imgs.to(vit.patch_embed.proj.weight.dtype)
+        kb, masks, out = self._masked_step(x, None, None)
+        p, grid = vit.patch_size, vit.grid_size
+        panels = {"original": imgs, "mask": patch_map(masks.mask, grid, p)}
+        if self.similarity != "infonce":
+            return {**panels, **reconstruction_panels(imgs, masks.mask, out, p, self.objective.norm_pix)}
+        if self.level == "image":  # kb is pooled: project the full-image tokens position by position
+            nets = self.teacher if self.target == "ema" else self._online()
+            kb = nets["head"](nets["backbone"].forward_features(x)[:, 1:])
+        cos = torch.nn.functional.cosine_similarity(self.head(out).float(), kb.float(), dim=-1)   # [B, L]
+        return {**panels, "masked": hide_patches(imgs, masks.mask, p),
+                "similarity": patch_map((cos + 1) / 2, grid, p)}
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:

@@ -114,8 +114,11 @@ class VisionTransformer(nn.Module):
     # ------------------------------------------------------------------ forwards
     def _prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
         # The cls token's position embedding is pos_embed[0], the all-zero row (kept for fidelity).
-        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1)
+        # The residual stream takes the promoted dtype, as torch.cat does in the official code: fp32 under
+        # autocast (fp32 parameters beside bf16 activations), never the cls token rounded to bf16.
+        dt = torch.promote_types(x.dtype, self.cls_token.dtype)
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(dt).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x.to(dt)], dim=1)
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return run_blocks(self.blocks, self._prepend_cls(x), self.grad_checkpointing, self.norm, self.backend)
