@@ -8,9 +8,10 @@ Built from the engine's own pieces (`fastmask.engine.trainer`): `resolve_precisi
 precision, accumulation, clipping) and `deepspeed.initialize`, plus `engine.compile` when
 `engine.compile` / `engine.cuda_graphs` is set. One call = one iteration of the trainer's loop
 with grad_accum 1: the lr written into every group (warmup + cosine from the step index),
-`engine(imgs, keys=keys)` (imgs cast to the run's dtype unless the method `keeps_fp32_images`; keys, the samples' global keys for the
-per-sample draws, copied to the device as the loop does), `engine.backward`, `engine.step`, the loss
-and scalar metrics summed on the device with the first non-finite step recorded, `on_step_end`.
+`engine(imgs, keys=keys)` (imgs cast to the run's dtype unless the method `keeps_fp32_images`;
+keys, the samples' global keys for the per-sample draws, copied to the device as the loop does),
+`engine.backward`, `engine.step`, the loss and scalar metrics summed on the device with the first
+non-finite step recorded, `on_step_end`.
 Logging, checkpointing, the checkpoint-health probe (it records only the step after a checkpoint)
 and the loader are not part of a step.
 
