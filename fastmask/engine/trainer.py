@@ -10,7 +10,7 @@ What happens, in order (everything that can be wrong with the input fails before
    here), seeded identically on every rank so all ranks start from the same weights, at ZeRO-3
    partitioned as it is built (`zero.construct`: no rank holds the whole model); the loader is
    built (missing/corrupt images: errors here); `engine.init_from` weights are loaded;
-3. a torch AdamW over the method's param groups (fused on CUDA) and a generated DeepSpeed config
+3. a torch AdamW over the method's param groups (fused, on CUDA and CPU) and a generated DeepSpeed config
    (ZeRO stage, bf16/fp16/fp32, accumulation, clipping) go to `deepspeed.initialize`;
 4. the run folder (`RunFolder`, before anything is written in it): rank 0 locks it (a second run
    is refused, naming the holder), picks the checkpoint to resume by scanning (the newest
@@ -20,7 +20,8 @@ What happens, in order (everything that can be wrong with the input fails before
    aside what does not belong to the continued run and writes config.yaml and ds_config.json.
    Model, optimizer, loss scaler, step, data position and RNG states are restored, so the
    continued run takes the same steps an uninterrupted one would;
-5. the loop: per optimizer step the lr is set from the step index (warmup + cosine), each
+5. the loop: per optimizer step the lr is set from the step index (warmup + cosine; the decay
+   groups' weight decay too, cosine to `engine.weight_decay_end` when set, DINO's schedule), each
    micro-batch runs forward (with every sample's global key, `Loader.sample_keys`, from which the
    method draws its masks and views: the same whatever the world size) /backward/step, then
    `method.on_step_end(step, total)`. The loss and
@@ -61,7 +62,7 @@ from .distributed import RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_m
 from .health import CheckpointHealth
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from .runfolder import RunFolder
-from .schedule import lr_at, scaled_lr
+from .schedule import lr_at, scaled_lr, weight_decay_at
 from .signals import StopOnSignal, StoppedBySignal
 from .zero import check as check_zero, construct, offload_config, share_fp32_master
 
@@ -171,10 +172,10 @@ def _crash_point(step: int) -> None:
 
 def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
                     device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: torch's (fused kernel on CUDA, the default), or NVIDIA apex's FusedAdam when asked for
+    """AdamW: torch's (its fused kernel on CUDA and CPU, the default), or NVIDIA apex's FusedAdam when asked for
     (`engine.optimizer=apex_fused_adam`, CUDA only; apex is not on PyPI, so never required)."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type in ("cuda", "cpu"))
     if name == "apex_fused_adam":
         if device.type != "cuda":
             raise ConfigError("engine.optimizer=apex_fused_adam needs a CUDA device; use adamw")
@@ -227,11 +228,14 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     method = construct(lambda: _build_method(cfg, method_factory), cfg, info,
                        build_ds_config(cfg, info.world_size, precision, device))  # ZeRO-3: partitioned as built
     from fastmask.data import build_loader
-    loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device)
+    views = method.view_specs() if hasattr(method, "view_specs") else None  # crops cut from the full image
+    loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device, views=views)
     steps_per_epoch = loader.batches_per_epoch // e.grad_accum
     if steps_per_epoch < 1:
         raise ConfigError(f"one epoch has {loader.batches_per_epoch} micro-batches per rank, fewer than "
                           f"engine.grad_accum={e.grad_accum}")
+    if hasattr(method, "set_epoch_length"):
+        method.set_epoch_length(steps_per_epoch)
     total = e.steps if e.steps is not None else e.epochs * steps_per_epoch
     stop = min(total, e.stop_at) if e.stop_at is not None else total
     warmup = e.warmup_steps if e.warmup_steps is not None else round(e.warmup_epochs * steps_per_epoch)
@@ -267,6 +271,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     init_distributed(info)
     method.to(device)
     optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, tuple(e.betas), device)
+    decay_groups = {i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0}  # wd schedule
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     share_fp32_master(engine)
     if e.compile or e.cuda_graphs:
@@ -302,6 +307,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     step = start_step
     epoch, start_micro = _data_position(saved, start_step, steps_per_epoch, e.grad_accum, cfg, info)
     micro_per_epoch = steps_per_epoch * e.grad_accum
+    keep_fp32 = getattr(method, "keeps_fp32_images", False)  # pixel targets from fp32 pixels (Method)
     losses: list[tuple[int, float]] = []
     acc: dict[str, torch.Tensor] = {}
     n_acc = 0
@@ -328,6 +334,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                "step_s": dt / max(1, step - step_last), "mem_gb": peak_memory_gb(device),
                "skipped": int(getattr(engine, "skipped_steps", 0))}
         rec.update({k: v for k, v in zip(keys, vec) if k != "loss"})
+        if e.weight_decay_end is not None:
+            rec["wd"] = weight_decay_at(step - 1, total, e.weight_decay, e.weight_decay_end)
         if flops_per_image is not None:
             tflops = flops_per_image * ips / info.world_size / 1e12
             rec["tflops"] = tflops
@@ -352,10 +360,13 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                     break
                 if micro % e.grad_accum == 0:
                     lr = lr_at(step, total, base_lr, warmup, e.min_lr)
-                    for g in optimizer.param_groups:
+                    wd = weight_decay_at(step, total, e.weight_decay, e.weight_decay_end)
+                    for i, g in enumerate(optimizer.param_groups):
                         g["lr"] = lr * g.get("lr_scale", 1.0)  # per-group scale (ADIOS's occluder)
+                        if i in decay_groups:
+                            g["weight_decay"] = wd
                 keys = sample_keys[micro].to(device, non_blocking=True)
-                outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype), keys=keys)
+                outputs = engine(imgs if keep_fp32 else _cast(imgs, dtype), keys=keys)
                 loss = outputs["loss"]
                 engine.backward(loss)
                 engine.step()
@@ -398,6 +409,13 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     return RunResult(step=step, total_steps=total, losses=losses,
                      resumed_from=start_step if saved is not None else None,
                      skipped_steps=int(getattr(engine, "skipped_steps", 0)), out=out, last_checkpoint=last_ckpt)
+
+
+def _cast(imgs: torch.Tensor | list[torch.Tensor], dtype: torch.dtype):
+    """A batch (one tensor, or a list of views) in the run's dtype; tensors already in it pass as they are."""
+    if isinstance(imgs, torch.Tensor):
+        return imgs if imgs.dtype == dtype else imgs.to(dtype)
+    return [_cast(x, dtype) for x in imgs]
 
 
 def _settle_health(health: CheckpointHealth, out: Path | None, info: DistInfo, logger: MetricsLogger) -> None:
