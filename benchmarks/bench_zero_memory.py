@@ -19,12 +19,10 @@ are the model states). Each rank reports:
   and each forward / backward / optimizer step: where the peak comes from.
 Prints a table and writes JSON (device, versions, shapes, per-rank figures) to --out.
 
-Peak RSS and glibc: glibc raises its mmap threshold each time a mapped block is freed (up to 32 MiB),
-after which blocks of that size come from the heap, whose freed space it keeps. ZeRO-3 gathers and
-frees every layer's weights (MBs each) in every forward and backward, so with glibc's defaults its
-RSS holds up to a GiB of freed memory that ZeRO-0 never allocates. `--malloc-mmap-threshold 65536`
-fixes the threshold (`MALLOC_MMAP_THRESHOLD_`, the same for every stage): then RSS follows what is
-live. Both figures are worth recording; the JSON says which one it holds.
+Peak RSS and glibc: ZeRO-3 gathers and frees every layer's weights in every forward and backward;
+with glibc's default (dynamic) mmap threshold the freed buffers stay resident, so the engine fixes
+the threshold on CPU ZeRO-3 runs (`fastmask.engine.zero.release_freed_host_memory`, called by
+`construct`, as here). `--glibc-default` skips that, to measure what it saves.
 """
 from __future__ import annotations
 
@@ -51,6 +49,14 @@ def _peak_rss() -> int:
 def _rss() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
 
 
 def _measure(engine, optimizer) -> dict:
@@ -95,7 +101,8 @@ def worker(args) -> None:
     from fastmask.data import build_loader
     from fastmask.engine.config import load_config
     from fastmask.engine.distributed import dist_info, init_distributed
-    from fastmask.engine.trainer import build_ds_config
+    from fastmask.engine.trainer import build_ds_config, build_optimizer
+    from fastmask.engine import zero
     from fastmask.engine.zero import construct, share_fp32_master
     from fastmask.methods import build_method
 
@@ -103,13 +110,16 @@ def worker(args) -> None:
                                     f"data.batch_size={args.batch}", "data.loader=synthetic", "data.synthetic_size=4096",
                                     f"engine.zero_stage={args.stage}", "engine.precision=fp32"])
     info = dist_info()
+    if args.glibc_default:
+        zero.release_freed_host_memory = lambda *a, **k: False  # what construct() would call
     torch.manual_seed(0)
     ds_config = build_ds_config(cfg, info.world_size, "fp32", info.device)
     phases = [("imported", _peak_rss(), _rss())]  # (phase, peak RSS so far, RSS now)
     init_distributed(info)
     method = construct(lambda: build_method(cfg), cfg, info, ds_config)
     phases.append(("built", _peak_rss(), _rss()))
-    opt = torch.optim.AdamW(method.param_groups(cfg.engine.weight_decay), lr=1e-4, betas=cfg.engine.betas)
+    opt = build_optimizer(cfg.engine.optimizer, method.param_groups(cfg.engine.weight_decay), 1e-4,
+                          tuple(cfg.engine.betas), info.device)  # the engine's AdamW (fused on CPU too)
     engine, *_ = deepspeed.initialize(model=method, optimizer=opt, config=ds_config)
     share_fp32_master(engine)
     phases.append(("initialized", _peak_rss(), _rss()))
@@ -141,11 +151,10 @@ def driver(args) -> None:
         res = tmp / f"stage{stage}"
         cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(args.ranks), __file__, "--worker",
                "--stage", str(stage), "--result", str(res), "--model", args.model, "--img-size", str(args.img_size),
-               "--batch", str(args.batch), "--steps", str(args.steps), "--config", args.config]
+               "--batch", str(args.batch), "--steps", str(args.steps), "--config", args.config,
+               *(["--glibc-default"] if args.glibc_default else [])]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         env.setdefault("OMP_NUM_THREADS", "1")
-        if args.malloc_mmap_threshold is not None:
-            env["MALLOC_MMAP_THRESHOLD_"] = str(args.malloc_mmap_threshold)
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"stage {stage} failed:\n{proc.stderr[-4000:]}")
@@ -162,7 +171,8 @@ def driver(args) -> None:
               f"{r['peak_rss_bytes'] / gib:>12.3f} {r['step_s']:>7.2f}")
     out = {"benchmark": "zero_memory", "command": "python " + " ".join(sys.argv), "model": args.model, "img_size": args.img_size, "batch_per_rank": args.batch,
            "ranks": args.ranks, "steps": args.steps, "precision": "fp32", "device": "cpu",
-           "malloc_mmap_threshold": args.malloc_mmap_threshold,
+           "host_malloc": "glibc default" if args.glibc_default else "as the engine (release_freed_host_memory)",
+           "fastmask_git": _git_sha(), "loadavg_end": os.getloadavg(),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
@@ -182,9 +192,8 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file for the results")
-    p.add_argument("--malloc-mmap-threshold", type=int, default=None,
-                   help="set glibc's MALLOC_MMAP_THRESHOLD_ (bytes) in the ranks: allocations at least this "
-                        "large are mapped and unmapped, so freed memory leaves the RSS (see the module docstring)")
+    p.add_argument("--glibc-default", action="store_true",
+                   help="keep glibc's dynamic mmap threshold at ZeRO-3 (the engine fixes it on CPU; see the docstring)")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
