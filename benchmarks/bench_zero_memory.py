@@ -22,7 +22,8 @@ Prints a table and writes JSON (device, versions, shapes, per-rank figures) to -
 Peak RSS and glibc: ZeRO-3 gathers and frees every layer's weights in every forward and backward;
 with glibc's default (dynamic) mmap threshold the freed buffers stay resident, so the engine fixes
 the threshold on CPU ZeRO-3 runs (`fastmask.engine.zero.release_freed_host_memory`, called by
-`construct`, as here). `--glibc-default` skips that, to measure what it saves.
+`construct`, as here). A stage written with a `g` (`--stages 3,3g`) runs without it, to measure
+what it saves side by side.
 """
 from __future__ import annotations
 
@@ -145,34 +146,36 @@ def driver(args) -> None:
     import torch
 
     torchrun = Path(sys.executable).parent / "torchrun"
+    sha = _git_sha()  # the code measured (taken before the runs)
     results = []
     tmp = Path(tempfile.mkdtemp(prefix="zero_mem_"))
-    for stage in [int(s) for s in args.stages.split(",")]:
-        res = tmp / f"stage{stage}"
+    for spec in args.stages.split(","):
+        stage, glibc_default = int(spec.rstrip("g")), spec.endswith("g")
+        res = tmp / f"stage{spec}"
         cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(args.ranks), __file__, "--worker",
                "--stage", str(stage), "--result", str(res), "--model", args.model, "--img-size", str(args.img_size),
                "--batch", str(args.batch), "--steps", str(args.steps), "--config", args.config,
-               *(["--glibc-default"] if args.glibc_default else [])]
+               *(["--glibc-default"] if glibc_default else [])]
         env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         env.setdefault("OMP_NUM_THREADS", "1")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
             sys.exit(f"stage {stage} failed:\n{proc.stderr[-4000:]}")
         for r in range(args.ranks):
-            results.append(json.loads(Path(f"{res}.rank{r}").read_text()))
+            results.append({**json.loads(Path(f"{res}.rank{r}").read_text()),
+                            "host_malloc": "glibc default" if glibc_default else "as the engine"})
     gib = 2**30
     print(f"MAE {args.model} ({results[0]['num_params'] / 1e6:.1f} M params), fp32 AdamW, {args.ranks} CPU ranks, "
           f"img {args.img_size}, batch {args.batch}/rank, {args.steps} steps")
     print(f"{'stage':>5} {'rank':>4} {'params GiB':>10} {'optim GiB':>10} {'states GiB':>10} {'build RSS GiB':>13} "
           f"{'peak RSS GiB':>12} {'s/step':>7}")
     for r in results:
-        print(f"{r['stage']:>5} {r['rank']:>4} {r['param_bytes'] / gib:>10.3f} {r['optim_bytes'] / gib:>10.3f} "
+        print(f"{str(r['stage']) + ('g' if r['host_malloc'] == 'glibc default' else ''):>5} {r['rank']:>4} {r['param_bytes'] / gib:>10.3f} {r['optim_bytes'] / gib:>10.3f} "
               f"{r['total_state_bytes'] / gib:>10.3f} {r['peak_rss_build_bytes'] / gib:>13.3f} "
               f"{r['peak_rss_bytes'] / gib:>12.3f} {r['step_s']:>7.2f}")
     out = {"benchmark": "zero_memory", "command": "python " + " ".join(sys.argv), "model": args.model, "img_size": args.img_size, "batch_per_rank": args.batch,
            "ranks": args.ranks, "steps": args.steps, "precision": "fp32", "device": "cpu",
-           "host_malloc": "glibc default" if args.glibc_default else "as the engine (release_freed_host_memory)",
-           "fastmask_git": _git_sha(), "loadavg_end": os.getloadavg(),
+           "fastmask_git": sha, "loadavg_end": os.getloadavg(),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
            "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
@@ -184,7 +187,8 @@ def driver(args) -> None:
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--stages", default="0,3")
+    p.add_argument("--stages", default="0,3", help="ZeRO stages, in order; 3g: stage 3 with glibc's default "
+                                                      "mmap threshold (see the module docstring)")
     p.add_argument("--ranks", type=int, default=2)
     p.add_argument("--model", default="vit_large_patch16")
     p.add_argument("--config", default="mae_vit_large_patch16")
@@ -192,8 +196,7 @@ def main() -> None:
     p.add_argument("--batch", type=int, default=2)
     p.add_argument("--steps", type=int, default=2)
     p.add_argument("--out", default=None, help="JSON file for the results")
-    p.add_argument("--glibc-default", action="store_true",
-                   help="keep glibc's dynamic mmap threshold at ZeRO-3 (the engine fixes it on CPU; see the docstring)")
+    p.add_argument("--glibc-default", action="store_true", help=argparse.SUPPRESS)  # a stage written with g
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     p.add_argument("--stage", type=int, default=0, help=argparse.SUPPRESS)
     p.add_argument("--result", default=None, help=argparse.SUPPRESS)
