@@ -8,7 +8,8 @@ What happens, in order (everything that can be wrong with the input fails before
 2. the method is built (unknown method/model names, image size vs patch size, mask ratio: errors
    here), seeded identically on every rank so all ranks start from the same weights; the loader is
    built (missing/corrupt images: errors here); `engine.init_from` weights are loaded;
-3. a torch AdamW over the method's param groups (fused on CUDA) and a generated DeepSpeed config
+3. the optimizer named by engine.optimizer over the method's param groups (`fastmask.optim`: AdamW,
+   fused on CUDA, by default; SGD or LARS) and a generated DeepSpeed config
    (ZeRO stage, bf16/fp16/fp32, accumulation, clipping) go to `deepspeed.initialize`;
 4. the run folder (`RunFolder`, before anything is written in it): rank 0 locks it (a second run
    is refused, naming the holder), picks the checkpoint to resume by scanning (the newest
@@ -21,6 +22,7 @@ What happens, in order (everything that can be wrong with the input fails before
 5. the loop: per optimizer step the lr is set from the step index (warmup + cosine), each
    micro-batch runs forward (with every sample's global key, `Loader.sample_keys`, from which the
    method draws its masks and views: the same whatever the world size) /backward/step, then
+   `method.post_step(lr)` (a method's own phase after the step: ADIOS's occluder) and
    `method.on_step_end(step, total)`. The loss and
    metrics are summed on the device (no host sync per step) and reduced every `log_every` steps
    into DIR/metrics.jsonl; checkpoints every `checkpoint_every` steps and at the end, each with
@@ -53,6 +55,8 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from ..optim import OptimizerSettings
+from ..optim import build_optimizer as _build_optimizer
 from .config import Config, ConfigError, to_dict, validate
 from .config_diff import param_signature
 from .distributed import RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_mean, dist_info, init_distributed
@@ -164,22 +168,13 @@ def _crash_point(step: int) -> None:
         os._exit(137)  # a kill -9 right after optimizer step `step`, before its log or checkpoint
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
-                    device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: torch's (fused kernel on CUDA, the default), or NVIDIA apex's FusedAdam when asked for
-    (`engine.optimizer=apex_fused_adam`, CUDA only; apex is not on PyPI, so never required)."""
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type == "cuda")
-    if name == "apex_fused_adam":
-        if device.type != "cuda":
-            raise ConfigError("engine.optimizer=apex_fused_adam needs a CUDA device; use adamw")
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError as err:
-            raise ConfigError(f"engine.optimizer=apex_fused_adam but NVIDIA apex is not importable ({err}); "
-                              "it is not on PyPI: build it from NVIDIA's repository, or use adamw") from err
-        return FusedAdam(groups, lr=lr, betas=betas, eps=1e-8, adam_w_mode=True)
-    raise ConfigError(f"engine.optimizer must be adamw or apex_fused_adam, got {name!r}")
+def build_optimizer(name: str, groups: list[dict], lr: float, e, device: torch.device) -> torch.optim.Optimizer:
+    """The engine's optimizer over the method's param groups: `fastmask.optim.build_optimizer` with the
+    engine config's settings (betas, momentum, LARS trust coefficient and clip); errors as ConfigError."""
+    try:
+        return _build_optimizer(name, groups, lr, OptimizerSettings.of(e), device)
+    except ValueError as err:
+        raise ConfigError(f"engine.{err}") from err
 
 
 def pretrain(cfg: Config, out: str | Path | None = None,
@@ -219,6 +214,9 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     # --- everything that can be wrong with the input fails here, before any training work
     _seed_all(e.seed)  # the same on every rank: identical initial weights
     method = _build_method(cfg, method_factory)
+    problem = method.zero_stage_problem(e.zero_stage) if hasattr(method, "zero_stage_problem") else None
+    if problem:
+        raise ConfigError(problem)
     from fastmask.data import build_loader
     loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device)
     steps_per_epoch = loader.batches_per_epoch // e.grad_accum
@@ -259,7 +257,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
 
     init_distributed(info)
     method.to(device)
-    optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, tuple(e.betas), device)
+    optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, e, device)
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     if e.compile or e.cuda_graphs:
         # CUDA graphs through torch.compile's "reduce-overhead" mode (cudagraph trees): the whole
@@ -344,8 +342,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                     break
                 if micro % e.grad_accum == 0:
                     lr = lr_at(step, total, base_lr, warmup, e.min_lr)
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr * g.get("lr_scale", 1.0)  # per-group scale (ADIOS's occluder)
+                    for g in optimizer.param_groups:  # per-group scale (ADIOS's occluder); unscheduled groups
+                        g["lr"] = (lr if g.get("scheduled", True) else base_lr) * g.get("lr_scale", 1.0)
                 keys = sample_keys[micro].to(device, non_blocking=True)
                 outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype), keys=keys)
                 loss = outputs["loss"]
@@ -364,6 +362,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                 if micro % e.grad_accum:
                     continue
                 step += 1
+                if hasattr(method, "post_step"):
+                    method.post_step(lr)  # a method's own phase after the engine's step (ADIOS's occluder)
                 if hasattr(method, "on_step_end"):
                     method.on_step_end(step, total)
                 logger.advance()

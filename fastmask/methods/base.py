@@ -29,13 +29,32 @@ class Method(nn.Module):
         Methods that draw masks also take `masks=` (ready `fastmask.masking.Masks`) to fix them."""
         raise NotImplementedError
 
+    # The ZeRO stages this method trains under; the engine refuses others before any work
+    # (`zero_stage_problem` says why in one line).
+    supported_zero_stages: tuple[int, ...] = (0, 1, 2, 3)
+
+    def zero_stage_problem(self, stage: int) -> str | None:
+        """None when the method trains under ZeRO `stage`, else the one-line reason it does not."""
+        if stage in self.supported_zero_stages:
+            return None
+        return (f"method {self.name or type(self).__name__} supports ZeRO stages "
+                f"{', '.join(map(str, self.supported_zero_stages))}, not engine.zero_stage={stage}")
+
+    def post_step(self, lr: float) -> None:
+        """Called by the engine after every optimizer step, before `on_step_end`, with the step's
+        scheduled lr: a method that trains a part of itself with its own optimizer, outside the engine's
+        (ADIOS's occluder in alternating mode, `fastmask.optim.SideOptimizer`), takes that step here, on
+        the micro-batches its forwards of this step kept."""
+
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called by the engine after every optimizer step (EMA/momentum teachers, schedules)."""
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: no decay on 1-D parameters (norms, biases) and on `no_weight_decay()` names,
         as timm's `param_groups_weight_decay` (which the official MAE code uses). Frozen tensors
-        (fixed position embeddings, teachers) are left out."""
+        (fixed position embeddings, teachers) are left out. Group keys the engine reads besides
+        torch's: `lr_scale` (the group's lr is the schedule's times it) and `scheduled` (False: the
+        base lr, not the schedule's, at every step)."""
         skip = set(self.no_weight_decay()) if hasattr(self, "no_weight_decay") else set()
         decay, no_decay = [], []
         for name, p in self.named_parameters():
