@@ -8,8 +8,9 @@ Parameter names follow torchvision (`conv1`, `bn1`, `layer1.0.conv1`, ..., `down
 torchvision state dict loads with `strict=False` (only `fc.*` is absent: the backbone has no
 classifier). Written here so the package does not depend on torchvision.
 
-The small-image stem is solo-learn's CIFAR variant (Conv3x3 stride 1, no max-pool): the standard
-stem (Conv7x7 stride 2 + max-pool) would shrink a 32 px image to 8 px before the first stage.
+The small-image stem is solo-learn's CIFAR variant as ADIOS builds it (`src/methods/base.py`:
+Conv3x3 stride 1 *padding 2*, no max-pool, so a 32 px image gives 34 px maps): the standard stem
+(Conv7x7 stride 2 + max-pool) would shrink a 32 px image to 8 px before the first stage.
 Init as torchvision: kaiming-normal (fan_out) convs, BN weight 1 / bias 0.
 """
 from __future__ import annotations
@@ -52,7 +53,7 @@ class ResNet(nn.Module):
         self.small_stem = small_stem
         w0 = widths[0]
         if small_stem:
-            self.conv1 = nn.Conv2d(in_chans, w0, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, w0, 3, 1, 2, bias=False)  # padding 2, as ADIOS's CIFAR stem
             self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_chans, w0, 7, 2, 3, bias=False)
@@ -75,7 +76,7 @@ class ResNet(nn.Module):
                 nn.init.zeros_(m.bias)
 
     def feature_map(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs [B, C, H, W] -> last-stage map [B, 512, h, w] (h = H/32, or H/8 with the small stem)."""
+        """imgs [B, C, H, W] -> last-stage map [B, 512, h, w] (h = ceil(H/32), or ceil((H+2)/8) with the small stem)."""
         if imgs.dim() != 4:
             raise ValueError(f"ResNet expects imgs [B, C, H, W], got {tuple(imgs.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(imgs))))
