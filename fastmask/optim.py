@@ -26,6 +26,7 @@ a DeepSpeed checkpoint carries it and a resume continues exactly. The state is t
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any
 
@@ -152,9 +153,11 @@ class SideOptimizer(nn.Module):
             p.grad = None  # never left for the engine's clipping or its next step to see
 
     def get_extra_state(self) -> dict:
+        """A snapshot (copies, not the live buffers the next step would change)."""
         if self._opt is None:
             return {"optimizer": None, "masters": None}
-        return {"optimizer": self._opt.state_dict(), "masters": [None if m is None else m.clone() for m in self._masters]}
+        return {"optimizer": copy.deepcopy(self._opt.state_dict()),
+                "masters": [None if m is None else m.clone() for m in self._masters]}
 
     def set_extra_state(self, state: dict) -> None:
         if state.get("optimizer") is None:

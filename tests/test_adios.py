@@ -3,6 +3,7 @@ the ResNet-18 backbone, and the method trained on the embedded photos for each S
 backbone and mode."""
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -92,6 +93,29 @@ def test_resnet18_small_stem_and_tokens():
     torch.testing.assert_close(tok[:, 0], small(x))
     torch.testing.assert_close(tok[:, 0], tok[:, 1:].mean(1))
     assert resnet18(small_stem=False).forward_features(_rand_imgs(2, 33)).shape == (2, 1 + 2 * 2, 512)
+
+
+def test_batchnorm_trains_under_a_bf16_cast():
+    """DeepSpeed's bf16 mode casts parameters, not buffers: ResNet and head BatchNorms still run (fp32
+    statistics, fp32 running averages, bf16 output), close to the fp32 layers, with gradients."""
+    torch.manual_seed(0)
+    net32 = resnet18(small_stem=True, width=8)
+    net16 = copy.deepcopy(net32)
+    for p in net16.parameters():
+        p.data = p.data.bfloat16()
+    x = _rand_imgs(4, 16)
+    y32, y16 = net32(x), net16(x.bfloat16())
+    assert y16.dtype == torch.bfloat16 and net16.bn1.running_mean.dtype == torch.float32
+    assert ((y16.float() - y32).norm() / y32.norm()) < 0.05
+    torch.testing.assert_close(net16.bn1.running_mean, net32.bn1.running_mean, rtol=0.05, atol=1e-2)
+    assert net16.bn1.num_batches_tracked == 1
+    y16.float().sum().backward()
+    assert net16.bn1.weight.grad.dtype == torch.bfloat16 and net16.conv1.weight.grad.abs().sum() > 0
+    from fastmask.models.heads import MLPHead
+    head = MLPHead(8, 16, 8, num_layers=3, norm="bn", act="relu", last_norm=True)
+    for p in head.parameters():
+        p.data = p.data.bfloat16()
+    assert head(torch.randn(4, 8).bfloat16()).dtype == torch.bfloat16
 
 
 # ---------------------------------------------------------------------------------------------- generator
@@ -407,3 +431,45 @@ def test_trains_without_collapse(photos, model, ssl, mode):
 def test_adios_s_trains(photos, model, ssl, mode):
     before, after, std, outs = _train(photos, model, ssl, mode, single_mask=True, num_masks=3)
     assert after < before and std > 0.01
+
+
+# ---------------------------------------------------------------------------------------------- engine
+ENGINE_RUN = ["method=adios", "model=resnet18", "masking=adversarial", "data.loader=synthetic", "data.img_size=32",
+              "data.batch_size=4", "data.num_workers=0", "engine.log_every=1", "engine.optimizer=sgd",
+              "engine.lr=0.05", "engine.warmup_steps=1", "engine.weight_decay=1e-4", "method_args.ssl=simclr",
+              "method_args.num_masks=2", "method_args.mask_fbase=8", "method_args.unet_norm=gn",
+              "method_args.mask_lr=0.2", "method_args.proj_hidden_dim=32", "method_args.proj_output_dim=16",
+              "method_args.small_stem=false", "method_args.backbone_args={width: 8}"]
+
+
+def _run(out, *overrides):
+    from fastmask.engine.config import load_config
+    from fastmask.engine.trainer import pretrain
+    from fastmask.methods import build_method
+
+    made = []
+    result = pretrain(load_config(None, [*ENGINE_RUN, *overrides]), out=out, progress=False,
+                      method_factory=lambda cfg: made.append(build_method(cfg)) or made[-1])
+    return result, made[0]
+
+
+@pytest.mark.slow
+def test_alternating_run_stopped_and_resumed_equals_uninterrupted(tmp_path):
+    """The occluder's own optimizer (SGD momentum buffers) is saved with the DeepSpeed checkpoint: a run
+    stopped after 2 of 4 steps and resumed takes exactly the uninterrupted run's steps, every weight and
+    the occluder's optimizer state equal."""
+    full, m_full = _run(tmp_path / "a", "engine.steps=4")
+    half, _ = _run(tmp_path / "b", "engine.steps=4", "engine.stop_at=2")
+    rest, m_rest = _run(tmp_path / "b", "engine.steps=4")
+    assert half.step == 2 and rest.resumed_from == 2
+    assert [x for x in half.losses + rest.losses] == full.losses  # exact, fp32 on CPU
+    a, b = m_full.state_dict(), m_rest.state_dict()
+    assert a.keys() == b.keys() and "occluder_opt._extra_state" in a
+    for k in a:
+        if isinstance(a[k], torch.Tensor):
+            assert torch.equal(a[k], b[k]), k
+    bufs_a = a["occluder_opt._extra_state"]["optimizer"]["state"]
+    bufs_b = b["occluder_opt._extra_state"]["optimizer"]["state"]
+    assert bufs_a.keys() == bufs_b.keys() and len(bufs_a) == len(m_full.occluder_opt.params)
+    assert all(torch.equal(bufs_a[i]["momentum_buffer"], bufs_b[i]["momentum_buffer"]) for i in bufs_a)
+    assert any(bufs_a[i]["momentum_buffer"].any() for i in bufs_a)

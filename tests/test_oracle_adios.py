@@ -131,7 +131,7 @@ def _copy_by_position(dst: nn.Sequential, src: nn.Sequential, pairs: list, prefi
     d_layers = [m for m in dst if isinstance(m, (nn.Linear, nn.BatchNorm1d))]
     assert len(s_layers) == len(d_layers)
     for (i, s), d in zip(s_layers, d_layers):
-        assert type(s) is type(d)
+        assert isinstance(s, type(d))
         for name in ("weight", "bias", "running_mean", "running_var"):
             sv, dv = getattr(s, name, None), getattr(d, name, None)
             if dv is None:

@@ -243,7 +243,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
         out, cfg, info, precision, signature, _arg_defaults(method), schedule))) if out is not None else None)
     saved = run.resume_state if run else None
     resume_dir = run.resume_folder if run else None
-    load_universal = saved is not None and _needs_universal(saved, info.world_size, e.zero_stage, resume_dir)
+    load_universal = saved is not None and _needs_universal(saved, info.world_size, e.zero_stage, resume_dir,
+                                                            e.optimizer)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     ds_config = build_ds_config(cfg, info.world_size, precision, device, load_universal)
     if run:
@@ -449,11 +450,17 @@ def _data_position(saved: dict | None, step: int, steps_per_epoch: int, grad_acc
     return saved["epoch"], start
 
 
-def _needs_universal(saved: dict, world_size: int, stage: int, where: Path) -> bool:
+def _needs_universal(saved: dict, world_size: int, stage: int, where: Path, optimizer: str = "adamw") -> bool:
     """Whether resuming `saved` here needs DeepSpeed's universal format; a clear error where it cannot work."""
     old_stage, old_world = saved["zero_stage"], saved["world_size"]
     if old_stage == stage and (old_world == world_size or stage == 0):
         return False  # same partitioning, or stage 0 whose optimizer state is whole
+    if optimizer in ("sgd", "lars"):
+        raise ConfigError(f"cannot resume {where} (ZeRO stage {old_stage}, {old_world} rank(s)) with ZeRO stage "
+                          f"{stage} on {world_size} rank(s) and engine.optimizer={optimizer}: DeepSpeed's universal "
+                          f"checkpoint conversion, which re-partitions ZeRO optimizer state, knows only Adam's state "
+                          f"(deepspeedai/DeepSpeed#8608). Resume with engine.zero_stage={old_stage} on {old_world} "
+                          f"rank(s), or start a new run from its weights with engine.init_from={where}.")
     if old_stage == 0 or stage == 0:
         raise ConfigError(f"cannot resume {where} (ZeRO stage {old_stage}, {old_world} rank(s)) with ZeRO stage "
                           f"{stage} on {world_size} rank(s): converting between stage 0 and a ZeRO stage is not "
