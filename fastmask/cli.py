@@ -1,4 +1,4 @@
-"""`fastmask pretrain | bench | eval | visualize | info`: a thin dispatcher.
+"""`fastmask pretrain | bench | eval | visualize | plan | info`: a thin dispatcher.
 
 Each subcommand lives in its own module exposing `add_arguments(parser)` and `main(args) -> int`,
 imported only when that subcommand runs (so `fastmask eval` never imports DeepSpeed).
@@ -25,6 +25,7 @@ SUBCOMMANDS = {
     "bench": ("fastmask.bench.cli", "benchmark training steps, ops or the data loader against baselines"),
     "eval": ("fastmask.eval.cli", "k-NN and linear-probe evaluation of a checkpoint's encoder"),
     "visualize": ("fastmask.eval.visualize", "PNG grids of masks and reconstructions"),
+    "plan": ("fastmask.engine.plan_cli", "memory per GPU, micro-batch, accumulation and throughput per ZeRO stage"),
     "info": ("fastmask.info", "which backend each op would use on this machine, and why"),
 }
 

@@ -6,7 +6,7 @@
 
 `build_optimizer` is the one place an optimizer is made from its name: the engine's (DeepSpeed is
 handed it) and a method's own (`SideOptimizer`) come from here, so both follow one recipe.
-- adamw: torch's AdamW (fused kernel on CUDA), eps 1e-8;
+- adamw: torch's AdamW (its fused kernel, on CUDA and CPU), eps 1e-8;
 - apex_fused_adam: NVIDIA apex's FusedAdam in AdamW mode (CUDA only; apex is not on PyPI);
 - sgd: torch's SGD with momentum (solo-learn's `--optimizer sgd`: momentum 0.9, no dampening);
 - lars: SGD with LARS layer-wise trust ratios, timm's `timm.optim.Lars` (timm is an optional extra).
@@ -58,7 +58,8 @@ def build_optimizer(name: str, groups: list[dict], lr: float, settings: Optimize
     Raises ValueError with one line (unknown name, apex/timm missing, apex without CUDA)."""
     device = torch.device(device)
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=tuple(settings.betas), eps=1e-8, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=tuple(settings.betas), eps=1e-8,
+                                 fused=device.type in ("cuda", "cpu"))
     if name == "apex_fused_adam":
         if device.type != "cuda":
             raise ValueError("optimizer=apex_fused_adam needs a CUDA device; use adamw")

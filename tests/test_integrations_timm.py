@@ -238,7 +238,7 @@ def test_auto_on_the_cpu_keeps_timms_own_code_where_only_the_reference_would_run
     assert torch.equal(model(imgs), ref(imgs))
 
 
-def test_bench_integration_cli_times_both_paths(tmp_path):
+def test_bench_integration_cli_times_both_paths(tmp_path, capsys):
     import json
 
     from fastmask.cli import main
@@ -254,5 +254,7 @@ def test_bench_integration_cli_times_both_paths(tmp_path):
         paths["unpatched"]["step_s_median"] / paths["patched"]["step_s_median"])
     assert "blocks as one chain" in r["patch_report"] and r["versions"]["timm"]
     assert r["shapes"]["patches"] == 4 and r["device"]["type"] == "cpu"
-    with pytest.raises(ValueError, match="model must be one of"):
-        main(["bench", "--integration", "timm", "--model", "gigantic"])
+    capsys.readouterr()
+    assert main(["bench", "--integration", "timm", "--model", "gigantic"]) == 2  # one line, no traceback
+    err = capsys.readouterr().err
+    assert "model must be one of" in err and "Traceback" not in err

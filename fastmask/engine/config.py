@@ -73,7 +73,7 @@ class EngineConfig:
     epochs: int = 1
     grad_accum: int = 1
     clip_grad: float | None = None
-    optimizer: str = "adamw"        # adamw (torch, fused on CUDA) | apex_fused_adam (NVIDIA apex, if importable)
+    optimizer: str = "adamw"        # adamw (torch, fused) | apex_fused_adam (NVIDIA apex, if importable)
                                     # | sgd (momentum) | lars (SGD + LARS, timm's Lars); see fastmask.optim
     blr: float = 1.5e-4             # lr = blr * effective_batch / 256 unless lr is set
     lr: float | None = None
@@ -81,6 +81,7 @@ class EngineConfig:
     warmup_steps: int | None = None  # None = warmup_epochs * steps_per_epoch
     warmup_epochs: float = 0.0
     weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine weight_decay -> this over the run (DINO: 0.04 -> 0.4)
     betas: tuple[float, float] = (0.9, 0.95)
     momentum: float = 0.9           # sgd, lars
     lars_eta: float = 0.02          # lars trust coefficient (solo-learn / ADIOS: 0.02)
@@ -299,6 +300,9 @@ def validate(cfg: Config) -> None:
         problems.append("data.batch_size and engine.grad_accum must be >= 1")
     if cfg.engine.stop_at is not None and cfg.engine.stop_at < 1:
         problems.append(f"engine.stop_at must be >= 1, got {cfg.engine.stop_at}")
+    wd, wd_end = cfg.engine.weight_decay, cfg.engine.weight_decay_end
+    if wd < 0 or (wd_end is not None and wd_end < 0):
+        problems.append(f"engine.weight_decay and weight_decay_end must be >= 0, got {wd} and {wd_end}")
     if cfg.engine.steps is not None and cfg.engine.steps < 1:
         problems.append(f"engine.steps must be >= 1, got {cfg.engine.steps}")
     if problems:

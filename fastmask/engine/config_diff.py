@@ -33,6 +33,7 @@ RULES: dict[str, str] = {
     "engine.steps": CHANGED, "engine.epochs": CHANGED, "engine.stop_at": IGNORED, "engine.grad_accum": CHANGED,
     "engine.clip_grad": CHANGED, "engine.blr": CHANGED, "engine.lr": CHANGED, "engine.min_lr": CHANGED,
     "engine.warmup_steps": CHANGED, "engine.warmup_epochs": CHANGED, "engine.weight_decay": CHANGED,
+    "engine.weight_decay_end": CHANGED,
     "engine.betas": CHANGED, "engine.seed": CHANGED,
     "engine.log_every": IGNORED, "engine.checkpoint_every": IGNORED, "engine.keep_last": IGNORED,
     "engine.compile": IGNORED, "engine.activation_checkpointing": IGNORED, "engine.cuda_graphs": IGNORED,

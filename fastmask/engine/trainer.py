@@ -9,7 +9,7 @@ What happens, in order (everything that can be wrong with the input fails before
    here), seeded identically on every rank so all ranks start from the same weights; the loader is
    built (missing/corrupt images: errors here); `engine.init_from` weights are loaded;
 3. the optimizer named by engine.optimizer over the method's param groups (`fastmask.optim`: AdamW,
-   fused on CUDA, by default; SGD or LARS) and a generated DeepSpeed config
+   fused on CUDA and CPU, by default; SGD or LARS) and a generated DeepSpeed config
    (ZeRO stage, bf16/fp16/fp32, accumulation, clipping) go to `deepspeed.initialize`;
 4. the run folder (`RunFolder`, before anything is written in it): rank 0 locks it (a second run
    is refused, naming the holder), picks the checkpoint to resume by scanning (the newest
@@ -19,7 +19,8 @@ What happens, in order (everything that can be wrong with the input fails before
    aside what does not belong to the continued run and writes config.yaml and ds_config.json.
    Model, optimizer, loss scaler, step, data position and RNG states are restored, so the
    continued run takes the same steps an uninterrupted one would;
-5. the loop: per optimizer step the lr is set from the step index (warmup + cosine), each
+5. the loop: per optimizer step the lr is set from the step index (warmup + cosine; the decay
+   groups' weight decay too, cosine to `engine.weight_decay_end` when set, DINO's schedule), each
    micro-batch runs forward (with every sample's global key, `Loader.sample_keys`, from which the
    method draws its masks and views: the same whatever the world size) /backward/step, then
    `method.post_step(lr)` (a method's own phase after the step: ADIOS's occluder) and
@@ -63,7 +64,7 @@ from .distributed import RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_m
 from .health import CheckpointHealth
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from .runfolder import RunFolder
-from .schedule import lr_at, scaled_lr
+from .schedule import lr_at, scaled_lr, weight_decay_at
 from .signals import StopOnSignal, StoppedBySignal
 
 
@@ -218,11 +219,14 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     if problem:
         raise ConfigError(problem)
     from fastmask.data import build_loader
-    loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device)
+    views = method.view_specs() if hasattr(method, "view_specs") else None  # crops cut from the full image
+    loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device, views=views)
     steps_per_epoch = loader.batches_per_epoch // e.grad_accum
     if steps_per_epoch < 1:
         raise ConfigError(f"one epoch has {loader.batches_per_epoch} micro-batches per rank, fewer than "
                           f"engine.grad_accum={e.grad_accum}")
+    if hasattr(method, "set_epoch_length"):
+        method.set_epoch_length(steps_per_epoch)
     total = e.steps if e.steps is not None else e.epochs * steps_per_epoch
     stop = min(total, e.stop_at) if e.stop_at is not None else total
     warmup = e.warmup_steps if e.warmup_steps is not None else round(e.warmup_epochs * steps_per_epoch)
@@ -259,6 +263,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     init_distributed(info)
     method.to(device)
     optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, e, device)
+    decay_groups = {i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0}  # wd schedule
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     if e.compile or e.cuda_graphs:
         # CUDA graphs through torch.compile's "reduce-overhead" mode (cudagraph trees): the whole
@@ -319,6 +324,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                "step_s": dt / max(1, step - step_last), "mem_gb": peak_memory_gb(device),
                "skipped": int(getattr(engine, "skipped_steps", 0))}
         rec.update({k: v for k, v in zip(keys, vec) if k != "loss"})
+        if e.weight_decay_end is not None:
+            rec["wd"] = weight_decay_at(step - 1, total, e.weight_decay, e.weight_decay_end)
         if flops_per_image is not None:
             tflops = flops_per_image * ips / info.world_size / 1e12
             rec["tflops"] = tflops
@@ -343,10 +350,13 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                     break
                 if micro % e.grad_accum == 0:
                     lr = lr_at(step, total, base_lr, warmup, e.min_lr)
-                    for g in optimizer.param_groups:  # per-group scale (ADIOS's occluder); unscheduled groups
+                    wd = weight_decay_at(step, total, e.weight_decay, e.weight_decay_end)
+                    for i, g in enumerate(optimizer.param_groups):  # per-group scale (ADIOS's occluder)
                         g["lr"] = (lr if g.get("scheduled", True) else base_lr) * g.get("lr_scale", 1.0)
+                        if i in decay_groups:
+                            g["weight_decay"] = wd
                 keys = sample_keys[micro].to(device, non_blocking=True)
-                outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype), keys=keys)
+                outputs = engine(_cast(imgs, dtype), keys=keys)
                 loss = outputs["loss"]
                 engine.backward(loss)
                 engine.step()
@@ -391,6 +401,13 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     return RunResult(step=step, total_steps=total, losses=losses,
                      resumed_from=start_step if saved is not None else None,
                      skipped_steps=int(getattr(engine, "skipped_steps", 0)), out=out, last_checkpoint=last_ckpt)
+
+
+def _cast(imgs: torch.Tensor | list[torch.Tensor], dtype: torch.dtype):
+    """A batch (one tensor, or a list of views) in the run's dtype; tensors already in it pass as they are."""
+    if isinstance(imgs, torch.Tensor):
+        return imgs if imgs.dtype == dtype else imgs.to(dtype)
+    return [_cast(x, dtype) for x in imgs]
 
 
 def _settle_health(health: CheckpointHealth, out: Path | None, info: DistInfo, logger: MetricsLogger) -> None:
