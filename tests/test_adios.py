@@ -319,8 +319,30 @@ def test_param_groups_lr_scale_and_config_errors():
         ADIOS("vit_tiny_patch16", 32, _args("simclr", "alternating", "vit", mask_lr=1e-3))
     with pytest.raises(ValueError, match="ssl must be one of.*mode must be one of"):
         ADIOS("vit_tiny_patch16", 32, _args("moco", "both", "vit"))
-    with pytest.raises(ValueError, match="imgs must be float"):
+    with pytest.raises(ValueError, match=r"imgs must be one float batch \[B, 3, 32, 32\] or its two views"):
         ADIOS("vit_tiny_patch16", 32, _args("simclr", "alternating", "vit"))(torch.randn(2, 3, 48, 48))
+
+
+def test_views_come_cut_by_the_loader_or_from_one_batch():
+    """The method asks the loader for two crops of the original image (view_specs) and colours them on the
+    device; one batch tensor gets both crops cut here instead. Bad inputs: one line."""
+    from fastmask.data import ViewSpec
+
+    m = ADIOS("vit_tiny_patch16", 32, _args("simclr", "alternating", "vit", crop_min_scale=0.3, jitter_p=0.0,
+                                           gray_p=0.0, blur_p=0.0))
+    assert m.view_specs() == [ViewSpec(32, (0.3, 1.0))] * 2
+    x1, x2 = _rand_imgs(4, 32), _rand_imgs(4, 32, seed=1)
+    d = Draws(torch.arange(4))
+    v1, v2 = m._views([x1, x2], d)
+    torch.testing.assert_close(v1, x1, atol=1e-5, rtol=1e-5)  # colour off: the loader's crops as they came
+    torch.testing.assert_close(v2, x2, atol=1e-5, rtol=1e-5)
+    c1, c2 = m._views(x1, Draws(torch.arange(4)))             # one batch: two different crops of it
+    assert (c1 - x1).abs().mean() > 0.05 and (c1 - c2).abs().mean() > 0.05
+    out = m([x1, x2], keys=torch.arange(4))
+    assert torch.isfinite(out["loss"])
+    for bad in ([x1], [x1, x2, x1], [x1, x2[:3]], [x1, torch.randn(4, 3, 16, 16)]):
+        with pytest.raises(ValueError, match="imgs must be one float batch"):
+            m(bad)
 
 
 def test_single_mask_picks_one_slot_per_sample_for_both_views():
@@ -434,7 +456,7 @@ def test_adios_s_trains(photos, model, ssl, mode):
 
 
 # ---------------------------------------------------------------------------------------------- engine
-ENGINE_RUN = ["method=adios", "model=resnet18", "masking=adversarial", "data.loader=synthetic", "data.img_size=32",
+ENGINE_RUN = ["method=adios", "model=resnet18", "masking=adversarial", "data.loader=torch", "data.img_size=32",
               "data.batch_size=4", "data.num_workers=0", "engine.log_every=1", "engine.optimizer=sgd",
               "engine.lr=0.05", "engine.warmup_steps=1", "engine.weight_decay=1e-4", "method_args.ssl=simclr",
               "method_args.num_masks=2", "method_args.mask_fbase=8", "method_args.unet_norm=gn",

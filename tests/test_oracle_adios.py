@@ -300,16 +300,17 @@ def _imgs(B, S, seed=0):
     return (torch.rand(B, 3, S, S, generator=g) - mean) / std
 
 
-class _RecordViews:
-    """Wraps a method's ViewAugment: records every pair of views it makes."""
+def _record_views(m: ADIOS) -> list:
+    """Makes `m` record every pair of augmented views it trains on; -> the list they go to."""
+    log, make = [], m._views
 
-    def __init__(self, augment):
-        self.augment, self.log = augment, []
+    def views(imgs, draws):
+        x1, x2 = make(imgs, draws)
+        log.append((x1.detach().clone(), x2.detach().clone()))
+        return x1, x2
 
-    def two_views(self, imgs, generator=None, draws=None):
-        views = self.augment.two_views(imgs, generator, draws)
-        self.log.append(tuple(v.detach().clone() for v in views))
-        return views
+    m._views = views
+    return log
 
 
 def _vit_args(ssl, **kw):
@@ -351,14 +352,14 @@ def test_both_phases_match_the_official_code(ssl, kw):
     loss values and every parameter's gradient equal the official code's, ViT encoder with BatchNorm heads."""
     torch.manual_seed(0)
     m = ADIOS("vit_tiny_patch16", 32, _vit_args(ssl, **kw))
-    m.augment = rec = _RecordViews(m.augment)
+    log = _record_views(m)
     o = _vit_official(m)
     imgs, keys = _imgs(4, 32), torch.arange(10, 14)
     out = m(imgs, keys=keys)
     trained = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
     ours1 = dict(zip([n for n, _ in trained], torch.autograd.grad(out["loss"], [p for _, p in trained],
                                                                   allow_unused=True)))
-    x1, x2 = rec.log[0]
+    x1, x2 = log[0]
     occ_draws = Draws(keys, 0).child("occluder_slots")
     occ = dict(m.masker.named_parameters(prefix="masker"))
     occ_loss = m.occluder_loss(x1, x2, occ_draws)
@@ -389,14 +390,14 @@ def test_resnet_small_stem_and_per_view_batchnorm_match_the_official_code():
     torch.manual_seed(0)
     args = _vit_args("simclr", backbone_args={}, small_stem=True, num_blocks=4)
     m = ADIOS("resnet18", 16, args)
-    m.augment = rec = _RecordViews(m.augment)
+    log = _record_views(m)
     o = Official(m, official_resnet18())
     imgs, keys = _imgs(4, 16), torch.arange(4)
     torch.testing.assert_close(m.online.backbone(imgs), o.encoder(imgs), rtol=1e-5, atol=1e-5)
     out = m(imgs, keys=keys)
     names = [n for n, p in m.named_parameters() if not n.startswith("masker.")]
     ours = dict(zip(names, torch.autograd.grad(out["loss"], [dict(m.named_parameters())[n] for n in names])))
-    o.adios_forward(*rec.log[0], "inpaint").backward()
+    o.adios_forward(*log[0], "inpaint").backward()
     _close(ours, o, "phase 1")
     m._backbone_bn = False  # as if the backbone had no BatchNorm: all views through it as one batch
     joint = torch.autograd.grad(m(imgs, keys=keys)["loss"], m.online.backbone.conv1.weight)[0]
@@ -405,7 +406,7 @@ def test_resnet_small_stem_and_per_view_batchnorm_match_the_official_code():
 
 
 # ============================================================================ the alternating scheme through the engine
-def _engine_run(mode, steps=3):
+def _engine_run(mode, steps=2):
     """ADIOS-SimSiam (ViT, BatchNorm heads) trained by the engine (DeepSpeed, fp32, LARS) for `steps`
     steps -> (the initial method, the trained method, the views of each step, the lr of each step)."""
     from fastmask.engine.config import from_dict, load_config
@@ -424,14 +425,14 @@ def _engine_run(mode, steps=3):
     def factory(cfg):
         m = ADIOS.from_config(cfg, from_dict(ADIOS.Args, dict(cfg.method_args)))
         made["init"] = copy.deepcopy(m)
-        m.augment = made["views"] = _RecordViews(m.augment)
+        made["views"] = _record_views(m)
         post = m.post_step
         m.post_step = lambda lr: (lrs.append(lr), post(lr))[-1]
         made["m"] = m
         return m
 
     pretrain(cfg, out=None, method_factory=factory, progress=False)
-    return made["init"], made["m"], made["views"].log, lrs
+    return made["init"], made["m"], made["views"], lrs
 
 
 def _oracle_run(init, views, lrs, occluder_sees_updated=True):
@@ -455,19 +456,20 @@ def _update_error(m: ADIOS, o: Official, init: ADIOS, prefix: str, other: ADIOS 
 
 @pytest.mark.slow
 def test_alternating_is_the_official_two_optimizer_step_and_simultaneous_is_not():
-    """Three engine steps (DeepSpeed, LARS, cosine lr): in alternating mode every weight follows the official
+    """Two engine steps (DeepSpeed, LARS, cosine lr): in alternating mode every weight follows the official
     two-optimizer training (the occluder's gradient taken against the *updated* encoder); in simultaneous
     mode the occluder follows the official update taken against the pre-update encoder instead, and the
     two modes' occluders differ by far more than either differs from its oracle."""
     init, alt, views, lrs = _engine_run("alternating")
-    assert len(views) == len(lrs) == 3 and min(lrs) > 0
+    assert len(views) == len(lrs) == 2 and min(lrs) > 0
     official = _oracle_run(init, views, lrs)
-    # fp32 rounding grows through the steps (LARS trust ratios, the adversary): ~1e-4 after 3 steps.
-    for prefix in ("online.", "predictor.", "masker."):
-        assert _update_error(alt, official, init, prefix) < 1e-3, prefix
+    # fp32 rounding grows ~10-100x a step (LARS trust ratios, the adversary's small gradient): after one step
+    # the occluder is ~1e-5 off, after two 6e-5..4e-3 (seeds 0-3), while the other scheme is 0.6..1.2 off.
+    for prefix, tol in (("online.", 1e-3), ("predictor.", 1e-3), ("masker.", 1e-2)):
+        assert _update_error(alt, official, init, prefix) < tol, prefix
 
     init_s, sim, views_s, lrs_s = _engine_run("simultaneous")
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(views, views_s)) and lrs_s == lrs
     variant = _oracle_run(init_s, views_s, lrs_s, occluder_sees_updated=False)
-    assert _update_error(sim, variant, init_s, "masker.") < 1e-3
-    assert _update_error(alt, official, init, "masker.", other=sim) > 0.1
+    assert _update_error(sim, variant, init_s, "masker.") < 1e-2
+    assert _update_error(alt, official, init, "masker.", other=sim) > 0.3

@@ -1,8 +1,8 @@
 """ADIOS (Shi et al., arXiv 2201.13100, ICML 2022): an adversarial U-Net occluder hides parts of one
 view, the encoder learns SimCLR / BYOL / SimSiam invariance to what is left. See docs/methods.md.
 
-Per batch (the engine yields one normalized batch; the two views are made here, `views.ViewAugment`):
-    x1, x2 = two augmented views
+Per batch:
+    x1, x2 = two augmented views                          # see "Views" below
     masks = occluder(x2)                                  # [B, N, H, W], softmax over N slots
     ssl = sum_k SSL(x1, x2 * (1 - m_k))                   # N masked views (ADIOS-s: one slot per sample)
     encoder minimizes ssl; occluder maximizes ssl - penalty(masks)
@@ -10,6 +10,13 @@ SimSiam follows the official `simsiam_adios.py`: both views are occluded (the oc
 and per slot the loss is the mean of the enabled negative-cosine pairs: masked p vs clean z (always),
 clean p vs masked z (`use_symmetry_mask`), clean vs clean (`use_no_mask`), masked vs masked
 (`use_both_mask`); the U-Net has `num_blocks` 4 unless set (the official SimSiam default).
+
+Views: two independent SimCLR-style augmentations of the original image (the official n_crops = 2,
+solo-learn's pipeline: crop + flip, jitter p 0.8, grayscale 0.2, Gaussian blur p 0.5, solarization).
+The method declares the two crops (`view_specs()`), the loader cuts them from the decoded
+full-resolution image and `forward` gets [x1, x2] and adds the colour, blur and solarization on the
+device (`views.ViewAugment`); given one batch tensor instead (synthetic data, direct calls) it cuts
+both crops from it on the device.
 
 As the official code (YugeTen/adios, `src/methods/*_adios{,_s}.py`) computes it, measured against an
 independent re-statement of it in tests/test_oracle_adios.py on the same weights, views and masks:
@@ -47,9 +54,10 @@ Left as they are (not part of the SSL computation): the official online linear c
 detached features (it needs labels; monitoring only), its per-epoch lr steps and warmup start lr
 0.003 (the engine's schedule is per step from 0), and SimSiam's bias-free Linear layers before
 BatchNorm (a bias there has no effect in training mode). Features: ResNet global average pool; ViT
-cls token after the final norm; its position embedding is trained (`learn_pos_embed`, as timm's ViT that
-the official code uses; fastmask's ViT starts it at sin-cos). BYOL: EMA teacher (encoder + projector) that also sees the masked
-view, momentum base -> 1 by cosine over the run, updated after both phases (solo-learn).
+cls token after the final norm; its position embedding is trained (`learn_pos_embed`, as timm's ViT
+that the official code uses; fastmask's ViT starts it at sin-cos). BYOL: EMA teacher (encoder +
+projector) that also sees the masked view, momentum base -> 1 by cosine over the run, updated after
+both phases (solo-learn).
 """
 from __future__ import annotations
 
@@ -59,6 +67,7 @@ import logging
 import torch
 from torch import nn
 
+from ..data import ViewSpec
 from ..draws import Draws
 from ..masking.adversarial import AdversarialMasking, grad_reverse, masked_copies
 from ..models import create_model
@@ -103,10 +112,11 @@ class _Online(nn.Module):
 
 @register_method("adios")
 class ADIOS(Method):
-    """forward(imgs [B, 3, S, S] normalized) -> {"loss", "ssl_loss", "penalty", "mask_area_min",
-    "mask_area_max"} (fp32 scalars; `loss` = ssl + penalty, areas are the batch means of each
-    sample's smallest/largest slot). In alternating mode `loss`'s gradient is the encoder's phase
-    only (the penalty is detached there) and `post_step(lr)` runs the occluder's phase.
+    """forward(imgs) -> {"loss", "ssl_loss", "penalty", "mask_area_min", "mask_area_max"} (fp32 scalars;
+    `loss` = ssl + penalty, areas are the batch means of each sample's smallest/largest slot); imgs:
+    the two views of `view_specs()` [x1, x2] or one batch, each [B, 3, S, S] normalized. In alternating
+    mode `loss`'s gradient is the encoder's phase only (the penalty is detached there) and
+    `post_step(lr)` runs the occluder's phase.
 
     See the module docstring for the two modes and what follows the official code.
     """
@@ -135,13 +145,14 @@ class ADIOS(Method):
         drop_path_rate: float = 0.0         # ViT backbones
         learn_pos_embed: bool = True        # ViT: train the position embedding (sin-cos init), as the official timm ViT
         backbone_args: dict = dataclasses.field(default_factory=dict)  # extra create_model kwargs ({"depth": 2})
-        crop_min_scale: float = 0.2         # the in-method random resized crop of both views
+        crop_min_scale: float = 0.08        # both views' random resized crop (solo-learn's min_scale)
         brightness: float = 0.4             # colour jitter strengths (the official scripts set them per recipe)
         contrast: float = 0.4
         saturation: float = 0.2
         hue: float = 0.1
         jitter_p: float = 0.8
         gray_p: float = 0.2
+        blur_p: float = 0.5                 # Gaussian blur, sigma in (0.1, 2) (solo-learn's gaussian_prob)
         solarize_p: float = 0.0
 
     def __init__(self, model: str = "resnet18", img_size: int = 96, args: "ADIOS.Args | None" = None,
@@ -181,9 +192,10 @@ class ADIOS(Method):
             occluder=Occluder(img_size, num_masks=a.num_masks, fbase=a.mask_fbase, norm=a.unet_norm,
                               num_blocks=blocks),
             alpha_sparsity=a.alpha_sparsity, alpha_entropy=a.alpha_entropy)
-        self.augment = ViewAugment(crop_scale=(a.crop_min_scale, 1.0), brightness=a.brightness, contrast=a.contrast,
-                                   saturation=a.saturation, hue=a.hue, jitter_p=a.jitter_p, gray_p=a.gray_p,
-                                   solarize_p=a.solarize_p)
+        colour = dict(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
+                      jitter_p=a.jitter_p, gray_p=a.gray_p, blur_p=a.blur_p, solarize_p=a.solarize_p)
+        self.augment = ViewAugment(crop_scale=(a.crop_min_scale, 1.0), **colour)  # crops cut here, from one batch
+        self.colour = ViewAugment(crop_scale=None, **colour)                     # for the loader's crops
         self._stream = DrawStream(seed)
         self._backbone_bn = _has_batchnorm(backbone)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, Draws]] = []  # this step's views, for post_step
@@ -232,6 +244,31 @@ class ADIOS(Method):
             return None
         return (f"adios: mode=alternating steps the occluder with its own optimizer on whole parameters, which "
                 f"ZeRO-3 partitions; use engine.zero_stage <= 2 or method_args.mode=simultaneous (got {stage})")
+
+    # ------------------------------------------------------------------ views
+    def view_specs(self) -> list[ViewSpec]:
+        """Two crops of the original image, both (img_size, (crop_min_scale, 1)) with a flip."""
+        spec = ViewSpec(self.img_size, (self.args.crop_min_scale, 1.0))
+        return [spec, spec]
+
+    def _views(self, imgs: torch.Tensor | list[torch.Tensor], draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> the two augmented views (x1, x2), each [B, 3, S, S]."""
+        if isinstance(imgs, torch.Tensor):
+            return self.augment.two_views(imgs, draws=draws)
+        return self.colour(imgs[0], draws=draws), self.colour(imgs[1], draws=draws)
+
+    def _check_inputs(self, imgs: torch.Tensor | list[torch.Tensor]) -> int:
+        """-> B; one ValueError for inputs that are not one batch or the two views [B, 3, S, S]."""
+        S, views = self.img_size, [imgs] if isinstance(imgs, torch.Tensor) else list(imgs)
+        bad = [f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in views
+               if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1:] != (3, S, S)
+               or not x.is_floating_point()]
+        if bad or len(views) != (1 if isinstance(imgs, torch.Tensor) else 2) or len({x.shape[0] for x in views}) != 1:
+            raise ValueError(f"adios: imgs must be one float batch [B, 3, {S}, {S}] or its two views (a list of "
+                             f"two), got {len(views)} tensor(s){': ' + ', '.join(bad) if bad else ' of different B'}")
+        if views[0].shape[0] < 2:
+            raise ValueError("adios: the contrastive/BatchNorm objectives need a batch of at least 2 images")
+        return views[0].shape[0]
 
     # ------------------------------------------------------------------ randomness (views, ADIOS-s slots)
     @property
@@ -309,15 +346,14 @@ class ADIOS(Method):
         return self.masker.penalty(masks, self.views, joint_entropy=not self.args.single_mask)
 
     # ------------------------------------------------------------------ method interface
-    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        """imgs [B, 3, S, S] normalized; keys [B] int64 per-sample draw keys (None: this rank's counter)."""
-        S = self.img_size
-        if imgs.dim() != 4 or imgs.shape[1:] != (3, S, S) or not imgs.is_floating_point():
-            raise ValueError(f"adios: imgs must be float [B, 3, {S}, {S}], got {imgs.dtype} {tuple(imgs.shape)}")
-        if imgs.shape[0] < 2:
-            raise ValueError("adios: the contrastive/BatchNorm objectives need a batch of at least 2 images")
-        d = self._stream.draws(imgs.shape[0], imgs.device, keys)
-        x1, x2 = self.augment.two_views(imgs, draws=d.child("views"))
+    def forward(self, imgs: torch.Tensor | list[torch.Tensor], keys: torch.Tensor | None = None
+                ) -> dict[str, torch.Tensor]:
+        """imgs: [x1, x2] (the loader's crops) or one batch, [B, 3, S, S] normalized; keys [B] int64
+        per-sample draw keys (None: this rank's counter)."""
+        B = self._check_inputs(imgs)
+        first = imgs if isinstance(imgs, torch.Tensor) else imgs[0]
+        d = self._stream.draws(B, first.device, keys)
+        x1, x2 = self._views(imgs, d.child("views"))
         if self.args.mode == "simultaneous":
             masks = self._masks(x1, x2)
             penalty, areas = self._penalty(masks)
