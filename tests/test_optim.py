@@ -175,7 +175,7 @@ def test_side_optimizer_averages_gradients_over_ranks():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    ctx = mp.get_context("fork")  # no re-import of torch in the children (CPU only, one thread)
+    ctx = mp.get_context("spawn")  # not fork: a child would inherit the process group earlier tests left
     with ctx.Manager() as manager:
         out = manager.dict()
         procs = [ctx.Process(target=_rank_worker, args=(r, 2, port, out)) for r in range(2)]

@@ -4,14 +4,15 @@
     loss = step(imgs)                         # one optimizer step; no host sync (keys= optional)
 
 Built from the engine's own pieces (`fastmask.engine.trainer`): `resolve_precision`,
-`build_optimizer` (torch AdamW, fused, over `method.param_groups`), `build_ds_config` (ZeRO stage,
+`build_optimizer` (engine.optimizer over `method.param_groups`), `build_ds_config` (ZeRO stage,
 precision, accumulation, clipping) and `deepspeed.initialize`, plus `engine.compile` when
 `engine.compile` / `engine.cuda_graphs` is set. One call = one iteration of the trainer's loop
-with grad_accum 1: the lr written into every group (warmup + cosine from the step index),
+with grad_accum 1: the lr written into every group (warmup + cosine from the step index; groups
+marked `scheduled: False` keep the base lr),
 `engine(imgs, keys=keys)` (imgs cast to the run's dtype unless the method `keeps_fp32_images`;
 keys, the samples' global keys for the per-sample draws, copied to the device as the loop does),
 `engine.backward`, `engine.step`, the loss and scalar metrics summed on the device with the first
-non-finite step recorded, `on_step_end`.
+non-finite step recorded, `post_step(lr)` (ADIOS's occluder phase), `on_step_end`.
 Logging, checkpointing, the checkpoint-health probe (it records only the step after a checkpoint)
 and the loader are not part of a step.
 
@@ -63,7 +64,7 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
         global_batch = cfg.data.batch_size * e.grad_accum * info.world_size
         base_lr = e.lr if e.lr is not None else scaled_lr(e.blr, global_batch)
         groups = module.param_groups(e.weight_decay)
-        optimizer = build_optimizer(e.optimizer, groups, base_lr, tuple(e.betas), device)
+        optimizer = build_optimizer(e.optimizer, groups, base_lr, e, device)
         ds_config = build_ds_config(cfg, info.world_size, precision, device)
         engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds_config)
         if e.compile or e.cuda_graphs:
@@ -80,7 +81,7 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
         n = state["step"]
         lr = lr_at(n, total, base_lr, warmup, e.min_lr)
         for g in optimizer.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = (lr if g.get("scheduled", True) else base_lr) * g.get("lr_scale", 1.0)
         if keys is None:  # what the loader gives at epoch 0 on one rank: the samples' global positions
             keys = torch.arange(n * B, (n + 1) * B, dtype=torch.int64)
         if not keep_fp32:
@@ -99,6 +100,8 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
                 v = v.detach().float().reshape(())
                 acc[k] = acc[k] + v if k in acc else v.clone()
         state["step"] = n + 1
+        if hasattr(module, "post_step"):
+            module.post_step(lr)  # as the trainer: a method's own phase after the step (ADIOS's occluder)
         if hasattr(module, "on_step_end"):
             module.on_step_end(n + 1, total)
         return loss.detach()
