@@ -340,6 +340,9 @@ def test_views_come_cut_by_the_loader_or_from_one_batch():
     assert (c1 - x1).abs().mean() > 0.05 and (c1 - c2).abs().mean() > 0.05
     out = m([x1, x2], keys=torch.arange(4))
     assert torch.isfinite(out["loss"])
+    coloured = ADIOS("vit_tiny_patch16", 32, _args("simclr", "alternating", "vit", jitter_p=1.0, blur_p=0.0))
+    w1, w2 = coloured._views([x1, x1], Draws(torch.arange(4)))  # one crop twice: each view its own jitter
+    assert (w1 - x1).abs().mean() > 0.01 and (w1 - w2).abs().mean() > 0.01
     for bad in ([x1], [x1, x2, x1], [x1, x2[:3]], [x1, torch.randn(4, 3, 16, 16)]):
         with pytest.raises(ValueError, match="imgs must be one float batch"):
             m(bad)
@@ -469,9 +472,16 @@ def _run(out, *overrides):
     from fastmask.engine.trainer import pretrain
     from fastmask.methods import build_method
 
-    made = []
-    result = pretrain(load_config(None, [*ENGINE_RUN, *overrides]), out=out, progress=False,
-                      method_factory=lambda cfg: made.append(build_method(cfg)) or made[-1])
+    made, inputs = [], []
+
+    def factory(cfg):
+        m = build_method(cfg)
+        m.register_forward_pre_hook(lambda _m, args: inputs.append([tuple(v.shape) for v in args[0]]))
+        made.append(m)
+        return m
+
+    result = pretrain(load_config(None, [*ENGINE_RUN, *overrides]), out=out, progress=False, method_factory=factory)
+    assert inputs and all(views == [(4, 3, 32, 32)] * 2 for views in inputs)  # the loader cut both views
     return result, made[0]
 
 
