@@ -64,7 +64,8 @@ from .distributed import RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_m
 from .health import CheckpointHealth
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from .runfolder import RunFolder
-from .schedule import lr_at, scaled_lr, weight_decay_at
+from .schedule import scaled_lr
+from .step import DTYPES, Schedule, StepSums, after_step, decaying_groups, micro_step
 from .signals import StopOnSignal, StoppedBySignal
 
 
@@ -210,7 +211,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     if e.on_nonfinite == "skip" and precision == "fp32":
         raise ConfigError("engine.on_nonfinite=skip needs engine.precision bf16 or fp16 (DeepSpeed skips steps "
                           "through its overflow check, which fp32 does not run); fp32 runs stop")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = DTYPES[precision]
 
     # --- everything that can be wrong with the input fails here, before any training work
     _seed_all(e.seed)  # the same on every rank: identical initial weights
@@ -263,7 +264,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     init_distributed(info)
     method.to(device)
     optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, e, device)
-    decay_groups = {i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0}  # wd schedule
+    decaying = decaying_groups(optimizer)  # the groups the weight-decay schedule moves
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     if e.compile or e.cuda_graphs:
         # CUDA graphs through torch.compile's "reduce-overhead" mode (cudagraph trees): the whole
@@ -300,19 +301,19 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     micro_per_epoch = steps_per_epoch * e.grad_accum
     keep_fp32 = getattr(method, "keeps_fp32_images", False)  # pixel targets from fp32 pixels (Method)
     losses: list[tuple[int, float]] = []
-    acc: dict[str, torch.Tensor] = {}
-    n_acc = 0
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    sums = StepSums(device)
+    sched = Schedule.of(e, base_lr, total, warmup)
     last_ckpt: Path | None = resume_dir
     t_last, step_last = time.perf_counter(), step
 
     def log_and_check(final: bool = False) -> None:
-        nonlocal acc, n_acc, t_last, step_last
+        nonlocal t_last, step_last
         _settle_health(health, out, info, logger)
-        bad = int(all_reduce_max(first_bad).item()) if precision != "fp16" else -1
+        bad = int(all_reduce_max(sums.first_bad).item()) if precision != "fp16" else -1
         if bad >= 0 and e.on_nonfinite == "stop":
             newest = health.newest_good()
             raise NonFiniteLossError(bad, str(newest) if newest else None)
+        acc, n_acc = sums.take()
         if n_acc == 0:
             return
         keys = sorted(acc)
@@ -321,12 +322,12 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
         dt = max(now - t_last, 1e-9)
         ips = (step - step_last) * global_batch / dt
         rec = {"step": step, "epoch": step // steps_per_epoch, "loss": vec[keys.index("loss")],
-               "lr": lr_at(step - 1, total, base_lr, warmup, e.min_lr), "imgs_per_s": ips,
+               "lr": sched.lr(step - 1), "imgs_per_s": ips,
                "step_s": dt / max(1, step - step_last), "mem_gb": peak_memory_gb(device),
                "skipped": int(getattr(engine, "skipped_steps", 0))}
         rec.update({k: v for k, v in zip(keys, vec) if k != "loss"})
         if e.weight_decay_end is not None:
-            rec["wd"] = weight_decay_at(step - 1, total, e.weight_decay, e.weight_decay_end)
+            rec["wd"] = sched.wd(step - 1)
         if flops_per_image is not None:
             tflops = flops_per_image * ips / info.world_size / 1e12
             rec["tflops"] = tflops
@@ -337,7 +338,6 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
         losses.append((step, rec["loss"]))
         health.observe(step, rec["loss"])
         logger.log(rec)
-        acc, n_acc = {}, 0
         t_last, step_last = time.perf_counter(), step
 
     try:
@@ -350,34 +350,15 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                 if step >= stop:
                     break
                 if micro % e.grad_accum == 0:
-                    lr = lr_at(step, total, base_lr, warmup, e.min_lr)
-                    wd = weight_decay_at(step, total, e.weight_decay, e.weight_decay_end)
-                    for i, g in enumerate(optimizer.param_groups):  # per-group scale (ADIOS's occluder)
-                        g["lr"] = (lr if g.get("scheduled", True) else base_lr) * g.get("lr_scale", 1.0)
-                        if i in decay_groups:
-                            g["weight_decay"] = wd
+                    lr = sched.apply(optimizer, step, decaying)
                 keys = sample_keys[micro].to(device, non_blocking=True)
-                outputs = engine(imgs if keep_fp32 else _cast(imgs, dtype), keys=keys)
-                loss = outputs["loss"]
-                engine.backward(loss)
-                engine.step()
-                loss_d = loss.detach().float()
-                health.capture(step, loss_d)
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d),
-                                        torch.full_like(first_bad, step + 1), first_bad)
-                for k, v in outputs.items():
-                    if isinstance(v, torch.Tensor) and v.numel() == 1:
-                        v = v.detach().float().reshape(())
-                        acc[k] = acc[k] + v if k in acc else v.clone()
-                n_acc += 1
+                outputs = micro_step(engine, imgs, keys, dtype, keep_fp32)
+                health.capture(step, sums.add(step, outputs))
                 micro += 1
                 if micro % e.grad_accum:
                     continue
                 step += 1
-                if hasattr(method, "post_step"):
-                    method.post_step(lr)  # a method's own phase after the engine's step (ADIOS's occluder)
-                if hasattr(method, "on_step_end"):
-                    method.on_step_end(step, total)
+                after_step(method, step, total, lr)
                 logger.advance()
                 _crash_point(step)
                 signum = stop_signal.requested()
@@ -402,13 +383,6 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     return RunResult(step=step, total_steps=total, losses=losses,
                      resumed_from=start_step if saved is not None else None,
                      skipped_steps=int(getattr(engine, "skipped_steps", 0)), out=out, last_checkpoint=last_ckpt)
-
-
-def _cast(imgs: torch.Tensor | list[torch.Tensor], dtype: torch.dtype):
-    """A batch (one tensor, or a list of views) in the run's dtype; tensors already in it pass as they are."""
-    if isinstance(imgs, torch.Tensor):
-        return imgs if imgs.dtype == dtype else imgs.to(dtype)
-    return [_cast(x, dtype) for x in imgs]
 
 
 def _settle_health(health: CheckpointHealth, out: Path | None, info: DistInfo, logger: MetricsLogger) -> None:
