@@ -120,8 +120,9 @@ def test_method_override_without_config_starts_from_that_methods_tiny_recipe():
 
 
 def test_unknown_optimizer_is_a_config_error():
-    with pytest.raises(ConfigError, match="engine.optimizer"):
-        load_config("mae_tiny", ["engine.optimizer=sgd"])
+    with pytest.raises(ConfigError, match=r"engine.optimizer must be adamw\|apex_fused_adam\|sgd\|lars, got 'adam'"):
+        load_config("mae_tiny", ["engine.optimizer=adam"])
+    assert load_config("mae_tiny", ["engine.optimizer=sgd"]).engine.optimizer == "sgd"
 
 
 @pytest.mark.parametrize("spelling,value", [

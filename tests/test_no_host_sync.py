@@ -1,5 +1,5 @@
-"""The training step has no host syncs (STYLE.md "The step"): one forward + backward + on_step_end of each
-method, with every aten op that must read a tensor's value on the host recorded with the fastmask line
+"""The training step has no host syncs (STYLE.md "The step"): one forward + backward + post_step + on_step_end
+of each method, with every aten op that must read a tensor's value on the host recorded with the fastmask line
 that called it.
 
 `torch.cuda.set_sync_debug_mode` needs a GPU; on the CPU a TorchDispatchMode sees the same thing one level
@@ -53,6 +53,8 @@ def syncs_in_one_step(recipe: str, overrides: list[str]) -> list[tuple[str, str]
     with rec:
         out = method(imgs)
         out["loss"].backward()
+        if hasattr(method, "post_step"):
+            method.post_step(1e-3)  # a method's own phase after the step (ADIOS's occluder)
         if hasattr(method, "on_step_end"):
             method.on_step_end(1, 100)
     return rec.found

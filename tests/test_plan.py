@@ -131,7 +131,8 @@ def test_model_state_bytes_match_a_deepspeed_zero0_step(recipe, precision, monke
     import deepspeed
 
     from fastmask.engine.distributed import RENDEZVOUS_VARS, dist_info, init_distributed
-    from fastmask.engine.trainer import build_ds_config, build_optimizer
+    from fastmask.engine.trainer import build_ds_config
+    from fastmask.optim import OptimizerSettings, build_optimizer
 
     for k in RENDEZVOUS_VARS:  # restored after the test: a later subprocess must not inherit our port
         monkeypatch.setenv(k, os.environ.get(k, "")) if k in os.environ else monkeypatch.delenv(k, raising=False)
@@ -141,7 +142,8 @@ def test_model_state_bytes_match_a_deepspeed_zero0_step(recipe, precision, monke
     torch.manual_seed(0)
     method = build_method(cfg)
     counts = count_params(method)
-    optimizer = build_optimizer("adamw", method.param_groups(0.05), 1e-3, (0.9, 0.95), info.device)
+    optimizer = build_optimizer("adamw", method.param_groups(0.05), 1e-3, OptimizerSettings(betas=(0.9, 0.95)),
+                                info.device)
     engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer,
                                       config=build_ds_config(cfg, 1, precision, info.device))
     imgs = torch.randn(2, 3, 64, 64).to(DTYPES[precision])

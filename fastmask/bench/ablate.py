@@ -67,8 +67,9 @@ from .step import (DTYPE_NAMES, DTYPES, StepBenchArgs, build_fastmask_method, bu
 from .timing import measure_peak_memory, time_interleaved
 
 # The ops of the MAE step, in the order they run; every per-op choice names all of them.
-OPS = ("patch_embed_visible", "attention", "add_layer_norm", "bias_gelu", "patch_scatter", "norm_pix_loss")
-FUSED_MEMORY_OPS = ("patch_embed_visible", "patch_scatter", "norm_pix_loss")
+# (The decoder's unshuffle runs `decoder_unshuffle`, which fuses patch_scatter's gather with the position add.)
+OPS = ("patch_embed_visible", "attention", "add_layer_norm", "bias_gelu", "decoder_unshuffle", "norm_pix_loss")
+FUSED_MEMORY_OPS = ("patch_embed_visible", "decoder_unshuffle", "norm_pix_loss")
 CHAIN_OPS = ("add_layer_norm", "bias_gelu")
 ATTENTION_BACKENDS = ("sdpa", "triton", "xformers")
 ROW_KINDS = ("official", "no_host_sync", "no_grad_norm", "fused_adamw", "fastmask_model", "fused_ops",
@@ -82,6 +83,7 @@ INTERPRETER_REASON = ("Triton on the CPU runs only through its interpreter (TRIT
 # package namespace, which `fastmask.models.blocks.fused_chain_backend` reads as `ops.select`.
 _SELECT_HOLDERS = ("fastmask.ops.attention", "fastmask.ops.layer_norm", "fastmask.ops.bias_gelu",
                    "fastmask.ops.patch_embed", "fastmask.ops.patch_gather", "fastmask.ops.patch_scatter",
+                   "fastmask.ops.decoder_unshuffle",
                    "fastmask.ops.norm_pix_loss", "fastmask.ops")
 _WRAPPERS: dict[tuple, Callable] = {}
 

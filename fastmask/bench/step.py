@@ -208,13 +208,13 @@ def make_fastmask_step(module: nn.Module, dtype: torch.dtype, device: torch.devi
                        weight_decay: float = 0.05, betas: tuple[float, float] = (0.9, 0.95)) -> Callable:
     """module: a Method (or AllTokensMAE) -> step(imgs) -> loss (detached), no host sync, no DeepSpeed.
 
-    The engine's optimizer (`fastmask.engine.trainer.build_optimizer`: torch AdamW, fused) over
+    The engine's optimizer (`fastmask.optim.build_optimizer`: torch AdamW, fused) over
     `module.param_groups`; the forward under autocast for bf16/fp16 (GradScaler for fp16);
-    `on_step_end` after each step. The ablation's rows and the GPU suite (no DeepSpeed there) use it.
+    `post_step(lr)` and `on_step_end` after each step. The ablation's rows and the GPU suite (no DeepSpeed there) use it.
     """
-    from fastmask.engine.trainer import build_optimizer
+    from fastmask.optim import OptimizerSettings, build_optimizer
 
-    opt = build_optimizer("adamw", module.param_groups(weight_decay), lr, betas, device)
+    opt = build_optimizer("adamw", module.param_groups(weight_decay), lr, OptimizerSettings(betas=betas), device)
     amp = dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     counter = {"step": 0}
@@ -227,6 +227,8 @@ def make_fastmask_step(module: nn.Module, dtype: torch.dtype, device: torch.devi
         scaler.update()
         opt.zero_grad(set_to_none=True)
         counter["step"] += 1
+        if hasattr(module, "post_step"):
+            module.post_step(lr)  # a method's own phase after the step (ADIOS's occluder)
         if hasattr(module, "on_step_end"):
             module.on_step_end(counter["step"], 1_000_000)
         return loss.detach()

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from ..optim import OPTIMIZERS
+
 
 class ConfigError(ValueError):
     """A config key, value or recipe that does not exist or does not fit."""
@@ -75,6 +77,7 @@ class EngineConfig:
     grad_accum: int = 1
     clip_grad: float | None = None
     optimizer: str = "adamw"        # adamw (torch, fused) | apex_fused_adam (NVIDIA apex, if importable)
+                                    # | sgd (momentum) | lars (SGD + LARS, timm's Lars); see fastmask.optim
     blr: float = 1.5e-4             # lr = blr * effective_batch / 256 unless lr is set
     lr: float | None = None
     min_lr: float = 0.0
@@ -83,6 +86,9 @@ class EngineConfig:
     weight_decay: float = 0.05
     weight_decay_end: float | None = None  # cosine weight_decay -> this over the run (DINO: 0.04 -> 0.4)
     betas: tuple[float, float] = (0.9, 0.95)
+    momentum: float = 0.9           # sgd, lars
+    lars_eta: float = 0.02          # lars trust coefficient (solo-learn / ADIOS: 0.02)
+    lars_clip: bool = True          # lars: trust ratio / lr clipped at 1 (LARC), as ADIOS runs it
     seed: int = 0
     log_every: int = 10
     checkpoint_every: int = 0       # steps; 0 = only at the end
@@ -285,8 +291,11 @@ def validate(cfg: Config) -> None:
         problems.append(f"data.loader must be auto|torch|dali|synthetic, got {cfg.data.loader!r}")
     if cfg.data.on_corrupt not in ("skip", "fail"):
         problems.append(f"data.on_corrupt must be skip|fail, got {cfg.data.on_corrupt!r}")
-    if cfg.engine.optimizer not in ("adamw", "apex_fused_adam"):
-        problems.append(f"engine.optimizer must be adamw|apex_fused_adam, got {cfg.engine.optimizer!r}")
+    if cfg.engine.optimizer not in OPTIMIZERS:
+        problems.append(f"engine.optimizer must be {'|'.join(OPTIMIZERS)}, got {cfg.engine.optimizer!r}")
+    if not 0.0 <= cfg.engine.momentum < 1.0 or cfg.engine.lars_eta <= 0:
+        problems.append(f"engine.momentum must be in [0, 1) and engine.lars_eta > 0, got {cfg.engine.momentum}, "
+                        f"{cfg.engine.lars_eta}")
     if cfg.engine.on_nonfinite not in ("stop", "skip"):
         problems.append(f"engine.on_nonfinite must be stop|skip, got {cfg.engine.on_nonfinite!r}")
     if cfg.engine.resume not in ("auto", "always", "never"):

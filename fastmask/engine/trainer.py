@@ -10,7 +10,8 @@ What happens, in order (everything that can be wrong with the input fails before
    here), seeded identically on every rank so all ranks start from the same weights, at ZeRO-3
    partitioned as it is built (`zero.construct`: no rank holds the whole model); the loader is
    built (missing/corrupt images: errors here); `engine.init_from` weights are loaded;
-3. a torch AdamW over the method's param groups (fused, on CUDA and CPU) and a generated DeepSpeed config
+3. the optimizer named by engine.optimizer over the method's param groups (`fastmask.optim`: AdamW,
+   fused on CUDA and CPU, by default; SGD or LARS) and a generated DeepSpeed config
    (ZeRO stage, bf16/fp16/fp32, accumulation, clipping) go to `deepspeed.initialize`;
 4. the run folder (`RunFolder`, before anything is written in it): rank 0 locks it (a second run
    is refused, naming the holder), picks the checkpoint to resume by scanning (the newest
@@ -24,6 +25,7 @@ What happens, in order (everything that can be wrong with the input fails before
    groups' weight decay too, cosine to `engine.weight_decay_end` when set, DINO's schedule), each
    micro-batch runs forward (with every sample's global key, `Loader.sample_keys`, from which the
    method draws its masks and views: the same whatever the world size) /backward/step, then
+   `method.post_step(lr)` (a method's own phase after the step: ADIOS's occluder) and
    `method.on_step_end(step, total)`. The loss and
    metrics are summed on the device (no host sync per step) and reduced every `log_every` steps
    into DIR/metrics.jsonl; checkpoints every `checkpoint_every` steps and at the end, each with
@@ -56,13 +58,16 @@ import torch
 import yaml
 
 from . import checkpoint as ckpt
+from ..optim import OptimizerSettings
+from ..optim import build_optimizer as _build_optimizer
 from .config import Config, ConfigError, to_dict, validate
 from .config_diff import param_signature
 from .distributed import RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_mean, dist_info, init_distributed
 from .health import CheckpointHealth
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from .runfolder import RunFolder
-from .schedule import lr_at, scaled_lr, weight_decay_at
+from .schedule import scaled_lr
+from .step import DTYPES, Schedule, StepSums, after_step, decaying_groups, micro_step
 from .signals import StopOnSignal, StoppedBySignal
 from .zero import check as check_zero, construct, offload_config, share_fp32_master
 
@@ -170,22 +175,13 @@ def _crash_point(step: int) -> None:
         os._exit(137)  # a kill -9 right after optimizer step `step`, before its log or checkpoint
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
-                    device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: torch's (its fused kernel on CUDA and CPU, the default), or NVIDIA apex's FusedAdam when asked for
-    (`engine.optimizer=apex_fused_adam`, CUDA only; apex is not on PyPI, so never required)."""
-    if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type in ("cuda", "cpu"))
-    if name == "apex_fused_adam":
-        if device.type != "cuda":
-            raise ConfigError("engine.optimizer=apex_fused_adam needs a CUDA device; use adamw")
-        try:
-            from apex.optimizers import FusedAdam
-        except ImportError as err:
-            raise ConfigError(f"engine.optimizer=apex_fused_adam but NVIDIA apex is not importable ({err}); "
-                              "it is not on PyPI: build it from NVIDIA's repository, or use adamw") from err
-        return FusedAdam(groups, lr=lr, betas=betas, eps=1e-8, adam_w_mode=True)
-    raise ConfigError(f"engine.optimizer must be adamw or apex_fused_adam, got {name!r}")
+def build_optimizer(name: str, groups: list[dict], lr: float, e, device: torch.device) -> torch.optim.Optimizer:
+    """The engine's optimizer over the method's param groups: `fastmask.optim.build_optimizer` with the
+    engine config's settings (betas, momentum, LARS trust coefficient and clip); errors as ConfigError."""
+    try:
+        return _build_optimizer(name, groups, lr, OptimizerSettings.of(e), device)
+    except ValueError as err:
+        raise ConfigError(f"engine.{err}") from err
 
 
 def pretrain(cfg: Config, out: str | Path | None = None,
@@ -220,7 +216,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     if e.on_nonfinite == "skip" and precision == "fp32":
         raise ConfigError("engine.on_nonfinite=skip needs engine.precision bf16 or fp16 (DeepSpeed skips steps "
                           "through its overflow check, which fp32 does not run); fp32 runs stop")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+    dtype = DTYPES[precision]
 
     # --- everything that can be wrong with the input fails here, before any training work
     check_zero(cfg, device, registry=method_factory is None)
@@ -256,7 +252,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
         out, cfg, info, precision, signature, _arg_defaults(method), schedule))) if out is not None else None)
     saved = run.resume_state if run else None
     resume_dir = run.resume_folder if run else None
-    load_universal = saved is not None and _needs_universal(saved, info.world_size, e.zero_stage, resume_dir)
+    load_universal = saved is not None and _needs_universal(saved, info.world_size, e.zero_stage, resume_dir,
+                                                            e.optimizer)
     config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
     ds_config = build_ds_config(cfg, info.world_size, precision, device, load_universal)
     if run:
@@ -270,8 +267,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
 
     init_distributed(info)
     method.to(device)
-    optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, tuple(e.betas), device)
-    decay_groups = {i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0}  # wd schedule
+    optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, e, device)
+    decaying = decaying_groups(optimizer)  # the groups the weight-decay schedule moves
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     share_fp32_master(engine)
     if e.compile or e.cuda_graphs:
@@ -309,19 +306,19 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     micro_per_epoch = steps_per_epoch * e.grad_accum
     keep_fp32 = getattr(method, "keeps_fp32_images", False)  # pixel targets from fp32 pixels (Method)
     losses: list[tuple[int, float]] = []
-    acc: dict[str, torch.Tensor] = {}
-    n_acc = 0
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
+    sums = StepSums(device)
+    sched = Schedule.of(e, base_lr, total, warmup)
     last_ckpt: Path | None = resume_dir
     t_last, step_last = time.perf_counter(), step
 
     def log_and_check(final: bool = False) -> None:
-        nonlocal acc, n_acc, t_last, step_last
+        nonlocal t_last, step_last
         _settle_health(health, out, info, logger)
-        bad = int(all_reduce_max(first_bad).item()) if precision != "fp16" else -1
+        bad = int(all_reduce_max(sums.first_bad).item()) if precision != "fp16" else -1
         if bad >= 0 and e.on_nonfinite == "stop":
             newest = health.newest_good()
             raise NonFiniteLossError(bad, str(newest) if newest else None)
+        acc, n_acc = sums.take()
         if n_acc == 0:
             return
         keys = sorted(acc)
@@ -330,12 +327,12 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
         dt = max(now - t_last, 1e-9)
         ips = (step - step_last) * global_batch / dt
         rec = {"step": step, "epoch": step // steps_per_epoch, "loss": vec[keys.index("loss")],
-               "lr": lr_at(step - 1, total, base_lr, warmup, e.min_lr), "imgs_per_s": ips,
+               "lr": sched.lr(step - 1), "imgs_per_s": ips,
                "step_s": dt / max(1, step - step_last), "mem_gb": peak_memory_gb(device),
                "skipped": int(getattr(engine, "skipped_steps", 0))}
         rec.update({k: v for k, v in zip(keys, vec) if k != "loss"})
         if e.weight_decay_end is not None:
-            rec["wd"] = weight_decay_at(step - 1, total, e.weight_decay, e.weight_decay_end)
+            rec["wd"] = sched.wd(step - 1)
         if flops_per_image is not None:
             tflops = flops_per_image * ips / info.world_size / 1e12
             rec["tflops"] = tflops
@@ -346,7 +343,6 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
         losses.append((step, rec["loss"]))
         health.observe(step, rec["loss"])
         logger.log(rec)
-        acc, n_acc = {}, 0
         t_last, step_last = time.perf_counter(), step
 
     try:
@@ -359,32 +355,15 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                 if step >= stop:
                     break
                 if micro % e.grad_accum == 0:
-                    lr = lr_at(step, total, base_lr, warmup, e.min_lr)
-                    wd = weight_decay_at(step, total, e.weight_decay, e.weight_decay_end)
-                    for i, g in enumerate(optimizer.param_groups):
-                        g["lr"] = lr * g.get("lr_scale", 1.0)  # per-group scale (ADIOS's occluder)
-                        if i in decay_groups:
-                            g["weight_decay"] = wd
+                    lr = sched.apply(optimizer, step, decaying)
                 keys = sample_keys[micro].to(device, non_blocking=True)
-                outputs = engine(imgs if keep_fp32 else _cast(imgs, dtype), keys=keys)
-                loss = outputs["loss"]
-                engine.backward(loss)
-                engine.step()
-                loss_d = loss.detach().float()
-                health.capture(step, loss_d)
-                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d),
-                                        torch.full_like(first_bad, step + 1), first_bad)
-                for k, v in outputs.items():
-                    if isinstance(v, torch.Tensor) and v.numel() == 1:
-                        v = v.detach().float().reshape(())
-                        acc[k] = acc[k] + v if k in acc else v.clone()
-                n_acc += 1
+                outputs = micro_step(engine, imgs, keys, dtype, keep_fp32)
+                health.capture(step, sums.add(step, outputs))
                 micro += 1
                 if micro % e.grad_accum:
                     continue
                 step += 1
-                if hasattr(method, "on_step_end"):
-                    method.on_step_end(step, total)
+                after_step(method, step, total, lr)
                 logger.advance()
                 _crash_point(step)
                 signum = stop_signal.requested()
@@ -409,13 +388,6 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     return RunResult(step=step, total_steps=total, losses=losses,
                      resumed_from=start_step if saved is not None else None,
                      skipped_steps=int(getattr(engine, "skipped_steps", 0)), out=out, last_checkpoint=last_ckpt)
-
-
-def _cast(imgs: torch.Tensor | list[torch.Tensor], dtype: torch.dtype):
-    """A batch (one tensor, or a list of views) in the run's dtype; tensors already in it pass as they are."""
-    if isinstance(imgs, torch.Tensor):
-        return imgs if imgs.dtype == dtype else imgs.to(dtype)
-    return [_cast(x, dtype) for x in imgs]
 
 
 def _settle_health(health: CheckpointHealth, out: Path | None, info: DistInfo, logger: MetricsLogger) -> None:
@@ -475,11 +447,17 @@ def _data_position(saved: dict | None, step: int, steps_per_epoch: int, grad_acc
     return saved["epoch"], start
 
 
-def _needs_universal(saved: dict, world_size: int, stage: int, where: Path) -> bool:
+def _needs_universal(saved: dict, world_size: int, stage: int, where: Path, optimizer: str = "adamw") -> bool:
     """Whether resuming `saved` here needs DeepSpeed's universal format; a clear error where it cannot work."""
     old_stage, old_world = saved["zero_stage"], saved["world_size"]
     if old_stage == stage and (old_world == world_size or stage == 0):
         return False  # same partitioning, or stage 0 whose optimizer state is whole
+    if optimizer in ("sgd", "lars"):
+        raise ConfigError(f"cannot resume {where} (ZeRO stage {old_stage}, {old_world} rank(s)) with ZeRO stage "
+                          f"{stage} on {world_size} rank(s) and engine.optimizer={optimizer}: DeepSpeed's universal "
+                          f"checkpoint conversion, which re-partitions ZeRO optimizer state, knows only Adam's state "
+                          f"(deepspeedai/DeepSpeed#8608). Resume with engine.zero_stage={old_stage} on {old_world} "
+                          f"rank(s), or start a new run from its weights with engine.init_from={where}.")
     family = {0: "stage 0", 1: "stages 1-2", 2: "stages 1-2", 3: "stage 3"}
     if family[old_stage] != family[stage]:
         # DeepSpeed's universal checkpoint (0.19) converts within stages 1-2 and within stage 3

@@ -5,7 +5,7 @@
   stage 3; `cpu` needs an accelerator to offload from (on a CPU-only run the states are in host
   memory already, so it is refused rather than silently ignored); `nvme` needs
   engine.offload_nvme_path and DeepSpeed's async_io op (libaio); and the method's own refusal
-  of the stage (`Method.zero_stage_refusal`, e.g. ADIOS's alternating mode at stage 3).
+  of the stage (`Method.supported_zero_stages`, e.g. ADIOS's alternating mode at stage 3).
 - `offload_config(engine_cfg)`: the `zero_optimization` entries for DeepSpeed's offload.
 - `construct(build, cfg, info, ds_config)`: stage 3 builds the method inside `deepspeed.zero.Init`:
   every module is partitioned when its own `__init__` ends, so no rank ever holds the whole model

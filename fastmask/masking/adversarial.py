@@ -87,18 +87,28 @@ def entropy_penalty(areas: torch.Tensor, alpha: float) -> torch.Tensor:
     return -alpha * (logp.exp() * logp).sum()
 
 
-def occluder_penalty(masks: torch.Tensor, alpha_sparsity: float, alpha_entropy: float = 0.0
-                     ) -> tuple[torch.Tensor, torch.Tensor]:
-    """masks [B, N, H, W] -> (penalty fp32 scalar, areas [B, N] fp32).
+def occluder_penalty(masks: torch.Tensor, alpha_sparsity: float, alpha_entropy: float = 0.0, views: int = 1,
+                     joint_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """masks [V*B, N, H, W] (V views of B images, view-major: one occluder call on cat(views))
+    -> (penalty fp32 scalar, areas [B, V*N] fp32: sample b's V*N (view, slot) areas, view-major).
 
-    penalty = sparsity_penalty + entropy_penalty (the latter only when alpha_entropy != 0), the
-    part of the occluder's loss that is not the (reversed) SSL loss. Pass the masks *before*
-    grad_reverse: the occluder minimizes the penalty, it does not maximize it.
+    penalty = sparsity_penalty(areas) + entropy term (only when alpha_entropy != 0), the part of the
+    occluder's loss that is not the (reversed) SSL loss. Pass the masks *before* grad_reverse: the
+    occluder minimizes the penalty, it does not maximize it. As the official code (V = 2 for
+    SimSiam-ADIOS, which occludes both views; V = 1 otherwise):
+    - sparsity: each (view, slot)'s batch mean of 1/(sin(pi s) + eps), summed over all V*N of them;
+    - entropy: `joint_entropy` takes the softmax over all V*N areas of a sample (SimSiam-ADIOS stacks
+      both views' areas to [B, 2N]); otherwise over each view's N, summed over views (SimSiam-ADIOS-s).
     """
     areas = mask_areas(masks)
+    if areas.shape[0] % views:
+        raise ValueError(f"occluder_penalty: {areas.shape[0]} mask rows are not {views} views of one batch")
+    per_view = areas.unflatten(0, (views, -1))                  # [V, B, N]
+    areas = per_view.transpose(0, 1).flatten(1)                 # [B, V*N]
     pen = sparsity_penalty(areas, alpha_sparsity)
     if alpha_entropy:
-        pen = pen + entropy_penalty(areas, alpha_entropy)
+        pen = pen + (entropy_penalty(areas, alpha_entropy) if joint_entropy
+                     else sum(entropy_penalty(a, alpha_entropy) for a in per_view.unbind(0)))
     return pen, areas
 
 
@@ -196,9 +206,10 @@ class AdversarialMasking(MaskGenerator):
         """imgs [B, C, H, W] -> soft masks [B, N, H, W], every pixel's N values summing to 1."""
         return self.occluder(imgs)
 
-    def penalty(self, masks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """masks [B, N, H, W] -> (penalty fp32 scalar, areas [B, N]); see `occluder_penalty`."""
-        return occluder_penalty(masks, self.alpha_sparsity, self.alpha_entropy)
+    def penalty(self, masks: torch.Tensor, views: int = 1, joint_entropy: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """masks [V*B, N, H, W] -> (penalty fp32 scalar, areas [B, V*N]); see `occluder_penalty`."""
+        return occluder_penalty(masks, self.alpha_sparsity, self.alpha_entropy, views, joint_entropy)
 
     def token_masks(self, imgs: torch.Tensor, patch_size: int, generator: torch.Generator | None = None,
                     reverse: bool = True, draws: Draws | None = None) -> dict[str, torch.Tensor]:

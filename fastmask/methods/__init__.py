@@ -30,12 +30,13 @@ def get_method(name: str) -> type[Method]:
 
 
 def zero_stage_refusal(cfg) -> str | None:
-    """The one-line reason the configured method cannot train at cfg.engine.zero_stage, or None
-    (the method's own declaration, `Method.zero_stage_refusal`)."""
+    """The one-line reason the configured method cannot train at cfg.engine.zero_stage, or None: the
+    method's own declaration (`Method.supported_zero_stages` / `Method.zero_stage_problem`), read from
+    its class and options before anything is built."""
     from ..engine.config import from_dict
 
     cls = get_method(cfg.method)
-    why = cls.zero_stage_refusal(from_dict(cls.Args, dict(cfg.method_args), prefix="method_args."),
+    why = cls.zero_stage_problem(from_dict(cls.Args, dict(cfg.method_args), prefix="method_args."),
                                  cfg.engine.zero_stage)
     return f"method {cfg.method} cannot train at engine.zero_stage={cfg.engine.zero_stage}: {why}" if why else None
 

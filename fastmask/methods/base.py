@@ -43,10 +43,23 @@ class Method(nn.Module):
         raise NotImplementedError
 
     @classmethod
-    def zero_stage_refusal(cls, args: Any, stage: int) -> str | None:
-        """None when the method can train at ZeRO `stage` with `args` (its `Args`); otherwise the
-        one-line reason, which the engine reports before building anything. Every stage by default."""
-        return None
+    def supported_zero_stages(cls, args: Any) -> tuple[int, ...]:
+        """The ZeRO stages this method trains under with `args` (its `Args`). The engine checks the
+        configured stage before building anything (`fastmask.methods.zero_stage_refusal`) and refuses
+        another in one line (`zero_stage_problem`)."""
+        return (0, 1, 2, 3)
+
+    @classmethod
+    def zero_stage_problem(cls, args: Any, stage: int) -> str | None:
+        """None when the method trains under ZeRO `stage` with `args`, else the one-line reason."""
+        stages = cls.supported_zero_stages(args)
+        return None if stage in stages else f"it supports ZeRO stages {', '.join(map(str, stages))}"
+
+    def post_step(self, lr: float) -> None:
+        """Called by the engine after every optimizer step, before `on_step_end`, with the step's
+        scheduled lr: a method that trains a part of itself with its own optimizer, outside the engine's
+        (ADIOS's occluder in alternating mode, `fastmask.optim.SideOptimizer`), takes that step here, on
+        the micro-batches its forwards of this step kept."""
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called by the engine after every optimizer step (EMA/momentum teachers, schedules)."""
@@ -67,7 +80,9 @@ class Method(nn.Module):
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: no decay on 1-D parameters (norms, biases) and on `no_weight_decay()` names,
         as timm's `param_groups_weight_decay` (which the official MAE code uses). Frozen tensors
-        (fixed position embeddings, teachers) are left out."""
+        (fixed position embeddings, teachers) are left out. Group keys the engine reads besides
+        torch's: `lr_scale` (the group's lr is the schedule's times it) and `scheduled` (False: the
+        base lr, not the schedule's, at every step)."""
         skip = set(self.no_weight_decay()) if hasattr(self, "no_weight_decay") else set()
         decay, no_decay = [], []
         for name, p in self.named_parameters():

@@ -2,8 +2,8 @@
 
 - `MLPHead`: Linear -> norm -> act blocks, then a last Linear. ExtreMA's projector (D -> 4096 ->
   4096 -> 256) and predictor (256 -> 4096 -> 256) use LayerNorm + GELU and xavier init; BYOL/ADIOS
-  heads use BatchNorm + ReLU. `norm="bn"` uses BatchNorm1d, which becomes SyncBatchNorm under
-  `nn.SyncBatchNorm.convert_sync_batchnorm` when distributed.
+  heads use BatchNorm + ReLU. `norm="bn"` uses BatchNorm1d (fp32 compute under the engine's bf16/fp16
+  cast, `batchnorm.py`).
 - `DINOHead`: DINO's MLP (GELU, optional BN) to a bottleneck, l2-normalisation, and a weight-normed
   last layer without bias whose gain is frozen at 1 (`norm_last_layer=True`, DINO's default).
 
@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batchnorm import BatchNorm1d
 from .blocks import init_mae_weights
 
 _ACTS = {"gelu": nn.GELU, "relu": nn.ReLU}
@@ -25,7 +26,7 @@ def _norm(kind: str, dim: int) -> nn.Module:
     if kind == "ln":
         return nn.LayerNorm(dim)
     if kind == "bn":
-        return nn.BatchNorm1d(dim)
+        return BatchNorm1d(dim)
     return nn.Identity()
 
 
@@ -69,7 +70,7 @@ class MLPHead(nn.Module):
             d = hidden_dim
         layers.append(nn.Linear(d, out_dim))
         if last_norm and norm == "bn":
-            layers.append(nn.BatchNorm1d(out_dim, affine=False))
+            layers.append(BatchNorm1d(out_dim, affine=False))
         elif last_norm and norm == "ln":
             layers.append(nn.LayerNorm(out_dim, elementwise_affine=False))
         self.mlp = nn.Sequential(*[m for m in layers if not isinstance(m, nn.Identity)])
@@ -125,8 +126,8 @@ class DINOHead(nn.Module):
         else:
             layers = [nn.Linear(in_dim, hidden_dim)]
             for _ in range(num_layers - 2):
-                layers += ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU(), nn.Linear(hidden_dim, hidden_dim)]
-            layers += ([nn.BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)]
+                layers += ([BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU(), nn.Linear(hidden_dim, hidden_dim)]
+            layers += ([BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)]
         self.mlp = nn.Sequential(*layers)
         self.mlp.apply(_init_trunc_normal_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_g=norm_last_layer)

@@ -8,9 +8,11 @@ Parameter names follow torchvision (`conv1`, `bn1`, `layer1.0.conv1`, ..., `down
 torchvision state dict loads with `strict=False` (only `fc.*` is absent: the backbone has no
 classifier). Written here so the package does not depend on torchvision.
 
-The small-image stem is solo-learn's CIFAR variant (Conv3x3 stride 1, no max-pool): the standard
-stem (Conv7x7 stride 2 + max-pool) would shrink a 32 px image to 8 px before the first stage.
-Init as torchvision: kaiming-normal (fan_out) convs, BN weight 1 / bias 0.
+The small-image stem is solo-learn's CIFAR variant as ADIOS builds it (`src/methods/base.py`:
+Conv3x3 stride 1 *padding 2*, no max-pool, so a 32 px image gives 34 px maps): the standard stem
+(Conv7x7 stride 2 + max-pool) would shrink a 32 px image to 8 px before the first stage.
+Init as torchvision: kaiming-normal (fan_out) convs, BN weight 1 / bias 0. The BatchNorm layers compute
+in fp32 under the engine's bf16/fp16 cast (`batchnorm.py`).
 """
 from __future__ import annotations
 
@@ -18,6 +20,7 @@ import torch
 from torch import nn
 
 from ._registry import register_model
+from .batchnorm import BatchNorm2d
 
 
 class BasicBlock(nn.Module):
@@ -28,13 +31,13 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int = 1):
         super().__init__()
         self.conv1 = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
-        self.bn1 = nn.BatchNorm2d(cout)
+        self.bn1 = BatchNorm2d(cout)
         self.relu = nn.ReLU(inplace=True)
         self.conv2 = nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
-        self.bn2 = nn.BatchNorm2d(cout)
+        self.bn2 = BatchNorm2d(cout)
         self.downsample = None
         if stride != 1 or cin != cout:
-            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), nn.BatchNorm2d(cout))
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride, bias=False), BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         identity = x if self.downsample is None else self.downsample(x)
@@ -61,12 +64,12 @@ class ResNet(nn.Module):
         self.small_stem = small_stem
         w0 = widths[0]
         if small_stem:
-            self.conv1 = nn.Conv2d(in_chans, w0, 3, 1, 1, bias=False)
+            self.conv1 = nn.Conv2d(in_chans, w0, 3, 1, 2, bias=False)  # padding 2, as ADIOS's CIFAR stem
             self.maxpool = nn.Identity()
         else:
             self.conv1 = nn.Conv2d(in_chans, w0, 7, 2, 3, bias=False)
             self.maxpool = nn.MaxPool2d(3, 2, 1)
-        self.bn1 = nn.BatchNorm2d(w0)
+        self.bn1 = BatchNorm2d(w0)
         self.relu = nn.ReLU(inplace=True)
         cin = w0
         for i, (n, w) in enumerate(zip(layers, widths)):
@@ -79,7 +82,7 @@ class ResNet(nn.Module):
         self.apply(_init_resnet)  # children's weights: through apply (see models/__init__)
 
     def feature_map(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs [B, C, H, W] -> last-stage map [B, 512, h, w] (h = H/32, or H/8 with the small stem)."""
+        """imgs [B, C, H, W] -> last-stage map [B, 512, h, w] (h = ceil(H/32), or ceil((H+2)/8) with the small stem)."""
         if imgs.dim() != 4:
             raise ValueError(f"ResNet expects imgs [B, C, H, W], got {tuple(imgs.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(imgs))))

@@ -4,7 +4,8 @@
     masks = occ(imgs)            # imgs [B, 3, 96, 96] -> masks [B, 6, 96, 96], sum over slots = 1
 
 Layout (YugeTen/adios `src/utils/unet.py`, GENESIS):
-- num_blocks = int(log2(img_size) - 1): 6 blocks at 224 px, 5 at 64-96 px, 4 at 32 px.
+- num_blocks = int(log2(img_size) - 1): 6 blocks at 224 px, 5 at 64-96 px, 4 at 32 px (the rule of
+  the official SimCLR/BYOL code; its SimSiam code takes `--num_blocks`, default 4).
 - Block: Conv3x3 stride 1 pad 1 -> norm -> ReLU. The conv has no bias when a norm follows it
   (`gn`: GroupNorm(8), `in`: InstanceNorm(affine)); with `none` it keeps its bias (nothing else
   would shift the pre-activation).
@@ -61,7 +62,8 @@ class UNet(nn.Module):
         if norm not in NORMS:
             problems.append(f"norm must be one of {NORMS}, got {norm!r}")
         if nb < 3:
-            problems.append(f"img_size {img_size} gives {nb} U-Net blocks; need >= 3 (img_size >= 16)")
+            problems.append(f"need >= 3 U-Net blocks, got {nb}" + (f" from img_size {img_size} (>= 16 needed)"
+                                                                   if num_blocks is None else ""))
         elif img_size % 2 ** (nb - 1):
             problems.append(f"img_size {img_size} is not divisible by 2^(num_blocks-1) = {2 ** (nb - 1)}")
         if norm == "gn" and fbase % 8:
@@ -103,16 +105,17 @@ class Occluder(nn.Module):
     """imgs [B, 3, S, S] (normalized) -> soft masks [B, N, S, S] fp32|input dtype, softmax over N.
 
     `UNet` followed by ADIOS's mask head (Conv1x1 fbase -> N, softmax over the slot dimension):
-    every pixel's N values are >= 0 and sum to 1.
+    every pixel's N values are >= 0 and sum to 1. num_blocks: the U-Net's depth (None: the
+    `num_unet_blocks` rule; ADIOS's SimSiam scripts pass 4).
     """
 
     def __init__(self, img_size: int, num_masks: int = 4, fbase: int = 32, norm: str = "in",
-                 in_chans: int = 3):
+                 in_chans: int = 3, num_blocks: int | None = None):
         super().__init__()
         if num_masks < 1:
             raise ValueError(f"Occluder: num_masks must be >= 1, got {num_masks}")
         self.num_masks = num_masks
-        self.unet = UNet(img_size, fbase=fbase, in_chans=in_chans, norm=norm)
+        self.unet = UNet(img_size, fbase=fbase, in_chans=in_chans, norm=norm, num_blocks=num_blocks)
         self.head = nn.Conv2d(fbase, num_masks, 1)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
