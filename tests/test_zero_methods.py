@@ -1,8 +1,9 @@
 """Every method under every ZeRO stage it accepts: 2 CPU ranks, tiny shapes, one launch.
 
 tests/zero_methods_worker.py trains MAE, ExtreMA, RelaxMIM (stopgrad and ema targets), ADIOS-BYOL
-(simultaneous; alternating only at stage 0: it refuses ZeRO-3) and MST for 4 steps at ZeRO-0 and
-ZeRO-3 (ExtreMA also at 2, MST at 1) on the same two ranks. Checked here:
+(simultaneous; alternating, whose occluder takes its own optimizer's step in `post_step`, at
+stages 0 and 2: it refuses ZeRO-3) and MST for 4 steps at ZeRO-0 and ZeRO-3 (ExtreMA also at 2,
+MST at 1) on the same two ranks. Checked here:
 - each run's losses and whole state (students, EMA teachers, buffers, draw counters) equal the
   ZeRO-0 run's within fp32 tolerance; MAE also when started from an official-format weights file;
 - the 2-rank ZeRO-3 runs of ExtreMA, MST and RelaxMIM-ema equal a 1-rank ZeRO-0 run of the same
@@ -219,3 +220,10 @@ def test_resume_across_layouts_converts_or_refuses(saved, now, ok):
             _needs_universal(state, now[1], now[0], Path("ckpt"))
     else:
         assert _needs_universal(state, now[1], now[0], Path("ckpt")) is bool(ok)
+
+
+def test_lars_is_refused_where_deepspeed_hands_it_flat_partitions():
+    from fastmask.engine.trainer import pretrain
+
+    with pytest.raises(ConfigError, match="engine.optimizer=lars takes a trust ratio per parameter, but ZeRO stage 1"):
+        pretrain(load_config("mae_tiny", ["engine.zero_stage=1", "engine.optimizer=lars"]), out=None)

@@ -5,7 +5,8 @@
   stage 3; `cpu` needs an accelerator to offload from (on a CPU-only run the states are in host
   memory already, so it is refused rather than silently ignored); `nvme` needs
   engine.offload_nvme_path and DeepSpeed's async_io op (libaio); and the method's own refusal
-  of the stage (`Method.supported_zero_stages`, e.g. ADIOS's alternating mode at stage 3).
+  of the stage (`Method.supported_zero_stages`, e.g. ADIOS's alternating mode at stage 3); LARS
+  (per-parameter trust ratios) at stages 1-3, where DeepSpeed's optimizer sees flat partitions.
 - `offload_config(engine_cfg)`: the `zero_optimization` entries for DeepSpeed's offload.
 - `construct(build, cfg, info, ds_config)`: stage 3 builds the method inside `deepspeed.zero.Init`:
   every module is partitioned when its own `__init__` ends, so no rank ever holds the whole model
@@ -59,7 +60,11 @@ def check(cfg: Config, device: torch.device, registry: bool = True) -> None:
     registry: the method comes from the registry (cfg.method), so its stage refusal is checked too."""
     e = cfg.engine
     problems = []
-    for key, value, min_stage in (("offload_optimizer", e.offload_optimizer, 1), ("offload_params", e.offload_params, 3)):
+    if e.optimizer == "lars" and e.zero_stage > 0:
+        problems.append(f"engine.optimizer=lars takes a trust ratio per parameter, but ZeRO stage {e.zero_stage} "
+                        f"hands the optimizer one flat partition per param group; use engine.zero_stage=0")
+    offloads = (("offload_optimizer", e.offload_optimizer, 1), ("offload_params", e.offload_params, 3))
+    for key, value, min_stage in offloads:
         if value == "none":
             continue
         if e.zero_stage < min_stage:

@@ -202,7 +202,7 @@ class ADIOS(Method):
         self.augment = ViewAugment(crop_scale=(a.crop_min_scale, 1.0), **colour)  # crops cut here, from one batch
         self.colour = ViewAugment(crop_scale=None, **colour)                     # for the loader's crops
         self._stream = DrawStream(seed)
-        self._backbone_bn = _has_batchnorm(backbone)
+        self._backbone_bn = _has_batchnorm(self.online.backbone)
         self._pending: list[tuple[torch.Tensor, torch.Tensor, Draws]] = []  # this step's views, for post_step
         if a.mode == "alternating":
             groups = self._split_groups(weight_decay)[1]
