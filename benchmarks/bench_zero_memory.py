@@ -170,14 +170,17 @@ def driver(args) -> None:
     print(f"{'stage':>5} {'rank':>4} {'params GiB':>10} {'optim GiB':>10} {'states GiB':>10} {'build RSS GiB':>13} "
           f"{'peak RSS GiB':>12} {'s/step':>7}")
     for r in results:
-        print(f"{str(r['stage']) + ('g' if r['host_malloc'] == 'glibc default' else ''):>5} {r['rank']:>4} {r['param_bytes'] / gib:>10.3f} {r['optim_bytes'] / gib:>10.3f} "
+        stage = f"{r['stage']}{'g' if r['host_malloc'] == 'glibc default' else ''}"
+        print(f"{stage:>5} {r['rank']:>4} {r['param_bytes'] / gib:>10.3f} {r['optim_bytes'] / gib:>10.3f} "
               f"{r['total_state_bytes'] / gib:>10.3f} {r['peak_rss_build_bytes'] / gib:>13.3f} "
               f"{r['peak_rss_bytes'] / gib:>12.3f} {r['step_s']:>7.2f}")
-    out = {"benchmark": "zero_memory", "command": "python " + " ".join(sys.argv), "model": args.model, "img_size": args.img_size, "batch_per_rank": args.batch,
+    out = {"benchmark": "zero_memory", "command": "python " + " ".join(sys.argv), "model": args.model,
+           "img_size": args.img_size, "batch_per_rank": args.batch,
            "ranks": args.ranks, "steps": args.steps, "precision": "fp32", "device": "cpu",
            "fastmask_git": sha, "loadavg_end": os.getloadavg(),
            "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count(),
-           "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__, "python": platform.python_version()},
+           "versions": {"torch": torch.__version__, "deepspeed": deepspeed.__version__,
+                        "python": platform.python_version()},
            "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "results": results}
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
