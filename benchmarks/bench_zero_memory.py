@@ -120,7 +120,7 @@ def worker(args) -> None:
     method = construct(lambda: build_method(cfg), cfg, info, ds_config)
     phases.append(("built", _peak_rss(), _rss()))
     opt = build_optimizer(cfg.engine.optimizer, method.param_groups(cfg.engine.weight_decay), 1e-4,
-                          tuple(cfg.engine.betas), info.device)  # the engine's AdamW (fused on CPU too)
+                          cfg.engine, info.device)  # the engine's optimizer (AdamW, fused on CPU too)
     engine, *_ = deepspeed.initialize(model=method, optimizer=opt, config=ds_config)
     share_fp32_master(engine)
     phases.append(("initialized", _peak_rss(), _rss()))
