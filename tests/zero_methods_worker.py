@@ -25,7 +25,7 @@ import torch  # noqa: E402
 from fastmask.models import MODELS, VIT_ARCHS, VisionTransformer, register_model  # noqa: E402
 
 STEPS = 4
-MICRO = "test_vit_micro_patch8"  # 2 blocks, 32 wide, 16 patches at 32 px
+MICRO = "test_zero_vit_micro_patch8"  # 2 blocks, 32 wide, 16 patches at 32 px; own name
 
 VIT_ARCHS.setdefault("micro", (32, 2, 2))  # MAE takes architectures by name: vit_micro_patch16 (2x2 patches)
 if MICRO not in MODELS:
