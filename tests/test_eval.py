@@ -106,6 +106,10 @@ def test_extract_features_pools_and_restores_mode():
         tokens = enc.eval().forward_features(x)
     torch.testing.assert_close(cls, tokens[:, 0])
     torch.testing.assert_close(mean, tokens[:, 1:].mean(1))
+    both = extract_features(enc, x, ("cls", "mean"), batch_size=2)  # one pass, both pools
+    assert isinstance(both, tuple) and len(both) == 2
+    torch.testing.assert_close(both[0], cls)
+    torch.testing.assert_close(both[1], mean)
     enc.train()
     extract_features(enc, x[:1])
     assert enc.training

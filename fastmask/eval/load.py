@@ -2,7 +2,7 @@
 
     method, cfg = load_method("runs/mae_b")          # a run folder, a checkpoint folder or a weights file
     encoder, cfg = load_encoder("runs/mae_b")         # VisionTransformer with forward_features
-    encoder, cfg = load_encoder(None, cfg=cfg)        # random init (the baseline of an evaluation)
+    encoder, cfg = load_encoder(None, cfg=cfg)        # the method's own encoder at its random init
 
 What is accepted, in the order it is tried:
 - a run folder `DIR` (holding `checkpoints/`) or a checkpoint folder (`DIR/checkpoints/step_N/`):
@@ -138,16 +138,26 @@ def load_method(path: str | Path | None, cfg=None, overrides: list[str] = (),
 
 def load_encoder(path: str | Path | None, cfg=None, overrides: list[str] = (),
                  device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """-> (encoder with `forward_features(imgs) -> [B, 1+L, D]`, in eval mode, cfg). None: random init."""
+    """-> (encoder with `forward_features(imgs) -> [B, 1+L, D]`, in eval mode, cfg).
+
+    path None: the random-init baseline, `method.encoder()` of the method built from cfg after
+    seeding with cfg.engine.seed as the engine does, i.e. a run's exact starting point (ExtreMA's
+    class-attention encoder, not a bare ViT)."""
     weights = resolve_weights(path) if path is not None else None
     cfg = load_config_for(weights, cfg, overrides)
-    state = read_state_dict(weights) if weights is not None else None
-    if state is None or _is_encoder_only(state, cfg):
+    if weights is None:
+        from fastmask.methods import build_method
+
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(cfg.engine.seed)
+            method = build_method(cfg)
+        return method.encoder().to(device).eval(), cfg
+    state = read_state_dict(weights)
+    if _is_encoder_only(state, cfg):
         from fastmask.models import create_model
 
         encoder = create_model(cfg.model, img_size=cfg.data.img_size)
-        if state is not None:
-            _load(encoder, state, weights)
+        _load(encoder, state, weights)
         return encoder.to(device).eval(), cfg
     method, cfg = load_method(path, cfg, overrides, device)
     return method.encoder().eval(), cfg
