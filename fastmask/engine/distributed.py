@@ -65,8 +65,23 @@ def init_distributed(info: DistInfo) -> None:
 
     if info.device.type == "cuda":
         torch.cuda.set_device(info.device)
+    else:
+        _skip_cpu_shm_op()
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(auto_mpi_discovery=False)
+
+
+def _skip_cpu_shm_op() -> None:
+    """On the CPU accelerator DeepSpeed JIT-compiles its shared-memory comm op at init (about a minute
+    on 2 cores, serialized behind a file lock across processes), yet only `inference_all_reduce` uses
+    it; training's collectives go through torch.distributed (gloo). Mark it unavailable so a CPU run
+    starts in seconds."""
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is not None:
+        deepspeed.ops.__compatible_ops__[builder.NAME] = False
 
 
 def barrier() -> None:
