@@ -119,9 +119,11 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """-> float32 [size, size, 3] in [0, 1]: one of four texture kinds in random colours."""
+    """-> float32 [size, size, 3] in [0, 1]: one of four texture kinds in a random colour and a
+    second one near it (low contrast, so the texture stays behind the shape)."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
-    a, b = _random_colour(rng), _random_colour(rng)
+    a = _random_colour(rng)
+    b = np.clip(a + rng.normal(0, 0.15, 3), 0, 1).astype(np.float32)
     kind = rng.integers(0, 4)
     angle = rng.uniform(0, 2 * math.pi)
     u = xx * math.cos(angle) + yy * math.sin(angle)
@@ -133,7 +135,7 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
         from PIL import Image
 
         g = int(rng.integers(2, 6))
-        coarse = rng.uniform(0, 1, (g, g, 3)).astype(np.float32)
+        coarse = np.clip(a + rng.normal(0, 0.15, (g, g, 3)), 0, 1).astype(np.float32)
         img = Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
         return np.asarray(img, dtype=np.float32) / 255
     else:            # checkerboard, rotated
@@ -201,7 +203,6 @@ def write_shapes_folder(root: str | Path, split: str = "pretrain", count: int | 
     from PIL import Image
 
     count = PRETRAIN_COUNT if count is None else count
-
     folder = Path(root) / "images"
     folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
