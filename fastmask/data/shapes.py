@@ -5,13 +5,12 @@
     write_shapes_folder(root)                                   # root/images/00000.jpg ... (unlabelled)
 
 Each image holds one large shape of one of `CLASSES` (the label) at a random position, size,
-rotation, aspect and colour, over a random background (a colour gradient, stripes, low-frequency
-colour noise or a checkerboard), with smaller fragments of random shapes scattered as clutter
-and pixel noise on top. Nothing but the large shape's outline tells the classes apart: colours,
-background kind and clutter are drawn independently of the label, so pixel statistics, and a
-random encoder that mostly sees them, score low, while a model that learned shapes scores high
-(the figures are in `benchmarks/results/` and the README of this module's set is the docstring
-of `benchmarks/learning.py`).
+rotation (within +-25 degrees), aspect and colour, over a random low-contrast background (a colour
+gradient or low-frequency colour noise), with 0-3 small fragments of random shapes as clutter and
+pixel noise on top. Nothing but the large shape's outline tells the classes apart: colours,
+background and clutter are drawn independently of the label, so pixel statistics, and a random
+encoder that mostly sees them, score near chance, while a model that learned shapes scores high
+(the figures, and how they were measured, are in `benchmarks/learning.py` and its results).
 
 Deterministic from (seed, split, index): the i-th image of a split is the same whatever else is
 generated, in any order or process. Splits draw from disjoint streams: "pretrain" (unlabelled,
@@ -39,8 +38,10 @@ DEFAULT_SIZE = 64
 PRETRAIN_COUNT = 20000
 TRAIN_COUNT = 5000
 TEST_COUNT = 2000
-VERSION = 1
+VERSION = 2
 SUPERSAMPLE = 4  # shapes are drawn at 4x and box-filtered down: antialiased edges
+MAX_TURN = 25 / 360  # the labelled shape turns at most 25 degrees either way (the augmentations of
+# self-supervised methods never rotate, so a free rotation would be a nuisance no method can learn away)
 
 
 def _regular(n: int, r: float = 1.0, phase: float = 0.0) -> list[np.ndarray]:
@@ -89,12 +90,13 @@ _OUTLINES = {
 
 
 def _shape_mask(rng: np.random.Generator, cls: int, size: int, radius: float, center: tuple[float, float],
-                cut: bool = False) -> np.ndarray:
-    """-> float32 [size, size] coverage in [0, 1] of shape `cls` drawn with a random rotation and aspect."""
+                cut: bool = False, max_turn: float = 0.5) -> np.ndarray:
+    """-> float32 [size, size] coverage in [0, 1] of shape `cls` drawn with a random rotation (up to
+    `max_turn` of a full turn either way) and aspect."""
     from PIL import Image, ImageDraw
 
     S = size * SUPERSAMPLE
-    theta = rng.uniform(0, 2 * math.pi)
+    theta = rng.uniform(-max_turn, max_turn) * 2 * math.pi
     aspect = math.exp(rng.uniform(-0.2, 0.2))
     c, s = math.cos(theta), math.sin(theta)
     scale = np.array([radius * aspect, radius / aspect]) * SUPERSAMPLE
@@ -119,30 +121,23 @@ def _random_colour(rng: np.random.Generator) -> np.ndarray:
 
 
 def _background(rng: np.random.Generator, size: int) -> np.ndarray:
-    """-> float32 [size, size, 3] in [0, 1]: one of four texture kinds in a random colour and a
-    second one near it (low contrast, so the texture stays behind the shape)."""
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    """-> float32 [size, size, 3] in [0, 1]: a linear gradient or low-frequency noise between a random
+    colour and colours near it (low contrast, so the background stays behind the shape)."""
     a = _random_colour(rng)
     b = np.clip(a + rng.normal(0, 0.15, 3), 0, 1).astype(np.float32)
-    kind = rng.integers(0, 4)
+    noise = bool(rng.integers(0, 2))
     angle = rng.uniform(0, 2 * math.pi)
-    u = xx * math.cos(angle) + yy * math.sin(angle)
-    if kind == 0:    # linear gradient
-        t = (u - u.min()) / max(float(u.max() - u.min()), 1e-6)
-    elif kind == 1:  # stripes
-        t = 0.5 + 0.5 * np.sin(2 * math.pi * rng.uniform(2, 8) * u + rng.uniform(0, 2 * math.pi))
-    elif kind == 2:  # low-frequency colour noise
+    if noise:  # bicubic upsampling of a 2x2 .. 5x5 grid of colours near `a`
         from PIL import Image
 
         g = int(rng.integers(2, 6))
         coarse = np.clip(a + rng.normal(0, 0.15, (g, g, 3)), 0, 1).astype(np.float32)
         img = Image.fromarray((coarse * 255).astype(np.uint8)).resize((size, size), Image.BICUBIC)
         return np.asarray(img, dtype=np.float32) / 255
-    else:            # checkerboard, rotated
-        v = -xx * math.sin(angle) + yy * math.cos(angle)
-        f = rng.uniform(2, 7)
-        t = ((np.floor(u * f) + np.floor(v * f)) % 2).astype(np.float32)
-    return a * (1 - t[..., None]) + b * t[..., None]
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) / size
+    u = xx * math.cos(angle) + yy * math.sin(angle)
+    t = ((u - u.min()) / max(float(u.max() - u.min()), 1e-6))[..., None]  # gradient a -> b along `angle`
+    return a * (1 - t) + b * t
 
 
 def shapes_image(seed: int, split: str, index: int, size: int = DEFAULT_SIZE) -> np.ndarray:
@@ -161,7 +156,7 @@ def shapes_image(seed: int, split: str, index: int, size: int = DEFAULT_SIZE) ->
         img = img * (1 - m[..., None]) + _random_colour(rng) * m[..., None]
     r = rng.uniform(0.25, 0.4) * size
     center = tuple(rng.uniform(r * 0.8, size - r * 0.8, 2))
-    m = _shape_mask(rng, label, size, r, center)
+    m = _shape_mask(rng, label, size, r, center, max_turn=MAX_TURN)
     under = (img * m[..., None]).sum((0, 1)) / max(float(m.sum()), 1e-6)
     for _ in range(16):  # a colour that stands out from what it covers
         fg = _random_colour(rng)
