@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
-# Compile and link the CUDA extension fastmask._C (csrc/) on a machine without a GPU, through the
-# same setup.py a user runs, into a build folder outside the source tree; print the ptxas resource
-# report (registers, spills, shared memory per kernel); check the .so links and registers its ops.
+# Compile every Triton kernel (kernels/) as its launcher launches it and print registers, spills and
+# shared memory per kernel (python -m fastmask.kernels._compile_check); then compile and link the CUDA
+# extension fastmask._C (csrc/) on a machine without a GPU, through the same setup.py a user runs, into a
+# build folder outside the source tree; print the ptxas resource report (registers, spills, shared memory
+# per kernel); check the .so links and registers its ops. Both for the same architectures.
 #
 # Needs: a CUDA toolkit (nvcc 13.x, the major version of torch.version.cuda); a CUDA build of torch
 # (torch 2.14.1+cu130 from PyPI, which also brings the nvidia/cu13 headers and libraries); g++, ninja,
@@ -62,6 +64,13 @@ if [[ -n "$NV_INCLUDE" ]]; then export CPATH="$NV_INCLUDE${CPATH:+:$CPATH}"; fi
 NVCC_VERSION="$("$CUDA_HOME/bin/nvcc" --version | sed -n 's/.*release \([0-9.]*\).*/\1/p')"
 echo "build_csrc: torch $TORCH_VERSION (CUDA $TORCH_CUDA), nvcc $NVCC_VERSION at $CUDA_HOME, archs $ARCHS, $MAX_JOBS jobs"
 echo "build_csrc: CPATH=${CPATH:-} LIBRARY_PATH=$LIBRARY_PATH"
+
+# --- Triton kernels: no CUDA toolkit needed (triton ships ptxas); must not run in the interpreter ---
+TRITON_ARCHS=""
+for arch in ${ARCHS//;/ }; do sm="${arch%+PTX}"; TRITON_ARCHS+="${sm//./} "; done
+echo "build_csrc: Triton kernels for sm ${TRITON_ARCHS}(registers, spills, shared memory per kernel and case):"
+(cd "$ROOT" && env -u TRITON_INTERPRET "$PYTHON" -m fastmask.kernels._compile_check --arch $TRITON_ARCHS) \
+  || die "a Triton kernel failed to compile for a GPU"
 
 # --- build through setup.py, outside the source tree ---
 LOG="$BUILD/build.log"

@@ -1,4 +1,4 @@
-"""Training-step benchmark (fastmask vs the plain-PyTorch MAE baseline, all-token ablation): a thin script.
+"""Training-step benchmark (pretrain's step vs the official MAE step and the strong baseline): a thin script.
 
     python benchmarks/bench_step.py --model vit_base_patch16 --batch-size 8 --dtype fp32 --threads 2 --ablation
     python benchmarks/bench_step.py --model vit_large_patch16 --batch-size 256 --dtype bf16 \

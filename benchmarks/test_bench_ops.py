@@ -16,14 +16,11 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 BATCH = 64 if DEVICE == "cuda" else 2
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 CASES = bench_ops.build_cases(DEVICE, BATCH, DTYPE, models=("vit_b",))
-IMPLS = ("torch", "triton", "torch.compile", "sdpa")
 
 
 def _params():
     for case in CASES:
-        for impl in IMPLS:
-            if impl == "sdpa" and case.op != "attention":
-                continue
+        for impl in bench_ops._impls(case.op, DEVICE):
             yield pytest.param(case, impl, id=f"{case.op}-{case.model}-{impl}")
 
 
@@ -34,22 +31,27 @@ def test_fwd_bwd(benchmark, case, impl):
         pytest.skip(skip)
     inputs = [case.make(seed) for seed in range(3)]
     grads = []
-    for args, _ in inputs:
-        with torch.no_grad():
-            out = fn(*args)
-        grads.append(torch.randn(out.shape, device=out.device).to(out.dtype))
     step = [0]
 
     def run():
         i = step[0] % 3
         step[0] += 1
         args, wrt = inputs[i]
-        res = torch.autograd.grad(fn(*args), wrt, grads[i])
+        res = torch.autograd.grad(bench_ops._as_tuple(fn(*args)), wrt, grads[i])
         if DEVICE == "cuda":
             torch.cuda.synchronize()
         return res
 
-    run()  # compile / autotune / first-call costs stay out of the timings
+    try:
+        for args, _ in inputs:
+            with torch.no_grad():
+                outs = bench_ops._as_tuple(fn(*args))
+            grads.append([torch.randn(o.shape, device=o.device).to(o.dtype) for o in outs])
+        run()  # compile / autotune / first-call costs stay out of the timings
+    except RuntimeError as e:  # an SDPA backend that cannot take these inputs on this device
+        if impl.startswith("sdpa:"):
+            pytest.skip(str(e)[:200])
+        raise
     res = benchmark(run)
     assert all(torch.isfinite(g).all() for g in res)
     median_s = benchmark.stats.stats.median

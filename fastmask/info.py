@@ -1,8 +1,10 @@
 """`python -m fastmask.info` (or `fastmask info`): which backend each op would use here, and why.
 
 For every op and every device on this machine it prints the backends in `auto`'s order with the
-reasons each declines, then what `auto` picks for the MAE-B/L/H encoder and decoder attention shapes
-(224 px, mask 0.75) in each training dtype. Nothing is run: only the backend records are asked.
+reasons each declines and what decided that order (a measured figure from the committed table
+benchmarks/results/auto_backends.json for this GPU's architecture, or the documented rule), then what
+`auto` picks for the MAE-B/L/H encoder and decoder attention shapes (224 px, mask 0.75) in each
+training dtype. Nothing is run: only the backend records are asked.
 """
 from __future__ import annotations
 
@@ -21,7 +23,8 @@ MAE_ATTENTION_SHAPES = [
     ("MAE-H/14 encoder", 256, 16, 65, 80), ("MAE decoder (p16)", 256, 16, 197, 32),
     ("MAE decoder (p14)", 256, 16, 257, 32),
 ]
-OPS = ("patch_gather", "patch_scatter", "norm_pix_loss", "attention", "add_layer_norm", "bias_gelu")
+OPS = ("patch_gather", "patch_embed_visible", "patch_scatter", "decoder_unshuffle", "norm_pix_loss", "attention",
+       "add_layer_norm", "bias_gelu")
 
 
 def _example_inputs(op: str, device: str, dtype: torch.dtype) -> dict:
@@ -29,8 +32,14 @@ def _example_inputs(op: str, device: str, dtype: torch.dtype) -> dict:
     t = lambda *s, dt=dtype: torch.empty(*s, device=device, dtype=dt)  # noqa: E731
     if op == "patch_gather":
         return {"imgs": t(2, 3, 32, 32), "ids_keep": t(2, 1, dt=torch.int64), "patch_size": 16}
+    if op == "patch_embed_visible":
+        return {"imgs": t(2, 3, 32, 32), "ids_keep": t(2, 1, dt=torch.int64), "weight": t(8, 3, 16, 16),
+                "bias": t(8), "pos_embed": t(4, 8)}
     if op == "patch_scatter":
         return {"tokens": t(2, 1, 8), "ids_restore": t(2, 4, dt=torch.int64), "mask_token": t(8)}
+    if op == "decoder_unshuffle":
+        return {"x": t(2, 2, 8), "ids_restore": t(2, 4, dt=torch.int64), "mask_token": t(8, dt=torch.float32),
+                "pos_embed": t(5, 8, dt=torch.float32)}
     if op == "norm_pix_loss":
         return {"pred": t(2, 4, 768), "imgs": t(2, 3, 32, 32), "mask": t(2, 4), "patch_size": 16, "norm_pix": True}
     if op == "attention":
@@ -60,7 +69,8 @@ def report() -> dict:
             rows = backends.explain(op, **inputs)
             picked = backends.select(op, "auto", **inputs).name
             out["ops"].setdefault(op, {})[f"{dev}/{str(dt).replace('torch.', '')}"] = {
-                "auto": picked, "backends": {name: reasons for name, reasons in rows}}
+                "auto": picked, "decided_by": backends.decided_by(op, **inputs),
+                "backends": {name: reasons for name, reasons in rows}}
         for name, B, H, N, D in MAE_ATTENTION_SHAPES:
             for dt in ((torch.bfloat16, torch.float16) if dev == "cuda" else (torch.float32,)):
                 q = torch.empty(1, H, N, D, device=dev, dtype=dt)  # batch does not change the choice
@@ -76,7 +86,7 @@ def format_report(rep: dict) -> str:
     lines = [f"fastmask backends — torch {rep['torch']}, GPU: {rep['cuda_device'] or 'none'}", ""]
     for op, per_dev in rep["ops"].items():
         for dev, info in per_dev.items():
-            lines.append(f"{op:15s} {dev:14s} auto -> {info['auto']}")
+            lines.append(f"{op:19s} {dev:14s} auto -> {info['auto']}   ({info['decided_by']})")
             for name, reasons in info["backends"].items():
                 lines.append(f"    {name:9s} {'ok' if not reasons else 'declines: ' + '; '.join(reasons)}")
     lines += ["", "attention at MAE shapes:"]

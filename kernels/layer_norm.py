@@ -3,13 +3,17 @@
     h = x + residual            (residual optional: h = x)
     y = (h - mean(h)) * rstd * weight + bias,   rstd = 1 / sqrt(biased var(h) + eps)
 
-Both h (the new residual stream, kept in `residual_dtype`, fp32 by default so a bf16 model's residual
-stream does not lose bits across 24-32 blocks) and y are written by one pass over the row; the
-backward recomputes x_hat from h and the saved per-row mean/rstd instead of storing it.
+Both h (the new residual stream, in the caller's `residual_dtype`: `fastmask.ops.add_layer_norm` makes it
+fp32 under autocast, as the official AMP code keeps it, so the stream does not lose bits across 24-32
+blocks) and y (in x's dtype) are written by one pass over the row; the backward recomputes x_hat from h
+and the saved per-row mean/rstd instead of storing it.
 
 Backward, per row with g = dy * weight and x_hat = (h - mean) * rstd (N = row length):
     dh = rstd * (g - mean(g) - x_hat * mean(g * x_hat)) + dh_out
-where dh_out is the gradient arriving on h from later uses (the residual stream). dx = dresidual = dh.
+where dh_out is the gradient arriving on h from later uses (the residual stream). dx = dresidual = dh,
+computed in fp32 and written once per dtype it is needed in: one tensor in x's dtype serves both dx and
+dresidual when their dtypes agree (all-bf16: read dy, h, dh_out and write dh, 8 bytes per element, the
+minimum); with an fp32 stream beside a bf16 branch the same pass also writes dresidual in fp32.
 dweight = sum_rows(dy * x_hat) and dbias = sum_rows(dy) are reduced per program into a [programs, N]
 fp32 buffer and summed by torch: no atomics, deterministic.
 
@@ -55,9 +59,9 @@ def _layer_norm_fwd_kernel(
 
 @triton.jit
 def _layer_norm_bwd_kernel(
-    dy_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dh_out_ptr, dh_ptr, dw_part_ptr, db_part_ptr,
+    dy_ptr, h_ptr, w_ptr, mean_ptr, rstd_ptr, dh_out_ptr, dx_ptr, dres_ptr, dw_part_ptr, db_part_ptr,
     M, N,
-    HAS_DH_OUT: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
+    HAS_DH_OUT: tl.constexpr, STORE_DRES: tl.constexpr, BLOCK_N: tl.constexpr, ROWS: tl.constexpr,
 ):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_N)
@@ -80,7 +84,9 @@ def _layer_norm_bwd_kernel(
             dh = (g - c2 - xhat * c1) * rstd
             if HAS_DH_OUT:
                 dh += tl.load(dh_out_ptr + off, mask=col_ok, other=0.0).to(tl.float32)
-            tl.store(dh_ptr + off, dh.to(dh_ptr.dtype.element_ty), mask=col_ok)
+            tl.store(dx_ptr + off, dh.to(dx_ptr.dtype.element_ty), mask=col_ok)
+            if STORE_DRES:
+                tl.store(dres_ptr + off, dh.to(dres_ptr.dtype.element_ty), mask=col_ok)
             dw += dy * xhat
             db += dy
     tl.store(dw_part_ptr + pid * N + cols, dw, mask=col_ok)
@@ -114,16 +120,23 @@ def layer_norm_fwd(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
 
 
 def layer_norm_bwd(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
-                   rstd: torch.Tensor, dh_out: torch.Tensor | None, dh_dtype: torch.dtype):
-    """dy [M, N], h [M, N] (the normalized input), dh_out [M, N] or None -> (dh [M, N] dh_dtype,
-    dweight [N] fp32, dbias [N] fp32)."""
+                   rstd: torch.Tensor, dh_out: torch.Tensor | None, dx_dtype: torch.dtype,
+                   dres_dtype: torch.dtype | None = None):
+    """dy [M, N], h [M, N] (the normalized input), dh_out [M, N] or None -> (dx [M, N] dx_dtype,
+    dresidual [M, N] dres_dtype or None, dweight [N] fp32, dbias [N] fp32).
+
+    dresidual is a second tensor only when dres_dtype differs from dx_dtype; otherwise dx is the
+    gradient of the residual too (None returned: the caller reuses dx)."""
     M, N = dy.shape
     rows = _rows_per_program(M, N)
     programs = triton.cdiv(M, rows)
-    dh = new_output((M, N), dh_dtype, dy.device)
+    dx = new_output((M, N), dx_dtype, dy.device)
+    separate = dres_dtype is not None and dres_dtype != dx_dtype
+    dres = new_output((M, N), dres_dtype, dy.device) if separate else None
     dw_part = new_output((programs, N), torch.float32, dy.device)
     db_part = new_output((programs, N), torch.float32, dy.device)
     _layer_norm_bwd_kernel[(programs,)](
-        dy, h, weight, mean, rstd, dh_out if dh_out is not None else dy, dh, dw_part, db_part,
-        M, N, HAS_DH_OUT=dh_out is not None, BLOCK_N=next_pow2(N), ROWS=rows)
-    return dh, dw_part.sum(0), db_part.sum(0)
+        dy, h, weight, mean, rstd, dh_out if dh_out is not None else dy, dx, dres if separate else dx,
+        dw_part, db_part, M, N, HAS_DH_OUT=dh_out is not None, STORE_DRES=separate, BLOCK_N=next_pow2(N),
+        ROWS=rows)
+    return dx, dres, dw_part.sum(0), db_part.sum(0)

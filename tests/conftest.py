@@ -11,6 +11,11 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Every op that takes indices validates their values (distinct ids_keep, ids_restore permutations) in the
+# tests; the default outside tests is off, since reading the values syncs with the host (the sync-free
+# step test turns it off again).
+os.environ.setdefault("FASTMASK_CHECK", "1")
+
 # One intra-op thread per test process: the shapes here are tiny, and CI's 2 cores are shared with
 # DataLoader workers, DALI threads and the multi-rank tests' second process; two spinning OpenMP
 # threads under such contention made single tests tens of times slower.

@@ -40,7 +40,7 @@ class TinyMethod(Method):
     def flops_per_image(self) -> float:
         return 1e6
 
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         p = self.patch
         B, C, H, W = imgs.shape
         patches = imgs.unfold(2, p, p).unfold(3, p, p)                # [B, C, h, w, p, p]

@@ -226,10 +226,10 @@ def test_occluder_gradient_is_reversed_ssl_plus_penalty():
     m = ADIOS("vit_tiny_patch16", 32, _args("simclr", "simultaneous", "vit"))
     x = _rand_imgs(6, 32)
     occ = [p for p in m.masker.parameters()]
-    g_method = torch.autograd.grad(m(x)["loss"], occ)
-    m.draws -= 1  # replay the same views
-    gen = m._generator(x.device)
-    x1, x2 = m.augment.two_views(x, gen)
+    keys = torch.arange(x.shape[0])
+    g_method = torch.autograd.grad(m(x, keys=keys)["loss"], occ)
+    d = m._stream.draws(x.shape[0], x.device, keys)  # the same keys replay the same views
+    x1, x2 = m.augment.two_views(x, draws=d.child("views"))
     masks = m.masker.pixel_masks(x2)
     ssl = m._ssl(x1, x2, masks.transpose(0, 1), detached=False)
     pen = m.masker.penalty(masks)[0]
@@ -298,9 +298,12 @@ def _clean_loss(m: ADIOS, v1: torch.Tensor, v2: torch.Tensor) -> float:
 def _train(photos, model, ssl, mode, steps=20, **kw):
     torch.manual_seed(0)
     m = ADIOS(model, 32, _args(ssl, mode, model, **kw), seed=0)
-    opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": 0.0} for g in m.param_groups(0.0)], lr=1e-3)
-    v1, v2 = m.augment.two_views(photos[:32], torch.Generator().manual_seed(123))
-    before = _clean_loss(m, v1, v2)
+    # lr 3e-4: at 1e-3 the ViT's clean SimCLR loss rose on 4 of 4 seeds within 20 steps (too hot for batch 8);
+    # at 3e-4 every objective x backbone falls on seeds 0-3.
+    opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": 0.0} for g in m.param_groups(0.0)], lr=3e-4)
+    # Fixed evaluation views, several pairs: one pair's clean loss moves by ~0.2 with the draw alone.
+    views = [m.augment.two_views(photos[:32], torch.Generator().manual_seed(123 + i)) for i in range(4)]
+    before = sum(_clean_loss(m, v1, v2) for v1, v2 in views) / len(views)
     g = torch.Generator().manual_seed(0)
     outs = []
     for step in range(steps):
@@ -311,7 +314,7 @@ def _train(photos, model, ssl, mode, steps=20, **kw):
         opt.step()
         m.on_step_end(step + 1, steps)
         outs.append({k: v.item() for k, v in out.items()})
-    after = _clean_loss(m, v1, v2)
+    after = sum(_clean_loss(m, v1, v2) for v1, v2 in views) / len(views)
     m.eval()
     with torch.no_grad():
         feats = F.normalize(m.online.features(photos[:64]), dim=1)

@@ -121,3 +121,40 @@ def test_method_override_without_config_starts_from_that_methods_tiny_recipe():
 def test_unknown_optimizer_is_a_config_error():
     with pytest.raises(ConfigError, match="engine.optimizer"):
         load_config("mae_tiny", ["engine.optimizer=sgd"])
+
+
+@pytest.mark.parametrize("spelling,value", [
+    ("1e-3", 1e-3), ("1E-3", 1e-3), ("1.5e+2", 150.0), (".5", 0.5), ("-1e-4", -1e-4), ("+2.", 2.0),
+    ("1_000.5", 1000.5), ("3", 3.0), ("'1e-3'", 1e-3), ("1:30.5", 90.5),
+])
+def test_every_float_spelling_on_the_command_line_and_in_yaml(spelling, value, tmp_path):
+    """YAML 1.2 and Python floats; PyYAML's YAML 1.1 resolver alone reads `1e-3` as a string."""
+    assert load_config("mae_tiny", [f"engine.min_lr={spelling}"]).engine.min_lr == value
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"base: mae_tiny\nengine:\n  min_lr: {spelling}\nmethod_args:\n  norm_pix: false\n")
+    cfg = load_config(str(recipe))
+    assert cfg.engine.min_lr == value and isinstance(cfg.engine.min_lr, float)
+
+
+def test_integers_in_scientific_notation_and_non_numbers(tmp_path):
+    assert load_config("mae_tiny", ["engine.steps=1e3"]).engine.steps == 1000
+    assert load_config("mae_tiny", ["engine.steps=2.0"]).engine.steps == 2
+    # Numbers in method_args reach the method as numbers too (its Args checks them).
+    from fastmask.methods import build_method
+    method = build_method(load_config("relaxmim_tiny", ["method_args.temperature=2e-1", "data.img_size=32"]))
+    assert method.temperature == 0.2
+    for override, needle in [("engine.steps=2.5", "engine.steps must be an integer, got 2.5"),
+                             ("engine.lr=abc", "engine.lr must be a finite number, got 'abc'"),
+                             ("engine.lr=inf", "engine.lr must be a finite number"),
+                             ("engine.lr=.nan", "engine.lr must be a finite number"),
+                             ("engine.blr=true", "engine.blr must be a finite number, got True"),
+                             ("engine.lr=[1", "engine.lr must be a finite number, got '[1'")]:
+        with pytest.raises(ConfigError) as ei:
+            load_config("mae_tiny", [override])
+        assert needle in str(ei.value), (override, str(ei.value))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("engine: [unclosed\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(str(tmp_path / "missing.yaml"))

@@ -331,7 +331,7 @@ def test_fake_trace_forward_and_backward():
 
 def test_record_says_why_when_unavailable():
     """Without the built extension or a GPU, each cuda record explains itself and a named call raises that."""
-    imgs, ids = torch.randn(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long)
+    imgs, ids = torch.randn(1, 3, 8, 8), torch.tensor([[1, 2]])
     calls = {
         "patch_gather": lambda: ops.patch_gather(imgs, ids, 4, backend="cuda"),
         "patch_scatter": lambda: ops.patch_scatter(torch.randn(1, 2, 8), torch.arange(4)[None],

@@ -52,10 +52,10 @@ def cfg(root, **kw) -> DataConfig:
     return DataConfig(**{**base, **kw})
 
 
-def make(data_cfg, rank=0, world=1, seed=0):
+def make(data_cfg, rank=0, world=1, seed=0, views=None):
     from fastmask.data.dali import DaliLoader
 
-    return DaliLoader(data_cfg, rank, world, seed, "cpu")
+    return DaliLoader(data_cfg, rank, world, seed, "cpu", views=views)
 
 
 def pil_reference(path: str, size: int, flip: bool) -> torch.Tensor:
@@ -163,6 +163,7 @@ def test_dali_and_torch_loaders_walk_the_same_files_in_the_same_order(root):
         d, t = make(c, rank, 2, seed=1), TorchLoader(c, rank, 2, 1, "cpu")
         assert d.batches_per_epoch == t.batches_per_epoch
         assert np.array_equal(d.epoch_indices(3), t.epoch_indices(3))
+        assert np.array_equal(d.sample_keys(3), t.sample_keys(3))  # the same draws for the same sample
 
 
 @needs_dali
@@ -385,3 +386,40 @@ def test_file_broken_after_the_check_is_named_and_handled_mid_epoch(root, tmp_pa
     assert torch.equal(batches[-1], ok[-1])
     hit = pos // 10
     assert torch.equal(batches[hit][:pos % 10], ok[hit][:pos % 10]) and not torch.equal(batches[hit], ok[hit])
+
+
+def _views():
+    from fastmask.data import ViewSpec
+
+    return [ViewSpec(24, (0.3, 1.0)), ViewSpec(24, (0.3, 1.0)), ViewSpec(12, (0.05, 0.4), hflip=False)]
+
+
+@needs_dali
+def test_views_are_cut_from_the_original_where_drawn_as_the_torch_loader_cuts_them(root):
+    """Each view is its window of the full-resolution file (the torch loader's windows, PIL's pixels to
+    DALI's resampling error), not a piece of an already-resized crop."""
+    from fastmask.data.torch_loader import TorchLoader
+
+    c = cfg(root, img_size=16, batch_size=8, num_workers=0)
+    dali, pil = make(c, seed=4, views=_views()), TorchLoader(c, 0, 1, 4, "cpu", views=_views())
+    got, ref = next(iter(dali.epoch(2))), next(iter(pil.epoch(2)))
+    assert [tuple(v.shape) for v in got] == [(8, 3, 24, 24), (8, 3, 24, 24), (8, 3, 12, 12)]
+    assert dali.epoch_files(2)[:8] == [pil._files[i] for i in pil.epoch_indices(2)[0]]
+    windows, flips = dali.epoch_params(2)
+    assert windows.shape == (N_FILES // 8 * 8, 3, 4) and flips.shape == (N_FILES // 8 * 8, 3)
+    for v in range(3):
+        err = (got[v] - ref[v]).abs().mean(dim=(1, 2, 3))
+        assert err.max() < 0.03, err                                   # DALI vs PIL on the same window
+        assert (got[v] - ref[v].roll(1, 0)).abs().mean() > 0.1         # and the check tells samples apart
+    assert not flips[:, 2].any() and flips[:, :2].any()
+
+
+@needs_dali
+def test_views_resume_bit_exactly(root):
+    c = cfg(root, img_size=16)
+    loader = make(c, seed=5, views=_views())
+    full = list(loader.epoch(1))
+    resumed = list(loader.epoch(1, start=7))
+    assert len(resumed) == loader.batches_per_epoch - 7 == 3
+    for a, b in zip(full[7:], resumed):
+        assert all(torch.equal(x, y) for x, y in zip(a, b))

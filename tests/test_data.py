@@ -1,11 +1,12 @@
 """Loaders: the protocol, determinism and exact restart, disjoint rank shards, corrupt files, synthetic data."""
+import itertools
 import warnings
 
 import numpy as np
 import pytest
 import torch
 
-from fastmask.data import Loader, build_loader, resolve_loader_name
+from fastmask.data import Loader, ViewSpec, build_loader, resolve_loader_name
 from fastmask.data.embedded import write_image_folder
 from fastmask.data.files import CorruptImageError
 from fastmask.data.synthetic import SyntheticLoader
@@ -129,3 +130,58 @@ def test_loader_name_resolution():
         build_loader(_cfg(loader="nope"))
     with pytest.raises(ValueError, match="start must be in"):
         TorchLoader(_cfg()).epoch(0, start=10_000)
+
+
+# ---------------------------------------------------------------- views cut from the full-resolution image
+_VIEWS = [ViewSpec(24, (1.0, 1.0), ratio=(1.0, 1.0), hflip=False), ViewSpec(12, (0.05, 0.4))]
+
+
+def _pil_view(path, window, size, flip) -> torch.Tensor:
+    """The window (x0, y0, w, h) of the original file, bicubic to size, maybe flipped: uint8 [S, S, 3]."""
+    from PIL import Image
+
+    x0, y0, w, h = (int(v) for v in window)
+    with Image.open(path) as im:
+        out = im.convert("RGB").resize((size, size), Image.BICUBIC, box=(x0, y0, x0 + w, y0 + h))
+    x = torch.from_numpy(np.asarray(out).copy())
+    return x.flip(1) if flip else x
+
+
+def test_views_are_cut_from_the_original_image_where_drawn(folder):
+    from fastmask.data.dali import view_params
+
+    with pytest.warns(UserWarning):  # the folder's two corrupt files
+        loader = TorchLoader(_cfg(root=str(folder), batch_size=4, img_size=16), seed=3, views=_VIEWS)
+    batch = next(iter(loader.epoch(1)))
+    assert [tuple(v.shape) for v in batch] == [(4, 3, 24, 24), (4, 3, 12, 12)]
+    idx = loader.epoch_indices(1)[0]
+    windows, flips = view_params(3, 1, idx, loader._sizes[idx], _VIEWS)
+    assert windows.shape == (4, 2, 4) and flips.shape == (4, 2)
+    assert (windows[:, 0, 2:] == loader._sizes[idx]).all()    # scale 1, ratio 1 on squares: the whole image
+    assert (windows[:, 1, 2] * windows[:, 1, 3] < 0.45 * loader._sizes[idx].prod(1)).all()  # local: <= 40 %
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1) * 255
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1) * 255
+    for v, spec in enumerate(_VIEWS):
+        ref = torch.stack([_pil_view(loader._files[i], windows[k, v], spec.size, flips[k, v])
+                           for k, i in enumerate(idx)]).permute(0, 3, 1, 2).float()
+        torch.testing.assert_close(batch[v], (ref - mean) / std, rtol=0, atol=1e-5)  # the same PIL ops: exact
+
+
+def test_views_restart_exactly_and_a_global_batch_is_the_same_on_any_rank_count():
+    one = TorchLoader(_cfg(batch_size=6), 0, 1, seed=1, views=_VIEWS)
+    two = [TorchLoader(_cfg(batch_size=3), r, 2, seed=1, views=_VIEWS) for r in range(2)]
+    full = list(itertools.islice(one.epoch(2), 3))
+    other = TorchLoader(_cfg(batch_size=6, num_workers=2), 0, 1, seed=1, views=_VIEWS)  # worker processes
+    tail = next(iter(other.epoch(2, start=2)))
+    assert all(torch.equal(a, b) for a, b in zip(full[2], tail))
+    halves = [next(iter(t.epoch(2))) for t in two]
+    for v in range(len(_VIEWS)):
+        assert torch.equal(full[0][v], torch.cat([halves[0][v], halves[1][v]]))
+    assert not torch.equal(full[0][1], full[1][1])
+
+
+def test_bad_view_specs_are_one_clear_error_before_any_work():
+    with pytest.raises(ValueError, match=r"view 0: scale .* view 1: size"):
+        TorchLoader(_cfg(), views=[ViewSpec(8, (0.5, 0.2)), ViewSpec(0, (0.1, 1.0))])
+    with pytest.raises(ValueError, match="at least one ViewSpec"):
+        build_loader(_cfg(), views=[])

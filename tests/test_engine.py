@@ -108,8 +108,8 @@ class _NaNAt(TinyMethod):
         super().__init__()
         self.at, self.calls = at, 0
 
-    def forward(self, imgs):
-        out = super().forward(imgs)
+    def forward(self, imgs, keys=None):
+        out = super().forward(imgs, keys)
         self.calls += 1
         if self.calls >= self.at:
             out["loss"] = out["loss"] * float("nan")
@@ -118,11 +118,23 @@ class _NaNAt(TinyMethod):
 
 def test_nonfinite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path):
     cfg = tiny_config("engine.checkpoint_every=2", "engine.log_every=100", steps=10)
-    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5") as ei:
-        pretrain(cfg, out=tmp_path, method_factory=lambda c: _NaNAt(5), progress=False)
-    assert ei.value.step == 5 and ei.value.last_checkpoint.endswith("step_00000004")
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 6") as ei:
+        pretrain(cfg, out=tmp_path, method_factory=lambda c: _NaNAt(6), progress=False)
+    assert ei.value.step == 6 and ei.value.last_checkpoint.endswith("step_00000004")
     assert ckpt.latest_tag(tmp_path) == "step_00000004"
     assert not (tmp_path / "checkpoints" / "step_00000006").exists()
+
+
+def test_a_checkpoint_whose_weights_give_a_nonfinite_loss_is_not_good(tmp_path):
+    # The NaN comes at step 5, the first step from step 4's weights: step 4 is not named as good.
+    cfg = tiny_config("engine.checkpoint_every=2", "engine.log_every=100", steps=10)
+    with pytest.raises(NonFiniteLossError, match="non-finite loss at step 5") as ei:
+        pretrain(cfg, out=tmp_path, method_factory=lambda c: _NaNAt(5), progress=False)
+    assert ei.value.last_checkpoint.endswith("step_00000002")
+    health = ckpt.read_state(tmp_path, "step_00000004")["health"]
+    assert health["good"] is False and "the first loss from its weights (step 5) is nan" in health["why"][0]
+    assert ckpt.read_state(tmp_path, "step_00000002")["health"]["good"] is True
+    assert ckpt.latest_tag(tmp_path) == "step_00000002"
 
 
 def test_resume_modes_and_option_checks(tmp_path):

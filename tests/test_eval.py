@@ -176,7 +176,7 @@ def test_load_encoder_errors_and_encoder_only_files(tmp_path):
         torch.testing.assert_close(loaded.forward_features(x), enc.eval().forward_features(x))
     # Weights that do not fit the config say so.
     torch.save(create_model("vit_small_patch16", img_size=32).state_dict(), folder / "encoder.pth")
-    with pytest.raises(Exception, match="size mismatch|does not fit"):
+    with pytest.raises(CheckpointError, match=r"do not fit.*shape mismatches .*cls_token: \(1, 1, 384\) vs \(1, 1, 192\)"):
         load_encoder(folder)
 
 
@@ -207,3 +207,86 @@ def test_method_checkpoints_are_not_mistaken_for_bare_encoders(recipe):
     cfg = load_config(recipe)
     assert not _is_encoder_only(build_method(cfg).state_dict(), cfg)
     assert _is_encoder_only(create_model(cfg.model, img_size=cfg.data.img_size).state_dict(), cfg)
+
+
+@pytest.fixture(scope="module")
+def bad_inputs(tmp_path_factory):
+    """Files and folders that are not what the commands need."""
+    from fastmask.engine.config import load_config, to_dict
+    from fastmask.models import create_model
+
+    tmp_path = tmp_path_factory.mktemp("bad_inputs")
+    (tmp_path / "notes.pth").write_text("not weights\n")
+    from PIL import Image
+    Image.new("RGB", (8, 8)).save(tmp_path / "photo.png")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "noconfig").mkdir()
+    torch.save(create_model("vit_tiny_patch16", img_size=32).state_dict(), tmp_path / "noconfig" / "w.pth")
+    (tmp_path / "enc").mkdir()
+    torch.save(create_model("vit_tiny_patch16", img_size=32).state_dict(), tmp_path / "enc" / "encoder.pth")
+    cfg = load_config(None, TINY_OVERRIDES)
+    (tmp_path / "enc" / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    return tmp_path
+
+
+@pytest.mark.parametrize("argv,needle", [
+    (["eval", "--checkpoint", "{d}/missing"], "checkpoint {d}/missing does not exist"),
+    (["eval", "--checkpoint", "{d}/notes.pth", "--config", "mae_tiny"], "is not a PyTorch weights file"),
+    (["visualize", "--checkpoint", "{d}/photo.png", "--config", "mae_tiny", "--out", "{d}/g.png"],
+     "is not a PyTorch weights file"),
+    (["eval", "--checkpoint", "{d}/empty"], "holds no checkpoint"),
+    (["eval", "--checkpoint", "{d}/noconfig/w.pth"], "no config.yaml beside"),
+    (["visualize", "--checkpoint", "{d}/enc", "--out", "{d}/g.png"], "holds only encoder weights"),
+    (["eval", "--random-init", "--config", "nope"], "unknown config 'nope'"),
+    (["eval", "--random-init", "--config", "{d}/missing.yaml"], "does not exist"),
+    (["eval", "--random-init", "--set", "engine.lr"], "not of the form key=value"),
+    (["eval", "--random-init", "--set", "engine.lrr=1"], "engine.lrr"),
+    (["eval", "--random-init", "engine.lr=fast"], "engine.lr must be a finite number"),
+    (["visualize", "--random-init", "--set", "method=nope", "--out", "{d}/g.png"], "unknown method 'nope'"),
+    (["visualize", "--random-init", "--set", "model=vit_nope", "--out", "{d}/g.png"], "unknown ViT model"),
+    (["eval", "--random-init", "--data", "{d}/missing"], "--data {d}/missing is not a folder"),
+    (["eval", "--random-init", "--k", "0", "--test-fraction", "1"], "--k must be >= 1, got 0; --test-fraction"),
+    (["eval", "--random-init", "--out", "{d}/file/r.json"], "is a file, not a folder"),
+    (["visualize", "--random-init", "--out", "{d}/empty"], "is a folder"),
+    (["visualize", "--random-init", "--images", "0", "--out", "{d}/g.png"], "--images and --scale must be >= 1"),
+    (["eval", "--random-init", "--device", "tpu:x"], "is not a device"),
+])
+def test_eval_and_visualize_input_errors_are_one_line(argv, needle, bad_inputs, capsys):
+    from fastmask.cli import main
+
+    d = str(bad_inputs)
+    assert main([a.format(d=d) for a in argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"fastmask {argv[0]}: error:") and needle.format(d=d) in err, err
+    assert "\n" not in err and "Traceback" not in err
+    assert not (bad_inputs / "g.png").exists()
+
+
+def test_eval_prints_the_random_init_baseline_beside_every_result(tmp_path, capsys):
+    """The baseline is the same model untrained (seeded with engine.seed): `--random-init` alone gives
+    the same numbers as the baseline printed beside a checkpoint's."""
+    from fastmask.cli import main
+    from fastmask.data.embedded import write_image_folder
+    from fastmask.engine.config import load_config, to_dict
+    from fastmask.models import create_model
+
+    root = write_image_folder(tmp_path / "digits", labeled=True, count=100)
+    common = ["--data", str(root), "--data-size", "32", "--k", "5", "--probe-epochs", "3", "--batch-size", "50"]
+    assert main(["eval", "--random-init", *sum((["--set", o] for o in TINY_OVERRIDES), []), *common,
+                 "--out", str(tmp_path / "r0.json")]) == 0
+    r0 = json.loads((tmp_path / "r0.json").read_text())
+    assert r0["random_init"] == {"knn_top1": r0["knn_top1"], "linear_top1": r0["linear_top1"]}
+    capsys.readouterr()
+    torch.manual_seed(123)  # weights unlike the seeded baseline's
+    folder = tmp_path / "enc"
+    folder.mkdir()
+    torch.save(create_model("vit_tiny_patch16", img_size=32).state_dict(), folder / "encoder.pth")
+    cfg = load_config(None, TINY_OVERRIDES)
+    (folder / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
+    assert main(["eval", "--checkpoint", str(folder), *common, "--out", str(tmp_path / "r1.json")]) == 0
+    r1 = json.loads((tmp_path / "r1.json").read_text())
+    assert r1["random_init"] == r0["random_init"]
+    line = capsys.readouterr().out.splitlines()[0]
+    assert f"k-NN@5 {100 * r1['knn_top1']:.1f}% (random init {100 * r0['knn_top1']:.1f}%)" in line
+    assert f"linear probe {100 * r1['linear_top1']:.1f}% (random init {100 * r0['linear_top1']:.1f}%)" in line

@@ -68,8 +68,70 @@ def test_add_layer_norm_fp32_residual_stream_from_bf16(device):
 
 
 @pytest.mark.parametrize("device", _devices())
+@pytest.mark.parametrize("shape", [(7, 48), (2, 5, 33)])
+def test_add_layer_norm_bf16_branch_into_fp32_stream(device, shape):
+    """The autocast layout of a block: bf16 branch output x, fp32 residual stream. h is fp32 and the
+    gradients come back in each input's own dtype, equal to the reference's."""
+    g = torch.Generator().manual_seed(len(shape))
+    x = torch.randn(*shape, generator=g).to(device=device, dtype=torch.bfloat16).requires_grad_()
+    r = torch.randn(*shape, generator=g).to(device).requires_grad_()
+    N = shape[-1]
+    w = (1 + 0.1 * torch.randn(N, generator=g)).to(device).requires_grad_()
+    b = (0.1 * torch.randn(N, generator=g)).to(device).requires_grad_()
+    y, h = add_layer_norm(x, r, w, b, backend="triton")
+    y_ref, h_ref = add_layer_norm_reference(x, r, w, b)
+    assert (y.dtype, h.dtype) == (torch.bfloat16, torch.float32) == (y_ref.dtype, h_ref.dtype)
+    dy, dh = torch.randn_like(y), torch.randn_like(h)
+    grads = torch.autograd.grad((y * dy).float().sum() + (h * dh).sum(), [x, r, w, b])
+    grads_ref = torch.autograd.grad((y_ref * dy).float().sum() + (h_ref * dh).sum(), [x, r, w, b])
+    assert [t.dtype for t in grads] == [torch.bfloat16, torch.float32, torch.float32, torch.float32]
+    atol, rtol = _tol("add_layer_norm", torch.bfloat16)
+    torch.testing.assert_close(h, h_ref, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(y.float(), y_ref.float(), atol=atol, rtol=rtol)
+    for a, e in zip(grads, grads_ref):
+        scale = 1 if a.dim() == len(shape) else max(1, x.numel() // N) ** 0.5
+        torch.testing.assert_close(a.float(), e.float(), atol=atol * scale * 4, rtol=rtol * 4)
+    # dresidual is the fp32 gradient itself (not a bf16-rounded copy): equal to the reference's tightly
+    torch.testing.assert_close(grads[1], grads_ref[1], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", _devices())
+def test_add_layer_norm_backward_writes_one_gradient_when_dtypes_agree(device):
+    """dx and dresidual share one tensor written once in the input dtype; a second tensor is written only
+    for an fp32 residual beside a 16-bit x. Checked on the backward op itself (and opcheck'd)."""
+    import importlib
+
+    ln = importlib.import_module("fastmask.ops.layer_norm")
+    M, N = 5, 24
+    dy, h = torch.randn(M, N, device=device, dtype=torch.bfloat16), torch.randn(M, N, device=device)
+    w = torch.randn(N, device=device)
+    _, _, mean, rstd = ln._fwd_triton(h.bfloat16(), None, w, w, 1e-6, torch.float32)
+    same = ln._bwd_triton(dy, h, w, mean, rstd, dy, torch.bfloat16, torch.bfloat16)
+    mixed = ln._bwd_triton(dy, h, w, mean, rstd, h, torch.bfloat16, torch.float32)
+    assert [t.dtype for t in same] == [torch.float32, torch.float32, torch.bfloat16]
+    assert [t.dtype for t in mixed] == [torch.float32, torch.float32, torch.bfloat16, torch.float32]
+    torch.testing.assert_close(mixed[2].float(), mixed[3], atol=1e-2, rtol=1e-2)  # the same dh, two roundings
+    for args in ((dy, h, w, mean, rstd, dy, torch.bfloat16, torch.bfloat16),
+                 (dy, h, w, mean, rstd, None, torch.bfloat16, torch.float32)):
+        torch.library.opcheck(ln._bwd_triton, args)
+
+
+def test_residual_dtype_defaults_to_the_stream_dtype():
+    """Eager `x + residual` promotion outside autocast; fp32 under autocast (the official AMP stream)."""
+    from fastmask.ops.layer_norm import stream_dtype
+
+    bf, f32 = torch.empty(2, 4, dtype=torch.bfloat16), torch.empty(2, 4)
+    assert stream_dtype(bf, None) == torch.bfloat16 and stream_dtype(bf, bf) == torch.bfloat16
+    assert stream_dtype(bf, f32) == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert stream_dtype(bf, None) == torch.float32 and stream_dtype(bf, bf) == torch.float32
+        _, h = add_layer_norm(bf, bf, torch.ones(4), torch.zeros(4))
+    assert h.dtype == torch.float32
+
+
+@pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape", [(5, 37), (1, 16), (2, 3, 80)])
+@pytest.mark.parametrize("shape", [(5, 37), (1, 16), (2, 3, 80), (11, 70)])
 def test_bias_gelu_matches_reference(device, dtype, shape):
     g = torch.Generator().manual_seed(sum(shape))
     x = torch.randn(*shape, generator=g).to(device=device, dtype=dtype).requires_grad_()

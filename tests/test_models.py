@@ -225,7 +225,7 @@ def test_official_mae_layout_at_full_size():
     assert set(mae.state_dict()) == set(ours) | {"_extra_state"}
     # named parameters are the official names too (no prefix), so optimizer groups read the same
     assert {n for n, _ in mae.named_parameters()} == set(ours)
-    # the engine's TFLOP/s: PERFORMANCE.md's 124.5 GFLOP per training image for MAE ViT-L/16
+    # the engine's TFLOP/s: docs/performance.md's 124.5 GFLOP per training image for MAE ViT-L/16
     assert round(mae.flops_per_image() / 1e9, 1) == 124.5
 
 
@@ -306,32 +306,39 @@ class _OfficialMAE(torch.nn.Module):
 
 
 def test_mae_matches_official_formulation():
-    """Same weights (official format) and the same noise: same masks, prediction and loss."""
+    """Same weights (official format) and the same noise (`noise=`, as HF ViTMAE): same masks,
+    prediction and loss."""
     official = _official_state_dict(seed=3)
     mae = _tiny_mae(mask_ratio=0.6).eval()
     mae.load_state_dict(official, strict=True)
     oracle = _OfficialMAE(official, 192, 12, 3, 64, 2, 4, 16, 32).eval()
     imgs = _imgs(3, seed=11)
-    g = torch.Generator()
+    noise = torch.rand(3, 4, generator=_gen(5))
     masks = None
 
     def capture(module, args, out):
         nonlocal masks
         masks = out
     mae.masker.register_forward_hook(capture)
-    state = mae.get_extra_state()
     with torch.no_grad():
-        loss = mae(imgs)["loss"]
-        # redraw the same noise the method drew: same seed for draw 0 of this rank
-        from fastmask.methods.mae import _mix, _rank
-
-        g.manual_seed(_mix(state["mask_seed"], _rank(), state["mask_draws"]))
-        noise = torch.rand(3, 4, generator=g)
+        loss = mae(imgs, noise=noise)["loss"]
         ref_loss, ref_pred, ref_mask = oracle(imgs, noise, 0.6)
         pred = mae.forward_decoder(mae.forward_encoder(imgs, masks.ids_keep), masks.ids_restore)
+        # masks= gives the same step as noise= with those masks
+        again = mae(imgs, masks=masks)["loss"]
     torch.testing.assert_close(masks.mask, ref_mask)
     torch.testing.assert_close(pred, ref_pred, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    assert torch.equal(again, loss)
+
+
+def test_mae_noise_needs_random_masking_and_the_right_shape():
+    mae = _tiny_mae(mask_ratio=0.6)
+    with pytest.raises(ValueError, match="noise must be"):
+        mae(_imgs(3, seed=1), noise=torch.rand(3, 5))
+    block = _tiny_mae(mask_ratio=0.5, masking="block")
+    with pytest.raises(ValueError, match="noise= drives random masking"):
+        block(_imgs(3, seed=1), noise=torch.rand(3, 4))
 
 
 @pytest.mark.slow
@@ -389,8 +396,8 @@ def test_random_masking_keeps_the_ratio_exactly(B, grid, ratio):
 
 def test_random_masking_matches_mae_from_the_same_noise():
     B, L, ratio = 4, 196, 0.75
-    m = RandomMasking(ratio)(B, L, generator=_gen(42))
     noise = torch.rand(B, L, generator=_gen(42))
+    m = RandomMasking(ratio)(B, L, noise=noise)
     ids_shuffle = torch.argsort(noise, dim=1)
     ids_restore = torch.argsort(ids_shuffle, dim=1)
     mask = torch.ones(B, L)

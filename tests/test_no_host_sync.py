@@ -83,12 +83,20 @@ KNOWN_SYNCS: dict[str, str] = {}
 
 
 @pytest.mark.parametrize("name", sorted(METHODS))
-def test_step_has_no_host_sync(name, request):
+def test_step_has_no_host_sync(name, request, monkeypatch):
+    monkeypatch.setenv("FASTMASK_CHECK", "0")  # the default outside the tests (conftest turns it on)
     if name in KNOWN_SYNCS:
         request.applymarker(pytest.mark.xfail(strict=True, reason=KNOWN_SYNCS[name]))
     recipe, overrides = METHODS[name]
     found = syncs_in_one_step(recipe, overrides)
     assert not found, f"{name}: host syncs in the step: {sorted(set(found))}"
+
+
+def test_index_checks_sync_and_are_seen(monkeypatch):
+    """FASTMASK_CHECK=1 reads index values on the host: the recorder sees it, in fastmask/ops/_checks.py."""
+    monkeypatch.setenv("FASTMASK_CHECK", "1")
+    found = syncs_in_one_step(*METHODS["mae"])
+    assert found and all(where.startswith("fastmask/ops/_checks.py") for _, where in found), found
 
 
 def test_every_registered_method_is_checked():

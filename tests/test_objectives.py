@@ -1,6 +1,7 @@
 """Each objective alone: against a straightforward formulation on random inputs, gradients, known values."""
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -144,15 +145,24 @@ def test_dino_matches_reference_and_updates_center():
     K, B = 37, 5
     students = [_rand(B, K, seed=30 + i, dtype=torch.float32) for i in range(4)]
     teachers = [_rand(B, K, seed=40 + i, dtype=torch.float32) for i in range(2)]
-    loss_fn = DINOLoss(K, student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_steps=10)
+    loss_fn = DINOLoss(K, student_temp=0.1, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_epochs=11)
     loss_fn.center.copy_(_rand(1, K, seed=50, dtype=torch.float32))
     c0 = loss_fn.center.clone()
-    got = loss_fn(students, teachers, step=5)
+    got = loss_fn(students, teachers, epoch=5)
     torch.testing.assert_close(got, _dino_ref(students, teachers, c0, 0.1, 0.055), rtol=1e-5, atol=1e-5)
     expected_center = 0.9 * c0 + 0.1 * torch.cat(teachers).mean(0, keepdim=True)
     torch.testing.assert_close(loss_fn.center, expected_center)
-    assert loss_fn.teacher_temp_at(0) == pytest.approx(0.04)
-    assert loss_fn.teacher_temp_at(10) == pytest.approx(0.07) == loss_fn.teacher_temp_at(None)
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 2, 30])
+def test_dino_teacher_temperature_follows_dinos_per_epoch_schedule(warmup):
+    # DINO's teacher_temp_schedule: concat(linspace(warmup_temp, temp, W), temp for the other epochs)
+    epochs = 40
+    schedule = np.concatenate((np.linspace(0.04, 0.07, warmup), np.ones(epochs - warmup) * 0.07))
+    loss_fn = DINOLoss(8, teacher_temp=0.07, warmup_teacher_temp=0.04, warmup_epochs=warmup)
+    got = [loss_fn.teacher_temp_at(e) for e in range(epochs)]
+    np.testing.assert_allclose(got, schedule, rtol=1e-12)
+    assert loss_fn.teacher_temp_at(None) == 0.07
 
 
 def test_dino_gradients_only_to_student_and_eval_keeps_center():

@@ -224,6 +224,34 @@ def test_patch_scatter(B, L, K, D, dtype):
                                atol=atol * max(1.0, float(m64_grad.abs().max())))
 
 
+@pytest.mark.parametrize("x_dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+                                                  (torch.bfloat16, torch.bfloat16)])
+@pytest.mark.parametrize("B,L,K,D", [(1, 4, 1, 8), (3, 49, 12, 33), (2, 5, 5, 3)])
+def test_decoder_unshuffle(B, L, K, D, x_dtype, param_dtype):
+    """cls row, unshuffled tokens with mask tokens, + pos_embed, placed by hand; the output dtype is the
+    promotion of the three inputs (fp32 for bf16 tokens beside fp32 parameters, as under AMP)."""
+    g = _gen("unshuffle", B, L, K, D)
+    ids_shuffle = _perms(g, B, L)
+    ids_keep, ids_restore = ids_shuffle[:, :K], torch.argsort(ids_shuffle, dim=1)
+    x = _randn(g, B, 1 + K, D, dtype=x_dtype).requires_grad_()
+    mask_token = _randn(g, D, dtype=param_dtype).requires_grad_()
+    pos = _randn(g, 1 + L, D, dtype=param_dtype).requires_grad_()
+    out = reference.decoder_unshuffle(x, ids_restore, mask_token, pos)
+    assert out.dtype == torch.promote_types(x_dtype, param_dtype)
+    x64, m64, p64 = (t.detach().double().requires_grad_() for t in (x, mask_token, pos))
+    body = naive_scatter(x64[:, 1:], ids_keep, L, m64)
+    expected = torch.cat([x64[:, :1], body], dim=1) + p64
+    torch.testing.assert_close(out.double(), expected, atol=0, rtol=1e-2 if out.dtype == torch.bfloat16 else 1e-6)
+    up = _randn(g, B, 1 + L, D)
+    (out.float() * up).sum().backward()
+    (expected * up.double()).sum().backward()
+    atol, rtol = _tol("decoder_unshuffle", torch.bfloat16 if torch.bfloat16 in (x_dtype, param_dtype) else x_dtype)
+    for name, a, e in (("x", x, x64), ("mask_token", mask_token, m64), ("pos", pos, p64)):
+        eg = e.grad if e.grad is not None else torch.zeros_like(e)
+        torch.testing.assert_close(a.grad.double(), eg, rtol=rtol, atol=atol * max(1.0, float(eg.abs().max())),
+                                   msg=lambda m: f"grad {name}: {m}")
+
+
 # ------------------------------------------------------------------ norm-pix loss
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("norm_pix", [True, False])
@@ -289,6 +317,16 @@ def test_gradcheck_patch_scatter():
     assert torch.autograd.gradcheck(lambda t, m: reference.patch_scatter(t, ids_restore, m), (tokens, mask_token))
 
 
+def test_gradcheck_decoder_unshuffle():
+    g = _gen("gc-unshuffle")
+    ids_restore = torch.argsort(_perms(g, 2, 7), dim=1)
+    x = _randn(g, 2, 4, 5, dtype=torch.float64).requires_grad_()
+    mask_token = _randn(g, 5, dtype=torch.float64).requires_grad_()
+    pos = _randn(g, 8, 5, dtype=torch.float64).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, m, e: reference.decoder_unshuffle(a, ids_restore, m, e),
+                                    (x, mask_token, pos))
+
+
 def test_gradcheck_patch_embed_visible():
     g = _gen("gc-embed")
     imgs = _randn(g, 2, 2, 4, 6, dtype=torch.float64).requires_grad_()
@@ -334,6 +372,14 @@ BAD_SCATTER = [
     (lambda: ops.patch_scatter(torch.randn(1, 5, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(8)), r"L=4 places for K=5"),
     (lambda: ops.patch_scatter(torch.randn(2, 2, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(8)), r"ids_restore must be \[B=2"),
 ]
+BAD_UNSHUFFLE = [
+    (lambda: ops.decoder_unshuffle(torch.randn(1, 3, 8), torch.arange(4)[None], torch.randn(8), torch.randn(4, 8)),
+     r"pos_embed must be \[1\+L, D\]"),
+    (lambda: ops.decoder_unshuffle(torch.randn(1, 6, 8), torch.arange(4)[None], torch.randn(8), torch.randn(5, 8)),
+     r"L=4 places for K=5"),
+    (lambda: ops.decoder_unshuffle(torch.randn(2, 8), torch.arange(4)[None], torch.randn(8), torch.randn(5, 8)),
+     r"x must be \[B, 1\+K, D\]"),
+]
 BAD_LOSS = [
     (lambda: ops.norm_pix_loss(torch.randn(1, 4, 48), _imgs(1, 3, 8, 8), torch.ones(1, 3), 4), r"mask must be \[B, L\]"),
     (lambda: ops.norm_pix_loss(torch.randn(1, 4, 47), _imgs(1, 3, 8, 8), torch.ones(1, 4), 4), r"pred must be \[B, L, p\*p\*C\]"),
@@ -353,7 +399,7 @@ BAD_ATTN = [
 ]
 
 
-@pytest.mark.parametrize("call,match", BAD_GATHER + BAD_SCATTER + BAD_LOSS + BAD_ATTN + BAD_EMBED)
+@pytest.mark.parametrize("call,match", BAD_GATHER + BAD_SCATTER + BAD_UNSHUFFLE + BAD_LOSS + BAD_ATTN + BAD_EMBED)
 def test_bad_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()
@@ -361,4 +407,4 @@ def test_bad_inputs_raise_value_error(call, match):
 
 def test_unknown_backend_name_is_an_error():
     with pytest.raises(ValueError, match="unknown backend 'fastest'"):
-        ops.patch_gather(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), 4, backend="fastest")
+        ops.patch_gather(_imgs(1, 3, 8, 8), torch.tensor([[0, 3]]), 4, backend="fastest")

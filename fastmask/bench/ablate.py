@@ -1,33 +1,43 @@
-"""`fastmask bench --ablate`: the MAE training step with each optimization added in turn, side by side.
+"""`fastmask bench --ablate`: from the official MAE step to fastmask's, one change per row, side by side.
 
     python -m fastmask.bench.ablate --model vit_tiny_patch16 --img-size 64 --batch-size 4 --threads 1
     python -m fastmask.bench.ablate --model vit_large_patch16 --batch-size 256 --dtype bf16 \
         --out benchmarks/results/x.json
 
-Rows (cumulative: each adds one optimization to the row before it; all timed in interleaved rounds in
-one process, `fastmask.bench.timing.time_interleaved`, so drifting load hits every row alike):
+Every row is timed in interleaved rounds in one process (`fastmask.bench.timing.time_interleaved`), so
+drifting load hits every row alike. Each row names the row it starts from (`base`) and the one thing
+it changes (`changed`); `speedup_vs_base` is what that one change bought (median of per-round
+ratios; where the base was skipped, against the nearest measured row it builds on, `measured_base`),
+`speedup_vs_official` the running total.
 
-  baseline          (a) the official-style plain PyTorch MAE (`fastmask.bench.baseline`): all-patch conv
-                        embedding + torch.gather masking, eager attention, loss on all patches then
-                        masked, `loss.item()` per step, AdamW foreach=False
-  visible_only      (b) fastmask's MAE with every op on the `torch` (reference) backend: only the visible
-                        patches are embedded and encoded. Its step is
-                        `fastmask.bench.step.make_fastmask_step`, so this row also switches to torch's
-                        fused AdamW and drops the per-step host sync
-  fused_ops         (c) + fused patch embedding (gather + matmul + pos), scatter and norm-pix loss
-                        (per op: `cuda` where the extension is built and implements it, else `triton`)
-  attn_<backend>    (d) + one attention backend each: sdpa, triton, xformers
-  fused_ln_gelu     (e) + the fused residual-add + LayerNorm / bias + GELU chain (`run_blocks`), with the
-                        attention backend `auto` picks for the encoder's shape (or --attention)
-  compile           (f) + torch.compile of the whole method (mode="default")
-  cuda_graphs       (g) + CUDA graphs: torch.compile(mode="reduce-overhead"), which captures the compiled
-                        step's kernels in CUDA graphs (MAE's shapes are static). This is how
-                        `engine.cuda_graphs=true` maps onto torch.
+  official        the official MAE step (`fastmask.bench.baseline_official`): all-patch conv embedding,
+                  torch.gather masking, eager attention, loss on all patches then masked, AMP autocast,
+                  torch's default AdamW for the device, the loss scaler's per-step gradient norm,
+                  `loss.item()` + `torch.cuda.synchronize()` every step
+  no_host_sync    - the per-step `loss.item()`, finite check and `synchronize()`
+  no_grad_norm    - the per-step gradient norm (one norm per parameter; never used in pretraining)
+  fused_adamw     torch's fused AdamW instead of the default implementation (the optimizer row)
+  fastmask_model  fastmask's MAE model, every op on the `torch` (reference) backend: only the visible
+                  patches are embedded (gather + matmul), the loss is computed on hidden patches only;
+                  same step (fused AdamW, no sync, no gradient norm), same weight-decay groups
+  fused_ops       + fused patch embedding (gather + matmul + pos), scatter and norm-pix loss
+                  (per op: `cuda` where the extension is built and implements it, else `triton`)
+  attn_<backend>  + one attention backend each, from fused_ops: sdpa, triton, xformers
+  fused_ln_gelu   + the fused residual-add + LayerNorm / bias + GELU chain (`run_blocks`), with the
+                  attention backend `auto` picks for the encoder's shape (or --attention)
+  compile         + torch.compile of the whole method (mode="default")
+  cuda_graphs     compile's mode="reduce-overhead" instead (CUDA graphs: MAE's shapes are static),
+                  which is how `engine.cuda_graphs=true` maps onto torch
+  fastmask        what `fastmask pretrain` runs with this config (`fastmask.bench.engine_step`): the
+                  DeepSpeed engine step, backends as `engine.backend` (auto), `engine.compile` as set
+  strong          the strong baseline (`fastmask.bench.baseline_strong`): the official model code with
+                  timm's SDPA blocks, fused AdamW, no syncs, torch.compile (--compile-backend)
 
-A row whose optimization cannot run here is reported as skipped with the reason (the backend
-records' own messages, `fastmask.ops.backends`); later rows then keep the previous choice for
-those ops and say so in their `note`. Triton on the CPU exists only through the interpreter
-(TRITON_INTERPRET=1): such rows are skipped, interpreter timings are not performance.
+The table ends with fastmask vs strong and fastmask vs official. A row that cannot run here is
+reported as skipped with the reason (the backend records' own messages, `fastmask.ops.backends`);
+later rows then keep the previous choice for those ops and say so in their `note`. Triton on the CPU
+exists only through the interpreter (TRITON_INTERPRET=1): such rows are skipped, interpreter timings
+are not performance.
 
 Backends per op: the model's `backend=` argument (cfg.engine.backend) is one name for every op, and
 `cuda` implements only the memory-bound ops, so one name cannot say "sdpa attention, cuda loss,
@@ -50,9 +60,10 @@ import torch
 from torch import nn
 
 from . import flops as F
-from .step import (DTYPES, StepBenchArgs, build_baseline, build_fastmask_method, device_info, find_mae_model,
-                   mae_shape, make_fastmask_step, resolve_device_dtype, save_json, versions)
-from .baseline import make_train_step
+from .baseline_official import make_official_step
+from .step import (DTYPE_NAMES, DTYPES, StepBenchArgs, build_fastmask_method, build_official, device_info,
+                   fastmask_config, find_mae_model, mae_shape, make_fastmask_step, official_dims,
+                   resolve_device_dtype, save_json, versions)
 from .timing import measure_peak_memory, time_interleaved
 
 # The ops of the MAE step, in the order they run; every per-op choice names all of them.
@@ -60,7 +71,8 @@ OPS = ("patch_embed_visible", "attention", "add_layer_norm", "bias_gelu", "patch
 FUSED_MEMORY_OPS = ("patch_embed_visible", "patch_scatter", "norm_pix_loss")
 CHAIN_OPS = ("add_layer_norm", "bias_gelu")
 ATTENTION_BACKENDS = ("sdpa", "triton", "xformers")
-ROW_KINDS = ("baseline", "visible_only", "fused_ops", "attention", "fused_ln_gelu", "compile", "cuda_graphs")
+ROW_KINDS = ("official", "no_host_sync", "no_grad_norm", "fused_adamw", "fastmask_model", "fused_ops",
+             "attention", "fused_ln_gelu", "compile", "cuda_graphs", "fastmask", "strong")
 INTERPRETER_REASON = ("Triton on the CPU runs only through its interpreter (TRITON_INTERPRET=1): "
                       "interpreter timings are not performance")
 
@@ -155,29 +167,48 @@ def _why_not(rec, device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------- rows
 @dataclasses.dataclass
 class Row:
-    """One configuration: per-op backends (None for the baseline), how it is compiled, why it is skipped."""
+    """One configuration: what it runs (`kind`), the row it starts from and the one thing it changes."""
 
     name: str
-    label: str
-    ops: dict[str, str] | None = None
-    compile_mode: str | None = None     # None | "default" | "reduce-overhead"
+    changed: str                        # what this row changes from `base` (or, without base, what it is)
+    base: str | None = None             # the row this one differs from by `changed`
+    kind: str = "direct"                # official | direct (fastmask method, no DeepSpeed) | engine | strong
+    official: dict = dataclasses.field(default_factory=dict)  # make_official_step knobs (kind official)
+    ops: dict[str, str] | None = None   # per-op backends (kind direct)
+    compile_mode: str | None = None     # None | "default" | "reduce-overhead" (kind direct)
     skip: str = ""                      # non-empty: not run, and why
-    note: str = ""                      # what this row runs that differs from its label
+    note: str = ""                      # what this row runs that differs from `changed` (a fallback)
+
+
+def _official_rows() -> list[Row]:
+    knobs = dict(host_sync=True, grad_norm=True, optimizer="default")
+    rows = [Row("official", "the official MAE step (module docstring)", kind="official",
+                official=dict(knobs))]
+    for name, change, knob in (
+            ("no_host_sync", "drops loss.item(), the finite check and cuda.synchronize() per step",
+             ("host_sync", False)),
+            ("no_grad_norm", "drops the loss scaler's per-step gradient norm (unused in pretraining)",
+             ("grad_norm", False)),
+            ("fused_adamw", "torch's fused AdamW instead of its default implementation for the device",
+             ("optimizer", "fused"))):
+        knobs[knob[0]] = knob[1]
+        rows.append(Row(name, change, rows[-1].name, kind="official", official=dict(knobs)))
+    return rows
 
 
 def plan_rows(device: torch.device, attention: str = "auto", attention_probe: dict | None = None,
               kinds: tuple[str, ...] = ROW_KINDS) -> list[Row]:
-    """The cumulative rows for `device`. attention: the backend rows (e) onwards use ("auto": what
-    `select` picks for `attention_probe`, the encoder's q/k/v). kinds: which rows to run; the others
-    are listed as skipped ("not requested")."""
+    """The rows for `device`. attention: the backend rows (e) onwards use ("auto": what `select` picks
+    for `attention_probe`, the encoder's q/k/v). kinds: which rows to run; the others are listed as
+    skipped ("not requested")."""
     from fastmask.ops import backends
 
-    rows: list[Row] = [Row("baseline", "(a) baseline: official-style plain PyTorch")]
+    rows = _official_rows()
     ops = {op: "torch" for op in OPS}
-    rows.append(Row("visible_only", "(b) + visible-only encoder and patch embedding (all ops torch)",
-                    dict(ops)))
+    rows.append(Row("fastmask_model", "fastmask's MAE model, every op on the torch backend: only visible "
+                    "patches embedded, loss on hidden patches only", "fused_adamw", ops=dict(ops)))
 
-    # (c) fused memory-bound ops
+    # fused memory-bound ops
     fused, missing = {}, []
     for op in FUSED_MEMORY_OPS:
         name, why = _fused_choice(op, device)
@@ -185,29 +216,24 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
             fused[op] = name
         else:
             missing.append(why)
-    row_c = Row("fused_ops", "(c) + fused patch embed / scatter / norm-pix loss", {**ops, **fused})
-    if missing:
-        row_c.skip = "; ".join(missing)
-    rows.append(row_c)
+    rows.append(Row("fused_ops", "fused patch embed / scatter / norm-pix loss", "fastmask_model",
+                    ops={**ops, **fused}, skip="; ".join(missing)))
     ops.update(fused if not missing else {})
     carried = [] if not missing else ["fused patch embed/scatter/loss unavailable here (torch)"]
 
-    # (d) each attention backend on top of (c)
+    # each attention backend on top of fused_ops
     attn_table = backends.backends_for("attention")
     for name in ATTENTION_BACKENDS:
-        row = Row(f"attn_{name}", f"(d) + attention backend {name}", {**ops, "attention": name},
-                  note="; ".join(carried))
         rec = attn_table.get(name)
-        row.skip = (f"attention: backend {name!r} is not registered" if rec is None
-                    else _why_not(rec, device))
-        rows.append(row)
+        rows.append(Row(f"attn_{name}", f"attention backend {name}", "fused_ops",
+                        ops={**ops, "attention": name}, note="; ".join(carried),
+                        skip=(f"attention: backend {name!r} is not registered" if rec is None
+                              else _why_not(rec, device))))
 
-    # (e) fused LayerNorm / GELU chain, with one attention backend
+    # the fused LayerNorm / GELU chain, with one attention backend
     if attention == "auto":
-        if attention_probe is not None:
-            attention = backends.select("attention", "auto", **attention_probe).name
-        else:
-            attention = "sdpa"
+        attention = ("sdpa" if attention_probe is None
+                     else backends.select("attention", "auto", **attention_probe).name)
     ops["attention"] = attention
     attn_row = next((r for r in rows if r.name == f"attn_{attention}"), None)
     if attn_row is not None and attn_row.skip:
@@ -220,20 +246,27 @@ def plan_rows(device: torch.device, attention: str = "auto", attention_probe: di
             chain_missing.append(f"{op}: triton: {why}")
         else:
             chain[op] = "triton"
-    row_e = Row("fused_ln_gelu", f"(e) + fused add+LayerNorm / bias+GELU chain (attention {attention})",
-                {**ops, **chain}, skip="; ".join(chain_missing), note="; ".join(carried))
-    rows.append(row_e)
+    rows.append(Row("fused_ln_gelu", "fused add+LayerNorm / bias+GELU chain",
+                    f"attn_{attention}" if attn_row is not None else "fused_ops", ops={**ops, **chain},
+                    skip="; ".join(chain_missing), note="; ".join(carried)))
     if not chain_missing:
         ops.update(chain)
     else:
         carried.append("fused LayerNorm/GELU unavailable here (torch)")
 
-    rows.append(Row("compile", "(f) + torch.compile", dict(ops), compile_mode="default",
-                    note="; ".join(carried)))
-    rows.append(Row("cuda_graphs", "(g) + CUDA graphs (torch.compile mode='reduce-overhead')", dict(ops),
-                    compile_mode="reduce-overhead", note="; ".join(carried),
+    rows.append(Row("compile", "torch.compile of the method", "fused_ln_gelu", ops=dict(ops),
+                    compile_mode="default", note="; ".join(carried)))
+    rows.append(Row("cuda_graphs", "torch.compile mode='reduce-overhead' (CUDA graphs) instead of 'default'",
+                    "compile", ops=dict(ops), compile_mode="reduce-overhead", note="; ".join(carried),
                     skip="" if device.type == "cuda" else
                     f"CUDA graphs need a CUDA device (this run is on {device.type})"))
+    from .baseline_strong import why_not_strong
+    from .engine_step import why_not_engine
+
+    rows.append(Row("fastmask", "what fastmask pretrain runs with this config: the DeepSpeed engine step",
+                    kind="engine", skip=why_not_engine() or ""))
+    rows.append(Row("strong", "the strong baseline: official model code, timm SDPA blocks, fused AdamW, "
+                    "no syncs, torch.compile", kind="strong", skip=why_not_strong() or ""))
     for row in rows:
         kind = "attention" if row.name.startswith("attn_") else row.name
         if kind not in kinds and not row.skip:
@@ -255,21 +288,21 @@ class AblateArgs:
     threads: int | None = None
     recipe: str | None = None
     overrides: tuple[str, ...] = ()
-    attention: str = "auto"             # attention backend of rows (e)-(g)
+    attention: str = "auto"             # attention backend of the fused_ln_gelu, compile and cuda_graphs rows
     rows: tuple[str, ...] = ROW_KINDS
-    compile_backend: str = "inductor"   # torch.compile backend of the compile row (inductor: the real one)
+    compile_backend: str = "inductor"   # torch.compile backend of the compile and strong rows
     peak_tflops: float | None = None
     num_inputs: int = 3
     memory: bool = True
     seed: int = 0
 
 
-def _step_args(a: AblateArgs) -> StepBenchArgs:
+def _step_args(a: AblateArgs, backend: str = "torch", overrides: tuple[str, ...] = ()) -> StepBenchArgs:
     return StepBenchArgs(method="mae", model=a.model, img_size=a.img_size, batch_size=a.batch_size,
                          mask_ratio=a.mask_ratio, dtype=a.dtype, device=a.device, warmup=a.warmup,
-                         repeats=a.repeats, threads=a.threads, backend="torch", recipe=a.recipe,
-                         overrides=tuple(a.overrides), peak_tflops=a.peak_tflops, num_inputs=a.num_inputs,
-                         memory=a.memory, seed=a.seed)
+                         repeats=a.repeats, threads=a.threads, backend=backend, recipe=a.recipe,
+                         overrides=(*overrides, *a.overrides), peak_tflops=a.peak_tflops,
+                         num_inputs=a.num_inputs, memory=a.memory, seed=a.seed)
 
 
 def validate(a: AblateArgs) -> None:
@@ -297,25 +330,39 @@ def _with_ops(step: Callable, ctx: OpBackends) -> Callable:
     return run
 
 
-def _build_row(row: Row, a: AblateArgs, sa: StepBenchArgs, shape: F.MAEShape, device: torch.device,
-               dtype: torch.dtype) -> tuple[Callable, nn.Module]:
+def _build_row(row: Row, a: AblateArgs, shape: F.MAEShape, device: torch.device,
+               dtype: torch.dtype) -> Callable:
     torch.manual_seed(a.seed)  # every row starts from the same weights
-    if row.ops is None:
-        model = build_baseline(shape, False, device)
-        return make_train_step(model, dtype, a.mask_ratio), model
-    method = build_fastmask_method(sa, device)
+    if row.kind == "official":
+        return make_official_step(build_official(shape, device), dtype, a.mask_ratio, **row.official)
+    if row.kind == "strong":
+        from .baseline_strong import build_strong_model, make_strong_step
+
+        model = build_strong_model(**official_dims(shape)).to(device)
+        return make_strong_step(model, dtype, a.mask_ratio, compile_backend=a.compile_backend)
+    if row.kind == "engine":
+        from fastmask.methods import build_method
+
+        from .engine_step import make_engine_step
+
+        cfg = fastmask_config(_step_args(a, backend="auto"), dtype)
+        return make_engine_step(cfg, build_method(cfg))
+    # The official recipe's weight-decay groups (cls and mask tokens decayed), so that the only change
+    # from fused_adamw is the model.
+    method = build_fastmask_method(_step_args(a, overrides=("method_args.decay_tokens=true",)), device)
     module = method
     if row.compile_mode:
         # CUDA graphs exist only in inductor's reduce-overhead mode; --compile-backend is the compile row's.
         backend = "inductor" if row.compile_mode == "reduce-overhead" else a.compile_backend
         module = torch.compile(method, mode=row.compile_mode, backend=backend)
-    return _with_ops(make_fastmask_step(module, dtype, device), OpBackends(row.ops)), method
+    return _with_ops(make_fastmask_step(module, dtype, device), OpBackends(row.ops))
 
 
 def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], None] = print) -> dict[str, Any]:
     """Plan, build, time and measure every row; -> the JSON-ready result (see the module docstring)."""
     a = args if isinstance(args, AblateArgs) else args_from_namespace(args)
     validate(a)
+    code = versions()  # at the start: the git sha of the code that runs, not of a later checkout
     sa = _step_args(a)
     device, dtype = resolve_device_dtype(sa)
     if a.threads:
@@ -342,7 +389,7 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
             log(f"[ablate] {row.name}: skipped: {row.skip}")
             continue
         try:
-            step, _ = _build_row(row, a, sa, shape, device, dtype)
+            step = _build_row(row, a, shape, device, dtype)
             first[row.name] = time_interleaved({row.name: step}, inputs[:1], device, warmup=0, repeats=1)[
                 row.name].median_s
         except Exception as e:  # noqa: BLE001 - any failure of one row is that row's result
@@ -360,16 +407,35 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
 
     peak = a.peak_tflops
     if peak is None and device.type == "cuda":
-        peak = F.peak_tflops(torch.cuda.get_device_name(device),
-                             {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype])
+        peak = F.peak_tflops(torch.cuda.get_device_name(device), DTYPE_NAMES[dtype])
     flops_step = F.mae_train_flops(shape, a.batch_size)
-    base_s = timings["baseline"].median_s if "baseline" in timings else None
+
+    def speedup(slow: str | None, fast: str) -> dict[str, float] | None:
+        """time(slow) / time(fast): the ratio of medians, and the median of per-round ratios (rows are
+        timed in interleaved rounds, so the latter cancels load that drifts between rounds)."""
+        if slow not in timings or fast not in timings:
+            return None
+        s_, f_ = timings[slow], timings[fast]
+        return {"median_ratio": s_.median_s / f_.median_s,
+                "per_round_median": statistics.median(x / y for x, y in zip(s_.times_s, f_.times_s))}
+
+    by_name = {row.name: row for row in rows}
+
+    def measured_base(row: Row) -> str | None:
+        """The row's base, or where that was skipped, the nearest measured row it builds on."""
+        base = row.base
+        while base is not None and base not in timings:
+            base = by_name[base].base
+        return base
+
     out_rows = []
     for row in rows:
-        r: dict[str, Any] = {"name": row.name, "label": row.label, "ops": row.ops,
+        r: dict[str, Any] = {"name": row.name, "changed": row.changed, "base": row.base,
+                             "measured_base": measured_base(row), "kind": row.kind,
+                             "official_knobs": row.official or None, "ops": row.ops,
                              "compile_mode": row.compile_mode, "note": row.note,
                              "status": "skipped" if row.skip else "measured", "reason": row.skip or None}
-        if row.compile_mode == "default":
+        if row.compile_mode == "default" or row.kind == "strong":
             r["compile_backend"] = a.compile_backend
         if not row.skip:
             t = timings[row.name]
@@ -379,22 +445,18 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
                      first_step_s=first[row.name], images_per_s=a.batch_size / t.median_s,
                      tflops=flops_step / t.median_s / 1e12, mfu=F.mfu(flops_step, t.median_s, peak),
                      peak_memory_bytes=mem["peak_bytes"], memory=mem,
-                     speedup_vs_baseline=base_s / t.median_s if base_s else None,
-                     # Rows are timed in interleaved rounds: the median of per-round ratios cancels load
-                     # that drifts between rounds (a shared CPU) better than the ratio of the medians.
-                     speedup_vs_baseline_per_round_median=statistics.median(
-                         b / x for b, x in zip(timings["baseline"].times_s, t.times_s)) if base_s else None)
+                     speedup_vs_official=speedup("official", row.name),
+                     speedup_vs_base=speedup(r["measured_base"], row.name))
         out_rows.append(r)
 
     result = {
         "benchmark": "ablation",
         "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "device": device_info(device),
-        "versions": versions(),
+        "versions": code,
         "env": {"TRITON_INTERPRET": os.environ.get("TRITON_INTERPRET"),
                 "FASTMASK_BACKEND": os.environ.get("FASTMASK_BACKEND")},
-        "args": {**dataclasses.asdict(a), "dtype": {v: k for k, v in DTYPES.items()}[dtype],
-                 "device": str(device)},
+        "args": {**dataclasses.asdict(a), "dtype": DTYPE_NAMES[dtype], "device": str(device)},
         "shapes": {"images": [a.batch_size, shape.in_chans, a.img_size, a.img_size],
                    "patches": shape.num_patches, "visible": shape.len_keep, **dataclasses.asdict(shape)},
         "flops_per_step": flops_step,
@@ -403,31 +465,42 @@ def run_ablation(args: AblateArgs | argparse.Namespace, log: Callable[[str], Non
                          "like images/s",
         "peak_tflops": peak,
         "rows": out_rows,
+        # Time of the baseline over fastmask's (> 1: fastmask is faster); None where a row did not run.
+        "fastmask_vs_strong": speedup("strong", "fastmask"),
+        "fastmask_vs_official": speedup("official", "fastmask"),
     }
     log(format_table(result))
     return result
 
 
 def format_table(result: dict[str, Any]) -> str:
-    """A fixed-width text table of the rows (skipped rows with their reason)."""
-    head = (f"{'row':<16} {'ms/step':>9} {'img/s':>9} {'TFLOP/s':>9} {'MFU':>6} {'peak MiB':>9} "
-            f"{'speed-up':>8} {'per-round':>9}")
+    """A fixed-width text table of the rows (skipped rows with their reason), then fastmask vs strong."""
+    def x(v: dict | None) -> str:
+        return "" if v is None else f"{v['per_round_median']:.2f}x"
+
+    head = (f"{'row':<15} {'ms/step':>9} {'img/s':>8} {'TFLOP/s':>8} {'MFU':>6} {'peak MiB':>9} "
+            f"{'vs base':>8} {'vs official':>11}  changed (from base)")
     a = result["args"]
     lines = [f"ablation: {a['model']} {a['img_size']}px, batch {a['batch_size']}, {a['dtype']}, "
-             f"{result['device']['name']}", head, "-" * len(head)]
+             f"{result['device']['name']}; speed-ups are medians of per-round ratios", head, "-" * len(head)]
     for r in result["rows"]:
+        what = r["changed"] + (f" (from {r['base']})" if r["base"] else "")
+        if r["measured_base"] != r["base"]:
+            what += f" (measured from {r['measured_base']}: {r['base']} was skipped)"
         if r["status"] != "measured":
-            lines.append(f"{r['name']:<16} skipped: {r['reason']}")
+            lines.append(f"{r['name']:<15} skipped: {r['reason']}")
             continue
-        mem, mfu, up = r["peak_memory_bytes"], r["mfu"], r["speedup_vs_baseline"]
+        mem, mfu = r["peak_memory_bytes"], r["mfu"]
         mfu_s = "" if mfu is None else f"{100 * mfu:.1f}%"
         mem_s = "" if mem is None else f"{mem / 2**20:.1f}"
-        up_s = "" if up is None else f"{up:.2f}x"
-        pr = r["speedup_vs_baseline_per_round_median"]
-        pr_s = "" if pr is None else f"{pr:.2f}x"
-        lines.append(f"{r['name']:<16} {r['step_s_median'] * 1e3:>9.1f} {r['images_per_s']:>9.2f} "
-                     f"{r['tflops']:>9.4f} {mfu_s:>6} {mem_s:>9} {up_s:>8} {pr_s:>9}"
-                     + (f"  [{r['note']}]" if r["note"] else ""))
+        lines.append(f"{r['name']:<15} {r['step_s_median'] * 1e3:>9.1f} {r['images_per_s']:>8.2f} "
+                     f"{r['tflops']:>8.4f} {mfu_s:>6} {mem_s:>9} {x(r['speedup_vs_base']):>8} "
+                     f"{x(r['speedup_vs_official']):>11}  {what}" + (f"  [{r['note']}]" if r["note"] else ""))
+    for other in ("strong", "official"):
+        v = result[f"fastmask_vs_{other}"]
+        lines.append(f"fastmask vs {other}: " + ("not measured" if v is None else
+                                                  f"{v['per_round_median']:.2f}x (per-round median; ratio of "
+                                                  f"medians {v['median_ratio']:.2f}x)"))
     return "\n".join(lines)
 
 
@@ -450,12 +523,12 @@ def add_ablate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="config override, repeatable")
     parser.add_argument("--attention", default=_D.attention,
-                        help="attention backend of the fused-LN, compile and CUDA-graph rows "
+                        help="attention backend of the fused_ln_gelu, compile and cuda_graphs rows "
                              "(default: auto's pick)")
     parser.add_argument("--rows", default=",".join(_D.rows),
                         help=f"comma-separated subset of {','.join(ROW_KINDS)}")
     parser.add_argument("--compile-backend", default=_D.compile_backend,
-                        help="torch.compile backend of the compile row "
+                        help="torch.compile backend of the compile and strong rows "
                              "(inductor; aot_eager to check tracing only)")
     parser.add_argument("--peak-tflops", type=float, default=_D.peak_tflops)
     parser.add_argument("--num-inputs", type=int, default=_D.num_inputs)

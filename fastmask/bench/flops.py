@@ -1,6 +1,6 @@
 """Analytic FLOP counts of ViT encoders, the MAE decoder and a whole MAE training step, and MFU.
 
-What is counted (the convention of the MAE/ViT literature and of PERFORMANCE.md):
+What is counted (the convention of the MAE/ViT literature and of docs/performance.md):
 
 - every matrix product, as 2*M*N*K (one multiply and one add per term);
 - attention's two batched products, Q K^T and P V, each 2 * N_q * N_k * D summed over heads
@@ -22,7 +22,7 @@ One ViT block on N tokens of width D (mlp_ratio r), written out:
     total (6 + 2 + 4r) N D^2 + 4 N^2 D     (r = 4: 24 N D^2 + 4 N^2 D)
 
 An MAE step, by default, counts the patch embedding of all L patches, as the official code runs it
-(this is the figure PERFORMANCE.md tabulates: 58.7 / 124.5 / 291 GFLOP per image for B/L/H); a
+(this is the figure docs/performance.md tabulates: 58.7 / 124.5 / 291 GFLOP per image for B/L/H); a
 visible-only patch embedding does less work but is judged against the same count, so the
 TFLOP/s of two paths compare like their images/s.
 """

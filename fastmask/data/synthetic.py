@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -45,6 +46,13 @@ class SyntheticLoader:
 
     def __len__(self) -> int:
         return self.batches_per_epoch
+
+    def sample_keys(self, epoch: int) -> np.ndarray:
+        """-> int64 [batches_per_epoch, B]: global positions (epoch, batch t, rank, index). The images
+        themselves are per-rank pools, so synthetic runs are not world-size invariant anyway."""
+        B, W, T = self.cfg.batch_size, self.world_size, self.batches_per_epoch
+        t = np.arange(T, dtype=np.int64).reshape(T, 1)
+        return (epoch * T + t) * (B * W) + self.rank * B + np.arange(B, dtype=np.int64).reshape(1, B)
 
     def epoch(self, epoch: int, start: int = 0) -> Iterator[torch.Tensor]:
         """Yield batches imgs [B, 3, S, S] (on device) of `epoch` from `start` on."""

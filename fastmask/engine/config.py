@@ -10,6 +10,8 @@ method is built.
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 import typing
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +23,27 @@ import yaml
 
 class ConfigError(ValueError):
     """A config key, value or recipe that does not exist or does not fit."""
+
+
+class _Loader(yaml.SafeLoader):
+    """PyYAML's safe loader reading every float spelling of YAML 1.1, YAML 1.2 and Python: PyYAML
+    follows YAML 1.1, which reads `1e-3` (no dot) as a string."""
+
+
+_FLOAT = "tag:yaml.org,2002:float"
+_Loader.yaml_implicit_resolvers = {c: [r for r in rs if r[0] != _FLOAT]
+                                   for c, rs in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_Loader.add_implicit_resolver(_FLOAT, re.compile(r"""^(?:
+      [-+]?[0-9][0-9_]*\.[0-9_]*(?:[eE][-+]?[0-9]+)?   # 1.5, 2., 1.5e+2
+    | [-+]?[0-9][0-9_]*[eE][-+]?[0-9]+                 # 1e-3, 1E3
+    | [-+]?\.[0-9][0-9_]*(?:[eE][-+]?[0-9]+)?          # .5, -.5e-1
+    | [-+]?[0-9][0-9_]*(?::[0-5]?[0-9])+\.[0-9_]*      # YAML 1.1 base 60: 1:30.5
+    | [-+]?\.(?:inf|Inf|INF) | \.(?:nan|NaN|NAN))$""", re.X), list("-+0123456789."))
+
+
+def yaml_load(text: str) -> Any:
+    """YAML text -> Python data, floats read as YAML 1.1, 1.2 and Python read them (`1e-3` is 0.001)."""
+    return yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
 
 
 @dataclass
@@ -49,13 +72,14 @@ class EngineConfig:
     epochs: int = 1
     grad_accum: int = 1
     clip_grad: float | None = None
-    optimizer: str = "adamw"        # adamw (torch, fused on CUDA) | apex_fused_adam (NVIDIA apex, if importable)
+    optimizer: str = "adamw"        # adamw (torch, fused) | apex_fused_adam (NVIDIA apex, if importable)
     blr: float = 1.5e-4             # lr = blr * effective_batch / 256 unless lr is set
     lr: float | None = None
     min_lr: float = 0.0
     warmup_steps: int | None = None  # None = warmup_epochs * steps_per_epoch
     warmup_epochs: float = 0.0
     weight_decay: float = 0.05
+    weight_decay_end: float | None = None  # cosine weight_decay -> this over the run (DINO: 0.04 -> 0.4)
     betas: tuple[float, float] = (0.9, 0.95)
     seed: int = 0
     log_every: int = 10
@@ -67,6 +91,7 @@ class EngineConfig:
     on_nonfinite: str = "stop"      # stop | skip
     backend: str = "auto"           # fastmask.ops backend for every fused op
     resume: str = "auto"            # auto (resume when the run folder holds a checkpoint) | always | never
+    resume_from: int | str | None = None  # resume this checkpoint: a step of the run folder, or a checkpoint folder
     init_from: str | None = None    # weights to start from: an official MAE .pth or a fastmask checkpoint folder
     fp16_initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
 
@@ -89,15 +114,21 @@ def list_recipes() -> list[str]:
 
 def _read_recipe(name: str) -> dict:
     path = Path(name)
-    if path.suffix in (".yaml", ".yml") and path.exists():
+    if path.suffix in (".yaml", ".yml") and path.is_file():
         text = path.read_text()
+    elif path.suffix in (".yaml", ".yml"):
+        raise ConfigError(f"config file {name} does not exist" if not path.exists()
+                          else f"config {name} is not a file")
     else:
         res = resources.files("fastmask.configs") / f"{name}.yaml"
         if not res.is_file():
             raise ConfigError(f"unknown config {name!r}: not a YAML file and not a shipped recipe "
                               f"(shipped: {', '.join(list_recipes())})")
         text = res.read_text()
-    data = yaml.safe_load(text) or {}
+    try:
+        data = yaml_load(text) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config {name!r} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"config {name!r} must be a mapping at the top level")
     base = data.pop("base", None)
@@ -117,7 +148,11 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"override {item!r} is not of the form key=value")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw != "" else None
+    try:
+        value = yaml_load(raw) if raw != "" else None
+    except yaml.YAMLError:
+        value = raw  # not YAML (e.g. an unbalanced bracket): the field's type check names it
+    return key.strip().split("."), value
 
 
 def _set_path(data: dict, path: list[str], value: Any) -> None:
@@ -129,6 +164,27 @@ def _set_path(data: dict, path: list[str], value: Any) -> None:
     cur[path[-1]] = value
 
 
+def _number(value: Any) -> int | float | None:
+    """A YAML number, or a string any YAML or Python spelling of one (`1e-3`, `1E-3`, `.5`, `1_000`,
+    `.inf`), -> int | float; None for anything else (booleans included)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        try:
+            parsed = yaml_load(value.strip())
+        except yaml.YAMLError:
+            parsed = None
+        if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+            return parsed
+        try:
+            return float(value)  # Python-only spellings: inf, nan, infinity
+        except ValueError:
+            return None
+    return None
+
+
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     """Check/convert a YAML value to the dataclass field's annotated type."""
     origin = typing.get_origin(tp)
@@ -138,9 +194,10 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return None
         raise ConfigError(f"{key} may not be null")
     if origin is typing.Union or str(origin) == "<class 'types.UnionType'>":
-        for a in args:
-            if a is type(None):
-                continue
+        options = [a for a in args if a is not type(None)]
+        if len(options) == 1:  # X | None: X's own message ("must be a finite number, got ...")
+            return _coerce(options[0], value, key)
+        for a in options:
             try:
                 return _coerce(a, value, key)
             except ConfigError:
@@ -151,13 +208,15 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             return value
         raise ConfigError(f"{key} must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
+        number = _number(value)
+        if number is not None and float(number).is_integer():
+            return int(number)  # 1e3 and 1000.0 are the integer 1000
         raise ConfigError(f"{key} must be an integer, got {value!r}")
     if tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        raise ConfigError(f"{key} must be a number, got {value!r}")
+        number = _number(value)
+        if number is not None and math.isfinite(number):
+            return float(number)
+        raise ConfigError(f"{key} must be a finite number, got {value!r}")
     if tp is str:
         if isinstance(value, str):
             return value
@@ -237,6 +296,9 @@ def validate(cfg: Config) -> None:
         problems.append("data.batch_size and engine.grad_accum must be >= 1")
     if cfg.engine.stop_at is not None and cfg.engine.stop_at < 1:
         problems.append(f"engine.stop_at must be >= 1, got {cfg.engine.stop_at}")
+    wd, wd_end = cfg.engine.weight_decay, cfg.engine.weight_decay_end
+    if wd < 0 or (wd_end is not None and wd_end < 0):
+        problems.append(f"engine.weight_decay and weight_decay_end must be >= 0, got {wd} and {wd_end}")
     if cfg.engine.steps is not None and cfg.engine.steps < 1:
         problems.append(f"engine.steps must be >= 1, got {cfg.engine.steps}")
     if problems:

@@ -13,11 +13,17 @@
   (the method's `encoder()` view; fixed sin-cos pos_embed included, as timm stores it).
 - `load_pretrained(method, path)`: `engine.init_from`. A weights file (an official MAE checkpoint
   `{"model": state_dict}`, or any state dict under `model`/`module`/`state_dict` or at the top
-  level) or a fastmask run/checkpoint folder; loaded with strict key matching (a missing or an
-  unexpected key is an error naming them).
+  level) or a fastmask run/checkpoint folder. A state of the whole method (the official
+  `mae_pretrain_vit_base_full.pth`, a fastmask run) loads with strict key matching (a missing or an
+  unexpected key is an error naming them). An encoder-only state (the released
+  `mae_pretrain_vit_base.pth`: cls_token, pos_embed, patch_embed, blocks, norm; or a file written
+  by `export_encoder`) loads strictly into every ViT encoder of the method (student and teacher
+  copies alike); the rest (MAE's decoder, heads) keeps its fresh initialization, and a line says
+  which tensors those are.
 """
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -72,12 +78,11 @@ def encoder_state_dict(method) -> dict[str, torch.Tensor]:
 def _method_from_checkpoint(folder: Path):
     from fastmask.methods import build_method
 
-    from .config import from_dict, Config, validate
-    import yaml
+    from .config import Config, from_dict, validate, yaml_load
     cfg_file = folder / "config.yaml"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"checkpoint {folder} has no config.yaml")
-    cfg = from_dict(Config, yaml.safe_load(cfg_file.read_text()))
+    cfg = from_dict(Config, yaml_load(cfg_file.read_text()))
     validate(cfg)
     cfg.engine.init_from = None
     return build_method(cfg)
@@ -87,16 +92,22 @@ def export_encoder(ckpt_dir: str | Path, out_path: str | Path) -> Path:
     """Run or checkpoint folder -> `out_path`: the encoder as a plain fp32 state dict timm loads.
 
     The method is rebuilt from the checkpoint's config.yaml, loaded (strictly) with the
-    consolidated fp32 weights, and its `encoder()`'s state dict is saved with torch.save.
+    consolidated fp32 weights, and its `encoder()`'s state dict is saved with torch.save, through
+    a temporary file beside `out_path` that is renamed into place (or removed on failure).
     """
+    from fastmask.paths import check_output_file
+
+    out = check_output_file(out_path, "export path")
     folder = resolve_checkpoint(ckpt_dir)
     method = _method_from_checkpoint(folder)
-    _load_strict(method, consolidated_state_dict(folder), str(folder))
-    out = Path(out_path)
+    load_state_strict(method, consolidated_state_dict(folder), str(folder))
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    torch.save(encoder_state_dict(method), tmp)
-    tmp.replace(out)
+    tmp = out.with_name(f"{out.name}.tmp{os.getpid()}")
+    try:
+        torch.save(encoder_state_dict(method), tmp)
+        tmp.replace(out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return out
 
 
@@ -108,7 +119,11 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception:  # noqa: BLE001 - DeepSpeed/argparse objects beside the tensors (a trusted local file)
-        obj = torch.load(p, map_location="cpu", weights_only=False)
+        try:
+            obj = torch.load(p, map_location="cpu", weights_only=False)
+        except Exception as e:  # noqa: BLE001 - torch.load raises many types for a file that is not its own
+            raise ValueError(f"{p} is not a PyTorch weights file (torch.load: "
+                             f"{type(e).__name__}: {' '.join(str(e).split())[:200]})") from None
     if isinstance(obj, dict):
         for key in _STATE_KEYS:
             if isinstance(obj.get(key), dict):
@@ -123,26 +138,72 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     return obj
 
 
-def _load_strict(method, state: dict, source: str) -> None:
-    own = method.state_dict()
-    # Fixed, never-trained tensors (sin-cos position embeddings) and the method's own bookkeeping
-    # (`_extra_state`) may be absent; everything else must match by name and shape.
-    optional = tuple(k for k, v in own.items() if k.endswith("_extra_state"))
-    frozen = {n for n, p in method.named_parameters() if not p.requires_grad}
-    missing = [k for k in own if k not in state and k not in optional and k not in frozen]
+def _fit_problems(module: torch.nn.Module, state: dict) -> tuple[list[str], list[str], list[str]]:
+    """-> (missing, unexpected, shape mismatches) of `state` against `module`'s state dict. Fixed,
+    never-trained tensors (the frozen sin-cos position embeddings) and the method's own bookkeeping
+    (`_extra_state`) may be absent; everything else (frozen teachers included) must match by name
+    and shape."""
+    own = module.state_dict()
+    optional = {k for k in own if k.endswith("_extra_state")}
+    optional |= {n for n, p in module.named_parameters() if not p.requires_grad and n.endswith("pos_embed")}
+    missing = [k for k in own if k not in state and k not in optional]
     unexpected = [k for k in state if k not in own]
     shapes = [f"{k}: {tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in state
               if k in own and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+    return missing, unexpected, shapes
+
+
+def _listed(names: list[str], n: int = 8) -> str:
+    return f"{names[:n]}{'...' if len(names) > n else ''}"
+
+
+def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None:
+    """Load `state` into `module`; a missing, unexpected or misshapen tensor is one ValueError naming them."""
+    missing, unexpected, shapes = _fit_problems(module, state)
     if missing or unexpected or shapes:
-        raise ValueError(f"weights {source} do not fit {type(method).__name__} "
-                         f"(model={getattr(method, 'model_name', '?')}): missing {missing[:8]}"
-                         f"{'...' if len(missing) > 8 else ''}; unexpected {unexpected[:8]}"
-                         f"{'...' if len(unexpected) > 8 else ''}; shape mismatches {shapes[:4]}")
-    method.load_state_dict({k: v for k, v in state.items()}, strict=False)
+        model = f" (model={module.model_name})" if hasattr(module, "model_name") else ""
+        raise ValueError(f"weights {source} do not fit {type(module).__name__}{model}: missing {_listed(missing)}; "
+                         f"unexpected {_listed(unexpected)}; shape mismatches {shapes[:4]}")
+    module.load_state_dict(state, strict=False)
 
 
-def load_pretrained(method, path: str | Path) -> None:
-    """`engine.init_from`: load a weights file or a fastmask run/checkpoint folder into `method`, strictly."""
+def vit_encoders(method: torch.nn.Module) -> dict[str, torch.nn.Module]:
+    """{prefix: encoder view} for every ViT encoder in `method` (MAE itself; a student's and a
+    teacher's backbone): plain VisionTransformers sharing the method's tensors."""
+    from fastmask.models.vit import VisionTransformer
+
+    return {name: m.encoder_view() for name, m in method.named_modules() if isinstance(m, VisionTransformer)}
+
+
+def _group(keys: list[str]) -> str:
+    """Parameter names -> their modules, counted: "decoder_blocks (32), mask_token (1)"."""
+    counts: dict[str, int] = {}
+    for k in keys:
+        parts = k.split(".")  # the module path up to the first block index, without the tensor's name
+        cut = next((i for i, x in enumerate(parts) if x.isdigit()), len(parts) - 1)
+        head = ".".join(parts[:max(cut, 1)])
+        counts[head] = counts.get(head, 0) + 1
+    return ", ".join(f"{h} ({n})" for h, n in counts.items())
+
+
+def load_pretrained(method, path: str | Path, log=print) -> list[str]:
+    """`engine.init_from`: load a weights file or a fastmask run/checkpoint folder into `method`
+    (see the module docstring). -> the state-dict keys left at their fresh initialization ([] when
+    the whole method was loaded); `log` gets one line naming them."""
     p = Path(path)
     state = consolidated_state_dict(p) if p.is_dir() else read_weights(p)
-    _load_strict(method, state, str(p))
+    if not any(_fit_problems(method, state)):
+        method.load_state_dict(state, strict=False)
+        return []
+    encoders = vit_encoders(method)
+    enc_keys = set(next(iter(encoders.values())).state_dict()) if encoders else set()
+    if not encoders or not set(state) <= enc_keys:
+        load_state_strict(method, state, str(p))  # raises, naming what does not fit
+    for prefix, encoder in encoders.items():
+        load_state_strict(encoder, state, f"{p} (encoder-only weights, into {prefix or 'the encoder'})")
+    covered = {f"{prefix}.{k}" if prefix else k for prefix in encoders for k in enc_keys}
+    fresh = [k for k in method.state_dict() if k not in covered and not k.endswith("_extra_state")]
+    if fresh and int(os.environ.get("RANK", "0")) == 0:
+        into = ", ".join(n or "the encoder" for n in encoders)
+        log(f"init_from {p}: encoder-only weights loaded into {into}; initialized fresh: {_group(fresh)}")
+    return fresh

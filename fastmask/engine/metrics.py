@@ -1,4 +1,6 @@
-"""Run logging: DIR/metrics.jsonl always (rank 0), TensorBoard when importable, tqdm on a terminal.
+"""Run logging: DIR/metrics.jsonl always (rank 0), TensorBoard when importable, tqdm on a terminal,
+else (a batch job's log file, a pipe) one plain line per logged step on stderr with the bar's
+fields: step/total, loss, lr, images/s, s/step, time elapsed and left.
 
 One JSON object per logged step: step, epoch, loss, lr, imgs_per_s (whole job, all ranks),
 step_s, mem_gb (peak device memory on CUDA, else this process's peak RSS), skipped (steps the
@@ -12,6 +14,7 @@ import json
 import math
 import resource
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -34,12 +37,21 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
     return peak_tflops(torch.cuda.get_device_name(device), dtype[precision])
 
 
+def _clock(seconds: float) -> str:
+    if not math.isfinite(seconds):
+        return "?"
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
 class MetricsLogger:
     """Writes on rank 0 only; every call on other ranks is a no-op."""
 
     def __init__(self, out_dir: str | Path | None, is_main: bool, total_steps: int, start_step: int,
                  progress: bool | None = None):
         self.is_main = is_main
+        self.total_steps, self.start_step, self.t0 = total_steps, start_step, time.perf_counter()
         self.file = None
         self.tb = None
         self.bar = None
@@ -74,6 +86,16 @@ class MetricsLogger:
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{record['loss']:.4f}", lr=f"{record['lr']:.2e}",
                                  ips=f"{record['imgs_per_s']:.1f}", refresh=False)
+        else:
+            print(self._line(record), file=sys.stderr, flush=True)
+
+    def _line(self, r: dict) -> str:
+        elapsed = time.perf_counter() - self.t0
+        done = r["step"] - self.start_step
+        left = elapsed / done * (self.total_steps - r["step"]) if done > 0 else float("nan")
+        ips, step_s = r.get("imgs_per_s") or float("nan"), r.get("step_s") or float("nan")
+        return (f"step {r['step']}/{self.total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | {ips:.1f} img/s | "
+                f"{step_s:.3f} s/step | {_clock(elapsed)} elapsed, {_clock(left)} left")
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

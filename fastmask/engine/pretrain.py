@@ -9,9 +9,12 @@ The run folder (`--out`, default `runs/<recipe>`) receives config.yaml (the reso
 metrics.jsonl, checkpoints/ and, with TensorBoard installed, tensorboard/. Running again with the
 same folder resumes from its latest checkpoint (engine.resume=auto; `--no-resume` starts over,
 `--resume` insists on a checkpoint). `--export PATH` writes the trained encoder as a plain
-timm-loadable state dict at the end. Bad input (unknown keys or names, sizes that do not fit,
-corrupt images with data.on_corrupt=fail) prints one error and exits with status 2 before any
-training; FASTMASK_DEBUG=1 shows the traceback instead.
+timm-loadable state dict at the end. Overrides `key=value` may stand anywhere on the line.
+
+Bad input (unknown keys or names, sizes that do not fit, corrupt images with
+data.on_corrupt=fail, a run folder or export path that cannot be written) prints one error line
+and exits with status 2 before any training. An error during training ends with one line too,
+naming the checkpoint the run folder keeps. FASTMASK_DEBUG=1 shows the traceback instead.
 """
 from __future__ import annotations
 
@@ -55,30 +58,29 @@ def default_recipe(overrides: list[str]) -> str:
     return DEFAULT_RECIPE
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from fastmask.data.files import CorruptImageError
+def _kept(out: Path) -> str:
+    """Where a run that failed part-way left its work (for the error line)."""
+    from .resume import newest_good
 
-    from .config import ConfigError
-    from .trainer import NonFiniteLossError
-    errors = [ConfigError, ValueError, KeyError, FileNotFoundError, ImportError, CorruptImageError,
-              NonFiniteLossError]
-    try:
-        from fastmask.ops import BackendUnavailable
-        errors.append(BackendUnavailable)
-    except ImportError:
-        pass
-    return tuple(errors)
+    good = newest_good(out)
+    if good is None:
+        return f"the run folder {out} holds no good checkpoint"
+    return f"the run folder keeps its newest good checkpoint {good.path}, which running again resumes"
 
 
-def _message(e: BaseException) -> str:
-    text = e.args[0] if isinstance(e, KeyError) and e.args else str(e)
-    return f"{type(e).__name__}: {text}" if not text.startswith(type(e).__name__) else text
+def check_outputs(out: Path, export: str | None) -> None:
+    """Everything this run will write can be written: checked before any work."""
+    from fastmask.paths import check_output_dir, check_output_file
+
+    check_output_dir(out, "--out", files=("config.yaml", "metrics.jsonl", "checkpoints"))
+    if export:
+        check_output_file(export, "--export")
 
 
 def main(args: argparse.Namespace) -> int:
     import yaml
 
-    from .config import load_config, to_dict
+    from .config import ConfigError, load_config, to_dict
 
     if args.local_rank is not None:  # the deepspeed launcher passes --local_rank; the env holds it too
         os.environ.setdefault("LOCAL_RANK", str(args.local_rank))
@@ -89,30 +91,42 @@ def main(args: argparse.Namespace) -> int:
         overrides.append(f"engine.steps={args.steps}")
     if args.resume is not None:
         overrides.append(f"engine.resume={args.resume}")
-    errors = _user_errors()
-    try:
-        cfg = load_config(args.config, overrides)
-        if args.print_config:
-            print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
-            return 0
-        out = Path(args.out or cfg.out or Path("runs") / Path(args.config).stem)
-        from .trainer import pretrain
-
-        t0 = time.perf_counter()
-        result = pretrain(cfg, out=out)
-        rank = int(os.environ.get("RANK", "0"))
-        if args.export and rank == 0 and result.last_checkpoint is not None:
-            from .export import export_encoder
-            export_encoder(result.last_checkpoint, args.export)
-        if rank == 0:
-            loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
-            how = (f"resumed at step {result.resumed_from}, " if result.resumed_from is not None else "")
-            print(f"fastmask pretrain: done: step {result.step}/{result.total_steps}, {how}final loss {loss}, "
-                  f"{time.perf_counter() - t0:.1f} s, run folder {out}"
-                  + (f", encoder exported to {args.export}" if args.export else ""), flush=True)
+    cfg = load_config(args.config, overrides)
+    if args.print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return 0
-    except errors as e:
-        if os.environ.get("FASTMASK_DEBUG"):
+    out = Path(args.out or cfg.out or Path("runs") / Path(args.config).stem)
+    check_outputs(out, args.export)
+    from fastmask.cli import add_note
+
+    from .signals import StoppedBySignal
+    from .trainer import pretrain
+
+    t0 = time.perf_counter()
+    try:
+        result = pretrain(cfg, out=out)
+    except StoppedBySignal as e:  # SIGTERM/Ctrl-C: a checkpoint was saved; 128 + the signal, as a shell reports it
+        print(f"fastmask pretrain: {e}", file=sys.stderr, flush=True)
+        return e.exit_code
+    except (Exception, KeyboardInterrupt) as e:
+        # A refusal before any work (ConfigError: a lock, a config change that cannot resume) changed
+        # nothing; NonFiniteLossError names its own checkpoint.
+        if out.is_dir() and not isinstance(e, ConfigError) and not hasattr(e, "last_checkpoint"):
+            add_note(e, _kept(out))
+        raise
+    rank = int(os.environ.get("RANK", "0"))
+    if args.export and rank == 0 and result.last_checkpoint is not None:
+        from .export import export_encoder
+        try:
+            export_encoder(result.last_checkpoint, args.export)
+        except Exception as e:
+            add_note(e, f"training finished and kept {result.last_checkpoint}; export it with "
+                        f"`fastmask pretrain --out {out} --export PATH`")
             raise
-        print(f"fastmask pretrain: error: {_message(e)}", file=sys.stderr, flush=True)
-        return 2
+    if rank == 0:
+        loss = f"{result.final_loss:.4f}" if result.final_loss is not None else "n/a"
+        how = (f"resumed at step {result.resumed_from}, " if result.resumed_from is not None else "")
+        print(f"fastmask pretrain: done: step {result.step}/{result.total_steps}, {how}final loss {loss}, "
+              f"{time.perf_counter() - t0:.1f} s, run folder {out}"
+              + (f", encoder exported to {args.export}" if args.export else ""), flush=True)
+    return 0

@@ -8,25 +8,37 @@ What happens, in order (everything that can be wrong with the input fails before
 2. the method is built (unknown method/model names, image size vs patch size, mask ratio: errors
    here), seeded identically on every rank so all ranks start from the same weights; the loader is
    built (missing/corrupt images: errors here); `engine.init_from` weights are loaded;
-3. a torch AdamW over the method's param groups (fused on CUDA) and a generated DeepSpeed config
+3. a torch AdamW over the method's param groups (fused, on CUDA and CPU) and a generated DeepSpeed config
    (ZeRO stage, bf16/fp16/fp32, accumulation, clipping) go to `deepspeed.initialize`;
-4. resume: when the run folder holds a checkpoint (`engine.resume=auto`, the default; `always`
-   requires one, `never` ignores them), model, optimizer, loss scaler, step, data position and
-   RNG states are restored, so the continued run takes the same steps an uninterrupted one would;
-5. the loop: per optimizer step the lr is set from the step index (warmup + cosine), each
-   micro-batch runs forward/backward/step, then `method.on_step_end(step, total)`. The loss and
+4. the run folder (`RunFolder`, before anything is written in it): rank 0 locks it (a second run
+   is refused, naming the holder), picks the checkpoint to resume by scanning (the newest
+   complete good one with `engine.resume=auto`, the default; `always` requires one, `never`
+   starts over and moves the old run aside; `engine.resume_from` names one) and compares this
+   config with the checkpoint's (`config_diff`: refused or listed and recorded); then it moves
+   aside what does not belong to the continued run and writes config.yaml and ds_config.json.
+   Model, optimizer, loss scaler, step, data position and RNG states are restored, so the
+   continued run takes the same steps an uninterrupted one would;
+5. the loop: per optimizer step the lr is set from the step index (warmup + cosine; the decay
+   groups' weight decay too, cosine to `engine.weight_decay_end` when set, DINO's schedule), each
+   micro-batch runs forward (with every sample's global key, `Loader.sample_keys`, from which the
+   method draws its masks and views: the same whatever the world size) /backward/step, then
+   `method.on_step_end(step, total)`. The loss and
    metrics are summed on the device (no host sync per step) and reduced every `log_every` steps
-   into DIR/metrics.jsonl; checkpoints every `checkpoint_every` steps and at the end.
+   into DIR/metrics.jsonl; checkpoints every `checkpoint_every` steps and at the end, each with
+   its `health` verdict (`fastmask.engine.health`). SIGTERM/SIGINT end the run after the current
+   step with a checkpoint (`StoppedBySignal`; the CLI exits 128 + the signal number).
 
 Non-finite losses: with fp16, DeepSpeed's dynamic loss scaler skips the step (counted as
 `skipped`); with bf16, DeepSpeed's overflow check skips steps with non-finite gradients (counted).
 `engine.on_nonfinite=stop` (the default) additionally stops the run at the next log or checkpoint
-boundary with the step of the first non-finite loss, before any checkpoint could hold the result
-(so the last checkpoint is the last good one). `skip` keeps going, counting; fp32 has no
-overflow check in DeepSpeed, so `skip` needs bf16 or fp16.
+boundary with the step of the first non-finite loss; no checkpoint is written after it, and the
+error names the newest checkpoint judged good (a checkpoint whose own weights gave the non-finite
+loss, or exploded weights, is not), which running again resumes. `skip` keeps going, counting;
+fp32 has no overflow check in DeepSpeed, so `skip` needs bf16 or fp16.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import math
@@ -43,10 +55,13 @@ import yaml
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, to_dict, validate
-from .distributed import (RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_mean, barrier, dist_info,
-                          init_distributed)
+from .config_diff import param_signature
+from .distributed import RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_mean, dist_info, init_distributed
+from .health import CheckpointHealth
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
-from .schedule import lr_at, scaled_lr
+from .runfolder import RunFolder
+from .schedule import lr_at, scaled_lr, weight_decay_at
+from .signals import StopOnSignal, StoppedBySignal
 
 
 class NonFiniteLossError(RuntimeError):
@@ -54,7 +69,8 @@ class NonFiniteLossError(RuntimeError):
 
     def __init__(self, step: int, last_checkpoint: str | None):
         self.step, self.last_checkpoint = step, last_checkpoint
-        where = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+        where = (f"the newest good checkpoint is {last_checkpoint}, which running again resumes"
+                 if last_checkpoint else "no good checkpoint was written")
         super().__init__(f"non-finite loss at step {step}; stopped ({where}). Lower the lr, lengthen the warmup, "
                          f"enable engine.clip_grad, or set engine.on_nonfinite=skip (bf16/fp16) to skip such steps.")
 
@@ -149,28 +165,12 @@ def _crash_point(step: int) -> None:
         os._exit(137)  # a kill -9 right after optimizer step `step`, before its log or checkpoint
 
 
-def _trim_metrics(out: Path, after_step: int) -> None:
-    """Drop metrics lines past the resumed step (a crashed run logged steps that will be redone)."""
-    path = out / "metrics.jsonl"
-    if not path.is_file():
-        return
-    import json
-    keep = []
-    for line in path.read_text().splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= after_step:
-                keep.append(line)
-        except ValueError:
-            pass  # a line cut by the crash
-    ckpt._write_atomic(path, "".join(k + "\n" for k in keep))
-
-
 def build_optimizer(name: str, groups: list[dict], lr: float, betas: tuple[float, float],
                     device: torch.device) -> torch.optim.Optimizer:
-    """AdamW: torch's (fused kernel on CUDA, the default), or NVIDIA apex's FusedAdam when asked for
+    """AdamW: torch's (its fused kernel on CUDA and CPU, the default), or NVIDIA apex's FusedAdam when asked for
     (`engine.optimizer=apex_fused_adam`, CUDA only; apex is not on PyPI, so never required)."""
     if name == "adamw":
-        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type == "cuda")
+        return torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type in ("cuda", "cpu"))
     if name == "apex_fused_adam":
         if device.type != "cuda":
             raise ConfigError("engine.optimizer=apex_fused_adam needs a CUDA device; use adamw")
@@ -194,7 +194,8 @@ def pretrain(cfg: Config, out: str | Path | None = None,
     """
     saved_env = {k: os.environ.get(k) for k in RENDEZVOUS_VARS}
     try:
-        return _pretrain(cfg, out, method_factory, progress)
+        with contextlib.ExitStack() as closing:  # the run folder's lock, the signal handlers
+            return _pretrain(cfg, out, method_factory, progress, closing)
     finally:
         for k, v in saved_env.items():
             if v is None:
@@ -203,7 +204,8 @@ def pretrain(cfg: Config, out: str | Path | None = None,
                 os.environ[k] = v
 
 
-def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: bool | None) -> RunResult:
+def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: bool | None,
+              closing: contextlib.ExitStack) -> RunResult:
     validate(cfg)
     e = cfg.engine
     out = Path(out) if out is not None else (Path(cfg.out) if cfg.out else None)
@@ -219,11 +221,14 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     _seed_all(e.seed)  # the same on every rank: identical initial weights
     method = _build_method(cfg, method_factory)
     from fastmask.data import build_loader
-    loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device)
+    views = method.view_specs() if hasattr(method, "view_specs") else None  # crops cut from the full image
+    loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device, views=views)
     steps_per_epoch = loader.batches_per_epoch // e.grad_accum
     if steps_per_epoch < 1:
         raise ConfigError(f"one epoch has {loader.batches_per_epoch} micro-batches per rank, fewer than "
                           f"engine.grad_accum={e.grad_accum}")
+    if hasattr(method, "set_epoch_length"):
+        method.set_epoch_length(steps_per_epoch)
     total = e.steps if e.steps is not None else e.epochs * steps_per_epoch
     stop = min(total, e.stop_at) if e.stop_at is not None else total
     warmup = e.warmup_steps if e.warmup_steps is not None else round(e.warmup_epochs * steps_per_epoch)
@@ -235,21 +240,23 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     if e.activation_checkpointing:
         _enable_activation_checkpointing(method)
 
-    resume_tag = None
-    if out is not None and e.resume != "never":
-        resume_tag = ckpt.latest_tag(out)
-    if e.resume == "always" and resume_tag is None:
-        raise ConfigError(f"engine.resume=always but {out} holds no complete checkpoint")
-    saved = ckpt.read_state(out, resume_tag) if resume_tag else None
-    load_universal = saved is not None and _needs_universal(saved, info.world_size, e.zero_stage, out / resume_tag)
+    # --- the run folder: locked, and the run checked against the one it continues, before any write
+    schedule = {"total": total, "base_lr": base_lr, "warmup": warmup, "min_lr": e.min_lr}
+    signature = param_signature(method)
+    if out is not None and info.world_size > 1:
+        init_distributed(info)  # the ranks receive rank 0's decisions on the run folder
+    run = (closing.enter_context(contextlib.closing(RunFolder.open(
+        out, cfg, info, precision, signature, _arg_defaults(method), schedule))) if out is not None else None)
+    saved = run.resume_state if run else None
+    resume_dir = run.resume_folder if run else None
+    load_universal = saved is not None and _needs_universal(saved, info.world_size, e.zero_stage, resume_dir)
+    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    ds_config = build_ds_config(cfg, info.world_size, precision, device, load_universal)
+    if run:
+        run.commit(config_yaml, ds_config)
     if load_universal:
         from .universal import ensure_universal
-        ensure_universal(ckpt.checkpoint_root(out), resume_tag, info)
-
-    config_yaml = yaml.safe_dump(to_dict(cfg), sort_keys=False)
-    if out is not None and info.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(config_yaml)
+        ensure_universal(resume_dir.parent, resume_dir.name, info)
 
     # --- DeepSpeed (imported only now: bad input above is reported without its start-up noise)
     import deepspeed
@@ -257,7 +264,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     init_distributed(info)
     method.to(device)
     optimizer = build_optimizer(e.optimizer, method.param_groups(e.weight_decay), base_lr, tuple(e.betas), device)
-    ds_config = build_ds_config(cfg, info.world_size, precision, device, load_universal)
+    decay_groups = {i for i, g in enumerate(optimizer.param_groups) if g["weight_decay"] > 0}  # wd schedule
     engine, _, _, _ = deepspeed.initialize(model=method, optimizer=optimizer, config=ds_config)
     if e.compile or e.cuda_graphs:
         # CUDA graphs through torch.compile's "reduce-overhead" mode (cudagraph trees): the whole
@@ -267,12 +274,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
 
     start_step = 0
     if saved is not None:
-        if saved.get("config", {}).get("model") not in (None, cfg.model) or saved.get("config", {}).get(
-                "method") not in (None, cfg.method):
-            raise ConfigError(f"cannot resume {out}: its checkpoint is method={saved['config']['method']} "
-                              f"model={saved['config']['model']}, this run is method={cfg.method} model={cfg.model}")
         hyper = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        ckpt.load(engine, out, resume_tag, info.rank, universal=load_universal)
+        ckpt.load(engine, resume_dir, info.rank, universal=load_universal)
         # DeepSpeed's ZeRO-3 universal load (0.19) copies group 0's hyperparameters into every group
         # (the no-decay group would get weight decay) and gives every parameter the *same* `step`
         # tensor (AdamW increments it in place, once per group: wrong bias correction). Restore the
@@ -283,16 +286,13 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
             if isinstance(st.get("step"), torch.Tensor):
                 st["step"] = st["step"].clone()
         start_step = int(saved["step"])
-    if out is not None and info.is_main:
-        if saved is not None:
-            _trim_metrics(out, start_step)
-        elif (out / "metrics.jsonl").exists():
-            (out / "metrics.jsonl").unlink()
-    barrier()
+    health = CheckpointHealth(saved.get("health") if saved else None, run.start.good if run else [])
+    health.start(engine.module)
+    stop_signal = closing.enter_context(StopOnSignal())
 
     logger = MetricsLogger(out, info.is_main, total_steps=stop, start_step=start_step, progress=progress)
-    if saved is not None:
-        logger.message(f"resumed from {out / 'checkpoints' / resume_tag} at step {start_step}")
+    if start_step >= stop:
+        logger.message(f"the run is at step {start_step}, the steps asked for end at {stop}: nothing to train")
     flops_per_image = method.flops_per_image() if hasattr(method, "flops_per_image") else None
     peak = device_peak_tflops(device, precision)
 
@@ -303,14 +303,16 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     acc: dict[str, torch.Tensor] = {}
     n_acc = 0
     first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    last_ckpt: Path | None = ckpt.checkpoint_root(out) / resume_tag if resume_tag else None
+    last_ckpt: Path | None = resume_dir
     t_last, step_last = time.perf_counter(), step
 
     def log_and_check(final: bool = False) -> None:
         nonlocal acc, n_acc, t_last, step_last
+        _settle_health(health, out, info, logger)
         bad = int(all_reduce_max(first_bad).item()) if precision != "fp16" else -1
         if bad >= 0 and e.on_nonfinite == "stop":
-            raise NonFiniteLossError(bad, str(last_ckpt) if last_ckpt else None)
+            newest = health.newest_good()
+            raise NonFiniteLossError(bad, str(newest) if newest else None)
         if n_acc == 0:
             return
         keys = sorted(acc)
@@ -323,6 +325,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                "step_s": dt / max(1, step - step_last), "mem_gb": peak_memory_gb(device),
                "skipped": int(getattr(engine, "skipped_steps", 0))}
         rec.update({k: v for k, v in zip(keys, vec) if k != "loss"})
+        if e.weight_decay_end is not None:
+            rec["wd"] = weight_decay_at(step - 1, total, e.weight_decay, e.weight_decay_end)
         if flops_per_image is not None:
             tflops = flops_per_image * ips / info.world_size / 1e12
             rec["tflops"] = tflops
@@ -331,6 +335,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
         if precision == "fp16":
             rec["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
         losses.append((step, rec["loss"]))
+        health.observe(step, rec["loss"])
         logger.log(rec)
         acc, n_acc = {}, 0
         t_last, step_last = time.perf_counter(), step
@@ -338,18 +343,26 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     try:
         while step < stop:
             micro = start_micro
+            # Each sample's global key: masks and views are drawn per sample from it (fastmask.draws),
+            # so they do not depend on the world size, the per-rank batch or a resume.
+            sample_keys = torch.from_numpy(np.ascontiguousarray(loader.sample_keys(epoch)))
             for imgs in itertools.islice(loader.epoch(epoch, start_micro), micro_per_epoch - start_micro):
                 if step >= stop:
                     break
                 if micro % e.grad_accum == 0:
                     lr = lr_at(step, total, base_lr, warmup, e.min_lr)
-                    for g in optimizer.param_groups:
+                    wd = weight_decay_at(step, total, e.weight_decay, e.weight_decay_end)
+                    for i, g in enumerate(optimizer.param_groups):
                         g["lr"] = lr * g.get("lr_scale", 1.0)  # per-group scale (ADIOS's occluder)
-                outputs = engine(imgs if imgs.dtype == dtype else imgs.to(dtype))
+                        if i in decay_groups:
+                            g["weight_decay"] = wd
+                keys = sample_keys[micro].to(device, non_blocking=True)
+                outputs = engine(_cast(imgs, dtype), keys=keys)
                 loss = outputs["loss"]
                 engine.backward(loss)
                 engine.step()
                 loss_d = loss.detach().float()
+                health.capture(step, loss_d)
                 first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss_d),
                                         torch.full_like(first_bad, step + 1), first_bad)
                 for k, v in outputs.items():
@@ -365,19 +378,54 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                     method.on_step_end(step, total)
                 logger.advance()
                 _crash_point(step)
-                if step % e.log_every == 0 or step == stop:
+                signum = stop_signal.requested()
+                if step % e.log_every == 0 or step == stop or signum:
                     log_and_check()
-                if out is not None and ((e.checkpoint_every and step % e.checkpoint_every == 0) or step == stop):
+                if out is not None and ((e.checkpoint_every and step % e.checkpoint_every == 0) or step == stop
+                                        or signum):
                     log_and_check()  # never checkpoint a run that went non-finite
                     state = _engine_state(cfg, step, steps_per_epoch, micro_per_epoch, info, precision, total,
                                           engine)
-                    last_ckpt = ckpt.save(engine, out, step, state, config_yaml, info.rank, e.keep_last)
+                    state.update(schedule=schedule, params=signature, health=health.judge(step, engine.module))
+                    # Pruning keeps the newest good checkpoint whose first loss was checked: this one's
+                    # verdict stays provisional until the next step's loss is known.
+                    last_ckpt = ckpt.save(engine, out, step, state, config_yaml, info.rank, e.keep_last,
+                                          health.newest_good(checked=True))
+                    health.saved(step, last_ckpt, state["health"])
+                if signum and step < stop:
+                    raise StoppedBySignal(signum, step, str(last_ckpt) if out is not None else None)
             epoch, start_micro = epoch + 1, 0
     finally:
         logger.close()
     return RunResult(step=step, total_steps=total, losses=losses,
                      resumed_from=start_step if saved is not None else None,
                      skipped_steps=int(getattr(engine, "skipped_steps", 0)), out=out, last_checkpoint=last_ckpt)
+
+
+def _cast(imgs: torch.Tensor | list[torch.Tensor], dtype: torch.dtype):
+    """A batch (one tensor, or a list of views) in the run's dtype; tensors already in it pass as they are."""
+    if isinstance(imgs, torch.Tensor):
+        return imgs if imgs.dtype == dtype else imgs.to(dtype)
+    return [_cast(x, dtype) for x in imgs]
+
+
+def _settle_health(health: CheckpointHealth, out: Path | None, info: DistInfo, logger: MetricsLogger) -> None:
+    """Judge the first loss from the newest checkpoint's weights; record a failing one as not good."""
+    failed = health.settle(all_reduce_mean)
+    if failed is None:
+        return
+    folder, why = failed
+    if info.is_main and out is not None and folder.is_dir():
+        ckpt.mark_not_good(folder, why)
+    logger.message(f"checkpoint {folder} is not good: {why}")
+
+
+def _arg_defaults(method) -> dict:
+    args = getattr(type(method), "Args", None)
+    try:
+        return dataclasses.asdict(args()) if args is not None else {}
+    except TypeError:  # an Args with required fields
+        return {}
 
 
 def _engine_state(cfg: Config, step: int, steps_per_epoch: int, micro_per_epoch: int, info: DistInfo,

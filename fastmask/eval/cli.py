@@ -3,7 +3,12 @@
     fastmask eval --checkpoint runs/mae_tiny                   # generated shapes, k-NN (k=20) + linear probe
     fastmask eval --checkpoint runs/mae_tiny --data digits     # scikit-learn's handwritten digits
     fastmask eval --checkpoint runs/mae_tiny --data my_val_dir --k 10 --out eval.json
-    fastmask eval --random-init --config mae_tiny               # the untrained baseline of the same model
+    fastmask eval --random-init --config mae_tiny               # the untrained model alone
+    fastmask eval --checkpoint mae_pretrain_vit_base.pth --config mae_vit_base_patch16  # official MAE
+
+Every result is printed beside the random-init baseline: the same model, untrained (seeded with
+the config's engine.seed), on the same data. Small or unlike evaluation sets can rank an untrained
+encoder above a trained one; the baseline keeps that from being misread.
 
 Data (`--data`): `shapes` (the default) is the generated set of `fastmask.data.shapes`, 10 shape
 classes over random colours, backgrounds and clutter, 5,000 train / 2,000 test images held out from
@@ -32,6 +37,7 @@ from .load import add_source_arguments
 from .linear import ProbeArgs, linear_probe_accuracy
 
 _P = ProbeArgs()
+LABELED_SETS = ("shapes", "digits")  # the built-in sets --data names; anything else is a folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -105,30 +111,69 @@ def evaluate_encoder(encoder: torch.nn.Module, img_size: int, data: str | None =
     return out
 
 
-def main(args: argparse.Namespace) -> int:
-    from .load import load_encoder, resolve_config
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument that can be checked without a model, in one ValueError."""
+    from fastmask.paths import check_output_file
 
-    auto = "cuda" if torch.cuda.is_available() else "cpu"
-    device = torch.device(auto if args.device == "auto" else args.device)
-    cfg = resolve_config(None if args.random_init else args.checkpoint, args.config, args.overrides)
-    encoder, cfg = load_encoder(None if args.random_init else args.checkpoint, cfg=cfg, device=device)
-    result = evaluate_encoder(encoder, cfg.data.img_size, args.data, args.k, args.temperature, args.pool,
-                              knn=not args.no_knn, linear=not args.no_linear,
-                              probe=ProbeArgs(epochs=args.probe_epochs, lr=args.probe_lr),
-                              test_fraction=args.test_fraction, data_size=args.data_size, device=device,
-                              batch_size=args.batch_size)
-    result = {"checkpoint": None if args.random_init else str(args.checkpoint), "model": cfg.model,
+    problems = []
+    if args.k < 1:
+        problems.append(f"--k must be >= 1, got {args.k}")
+    if not args.temperature > 0:
+        problems.append(f"--temperature must be > 0, got {args.temperature}")
+    if not 0 < args.test_fraction < 1:
+        problems.append(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
+    if args.probe_epochs < 1 or not args.probe_lr > 0:
+        problems.append(f"--probe-epochs must be >= 1 and --probe-lr > 0, "
+                        f"got {args.probe_epochs}, {args.probe_lr}")
+    if args.batch_size < 1 or args.data_size < 1:
+        problems.append(f"--batch-size and --data-size must be >= 1, got {args.batch_size}, {args.data_size}")
+    if args.no_knn and args.no_linear:
+        problems.append("--no-knn and --no-linear together leave nothing to evaluate")
+    if args.data not in (None, *LABELED_SETS) and not Path(args.data).is_dir():
+        problems.append(f"--data {args.data} is not a folder (nor one of {', '.join(LABELED_SETS)})")
+    if args.data in (None, "shapes") and args.data_size < 16:
+        problems.append(f"--data-size must be >= 16 for the shapes, got {args.data_size}")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if args.out:
+        check_output_file(args.out, "--out")
+
+
+def _scores(r: dict, k: int) -> list[tuple[str, float, str]]:
+    return [(name, r[key], key) for name, key in ((f"k-NN@{k}", "knn_top1"), ("linear probe", "linear_top1"))
+            if key in r]
+
+
+def main(args: argparse.Namespace) -> int:
+    from .load import load_encoder, pick_device, resolve_config
+
+    check_arguments(args)
+    device = pick_device(args.device)
+    checkpoint = None if args.random_init else args.checkpoint
+    cfg = resolve_config(checkpoint, args.config, args.overrides)
+    encoder, cfg = load_encoder(checkpoint, cfg=cfg, device=device)
+    run = dict(data=args.data, k=args.k, temperature=args.temperature, pool=args.pool, knn=not args.no_knn,
+               linear=not args.no_linear, probe=ProbeArgs(epochs=args.probe_epochs, lr=args.probe_lr),
+               test_fraction=args.test_fraction, data_size=args.data_size, device=device,
+               batch_size=args.batch_size)
+    result = evaluate_encoder(encoder, cfg.data.img_size, **run)
+    baseline = result if checkpoint is None else evaluate_encoder(
+        load_encoder(None, cfg=cfg, device=device)[0], cfg.data.img_size, **run)
+    result = {"checkpoint": None if checkpoint is None else str(checkpoint), "model": cfg.model,
               "method": cfg.method, "device": str(device),
-              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **result}
-    line = f"[eval] {result['model']} on {result['data']} ({result['test_size']} test images, chance " \
-           f"{100 * result['chance']:.1f}%):"
-    if "knn_top1" in result:
-        line += f" k-NN@{args.k} {100 * result['knn_top1']:.1f}%"
-    if "linear_top1" in result:
-        line += f", linear probe {100 * result['linear_top1']:.1f}%"
+              "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), **result,
+              "random_init": {key: baseline[key] for _, _, key in _scores(baseline, args.k)}}
+    what = "random init" if checkpoint is None else str(checkpoint)
+    line = (f"[eval] {result['model']} ({what}) on {result['data']} ({result['test_size']} test images, "
+            f"chance {100 * result['chance']:.1f}%): ")
+    line += ", ".join(f"{name} {100 * value:.1f}%" + ("" if checkpoint is None else
+                                                      f" (random init {100 * baseline[key]:.1f}%)")
+                      for name, value, key in _scores(result, args.k))
     print(line)
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(result, indent=2) + "\n")
+        tmp = Path(args.out).with_name(Path(args.out).name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        tmp.replace(args.out)
         print(f"[eval] wrote {args.out}")
     return 0

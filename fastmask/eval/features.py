@@ -70,7 +70,8 @@ def image_folder_set(root: str | Path, size: int = 64) -> tuple[np.ndarray, np.n
         except Exception as e:  # PIL raises many types for corrupt files
             bad.append(f"{f}: {e}")
     if bad:
-        raise ValueError(f"{len(bad)} unreadable image file(s):\n  " + "\n  ".join(bad))
+        raise ValueError(f"{len(bad)} unreadable image file(s): "
+                         + "; ".join(" ".join(b.split()) for b in bad))
     return imgs, np.array([c for _, c in files], dtype=np.int64), classes
 
 

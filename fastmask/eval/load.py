@@ -2,7 +2,8 @@
 
     method, cfg = load_method("runs/mae_b")          # a run folder, a checkpoint folder or a weights file
     encoder, cfg = load_encoder("runs/mae_b")         # VisionTransformer with forward_features
-    encoder, cfg = load_encoder(None, cfg=cfg)        # the method's own encoder at its random init
+    encoder, cfg = load_encoder(None, cfg=cfg)        # random init (the baseline of an evaluation)
+    device = pick_device("auto")                      # --device, checked: cpu | cuda | cuda:N
 
 What is accepted, in the order it is tried:
 - a run folder `DIR` (holding `checkpoints/`) or a checkpoint folder (`DIR/checkpoints/step_N/`):
@@ -11,8 +12,10 @@ What is accepted, in the order it is tried:
   `model`, `state_dict` or `encoder` (official MAE checkpoints use `model`). Either the whole
   method's state dict (encoder + decoder, official MAE key names) or an encoder-only one.
 The config is the `config.yaml` found beside the weights or in a folder above them (a run saves
-its resolved config there); `cfg` given explicitly wins. Encoder-only state dicts build
-`fastmask.models.create_model(cfg.model, img_size=cfg.data.img_size)`.
+its resolved config there); `cfg` given explicitly wins. Encoder-only state dicts (an exported
+encoder, or the released official MAE encoder `mae_pretrain_vit_base.pth` with `--config
+mae_vit_base_patch16`) build `fastmask.models.create_model(cfg.model, img_size=cfg.data.img_size)`.
+A random init is seeded with `cfg.engine.seed`: the weights a run of `cfg` starts from.
 """
 from __future__ import annotations
 
@@ -44,6 +47,24 @@ def resolve_weights(path: str | Path) -> Path:
     raise CheckpointError(f"{p} holds no checkpoint: expected checkpoints/ (a run folder), DeepSpeed's "
                           f"*model_states.pt (a checkpoint folder) or one weights file ({', '.join(_WEIGHT_SUFFIXES)}); "
                           f"found {sorted(f.name for f in p.iterdir())[:10]}")
+
+
+def pick_device(name: str) -> torch.device:
+    """--device (auto | cpu | cuda | cuda:N) -> a device that exists here, else one clear ValueError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ValueError(f"--device {name!r} is not a device (auto, cpu, cuda or cuda:N)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: no CUDA device here (torch.cuda.is_available() is False); "
+                         f"use cpu")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device {name}: only cpu and cuda are supported")
+    return device
 
 
 def add_source_arguments(parser, checkpoint_help: str, random_help: str) -> None:
@@ -80,7 +101,7 @@ def read_state_dict(weights: Path) -> dict[str, torch.Tensor]:
     try:
         return read_weights(weights)
     except ValueError as e:
-        raise CheckpointError(str(e)) from e
+        raise CheckpointError(str(e)) from None
 
 
 def load_config_for(weights: Path | None, cfg=None, overrides: list[str] = ()):
@@ -119,55 +140,48 @@ def _is_encoder_only(state: dict, cfg) -> bool:
     return set(state) <= keys
 
 
+def _method_with(cfg, state: dict | None, weights: Path | None):
+    from fastmask.methods import build_method
+
+    if state is None:
+        torch.manual_seed(cfg.engine.seed)  # the run's initial weights (the engine seeds the same way)
+    method = build_method(cfg)
+    if state is not None:
+        _load(method, state, weights)
+    return method
+
+
 def load_method(path: str | Path | None, cfg=None, overrides: list[str] = (),
                 device: str | torch.device = "cpu"):
     """-> (method with the checkpoint's weights, in eval mode, cfg). path None: random init from cfg."""
-    from fastmask.methods import build_method
-
     weights = resolve_weights(path) if path is not None else None
     cfg = load_config_for(weights, cfg, overrides)
-    method = build_method(cfg)
-    if weights is not None:
-        state = read_state_dict(weights)
-        if _is_encoder_only(state, cfg):
-            raise CheckpointError(f"{weights} holds only encoder weights; this needs the whole method "
-                                  f"(decoder too)")
-        _load(method, state, weights)
-    return method.to(device).eval(), cfg
+    state = read_state_dict(weights) if weights is not None else None
+    if state is not None and _is_encoder_only(state, cfg):
+        raise CheckpointError(f"{weights} holds only encoder weights; this needs the whole method "
+                              f"(decoder too)")
+    return _method_with(cfg, state, weights).to(device).eval(), cfg
 
 
 def load_encoder(path: str | Path | None, cfg=None, overrides: list[str] = (),
                  device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """-> (encoder with `forward_features(imgs) -> [B, 1+L, D]`, in eval mode, cfg).
-
-    path None: the random-init baseline, `method.encoder()` of the method built from cfg after
-    seeding with cfg.engine.seed as the engine does, i.e. a run's exact starting point (ExtreMA's
-    class-attention encoder, not a bare ViT)."""
+    """-> (encoder with `forward_features(imgs) -> [B, 1+L, D]`, in eval mode, cfg). None: random init."""
     weights = resolve_weights(path) if path is not None else None
     cfg = load_config_for(weights, cfg, overrides)
-    if weights is None:
-        from fastmask.methods import build_method
-
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(cfg.engine.seed)
-            method = build_method(cfg)
-        return method.encoder().to(device).eval(), cfg
-    state = read_state_dict(weights)
-    if _is_encoder_only(state, cfg):
+    state = read_state_dict(weights) if weights is not None else None
+    if state is not None and _is_encoder_only(state, cfg):
         from fastmask.models import create_model
 
         encoder = create_model(cfg.model, img_size=cfg.data.img_size)
         _load(encoder, state, weights)
         return encoder.to(device).eval(), cfg
-    method, cfg = load_method(path, cfg, overrides, device)
-    return method.encoder().eval(), cfg
+    return _method_with(cfg, state, weights).to(device).eval().encoder().eval(), cfg
 
 
 def _load(module: nn.Module, state: dict, weights: Path) -> None:
-    missing, unexpected = module.load_state_dict(state, strict=False)
-    # Fixed (never trained) buffers may be absent from exported files; anything else must match.
-    missing = [k for k in missing if not k.endswith(("pos_embed", "_extra_state"))]
-    if missing or unexpected:
-        raise CheckpointError(f"{weights} does not fit {type(module).__name__} built from the config: "
-                              f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, "
-                              f"unexpected {unexpected[:8]}{'...' if len(unexpected) > 8 else ''}")
+    from fastmask.engine.export import load_state_strict
+
+    try:
+        load_state_strict(module, state, f"{weights} (with the config's model)")
+    except ValueError as e:
+        raise CheckpointError(str(e)) from None

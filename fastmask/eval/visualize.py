@@ -5,7 +5,9 @@
 
 Columns come from the method:
 - a method with `visualize(imgs [B, C, H, W]) -> dict[str, Tensor]` draws whatever it returns
-  (ADIOS: its learned masks, MST: its attention-guided masks), in the dict's order: 3-channel
+  (ADIOS: its learned masks; MST: the teacher's attention, the attention-guided mask and the global
+  decoder's reconstruction; ExtreMA: the class-attention map and each of its disjoint masks;
+  RelaxMIM: its mask and the reconstruction or the per-position similarity), in the dict's order: 3-channel
   tensors are ImageNet-normalized images [B, 3, H, W]; 1-channel tensors [B, 1, H, W] (or [B, H, W])
   are maps in [0, 1] (masks: 1 = hidden), drawn in grey levels;
 - an MAE-style method (`draw_masks`, `forward_encoder`, `forward_decoder`) gets `mae_panels`:
@@ -56,27 +58,12 @@ def denormalize(x: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def mae_panels(method: torch.nn.Module, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
     """imgs [B, C, H, W] normalized -> {name: [B, C, H, W] normalized} for an MAE-style method."""
-    from fastmask.ops import reference
+    from fastmask.methods.panels import reconstruction_panels
 
-    p = method.patch_size
-    grid = tuple(method.grid_size)
     masks = method.draw_masks(imgs.shape[0], imgs.device)
-    pred = method.forward_decoder(method.forward_encoder(imgs, masks.ids_keep), masks.ids_restore).float()
-    target = reference.patchify(imgs.float(), p)                      # [B, L, p*p*C]
-    objective = getattr(method, "objective", None)
-    if getattr(objective, "norm_pix", True):
-        # Undo the per-patch normalization with the true patch's statistics (unbiased var, eps 1e-6).
-        mean = target.mean(dim=-1, keepdim=True)
-        var = target.var(dim=-1, keepdim=True)
-        pred = pred * (var + 1e-6) ** 0.5 + mean
-    C = imgs.shape[1]
-    m = masks.mask.unsqueeze(-1)                                      # [B, L, 1], 1 = hidden
-    recon = reference.unpatchify(pred, p, C, grid)
-    pasted = reference.unpatchify(target * (1 - m) + pred * m, p, C, grid)
-    # Hidden patches drawn as the normalized value of mid-grey.
-    grey = ((0.5 - torch.tensor(IMAGENET_MEAN)) / torch.tensor(IMAGENET_STD)).to(imgs.device)
-    masked = reference.unpatchify(target * (1 - m) + grey.repeat(p * p).view(1, 1, -1) * m, p, C, grid)
-    return {"original": imgs, "masked": masked, "reconstruction": recon, "recon + visible": pasted}
+    pred = method.forward_decoder(method.forward_encoder(imgs, masks.ids_keep), masks.ids_restore)
+    norm_pix = getattr(getattr(method, "objective", None), "norm_pix", True)
+    return {"original": imgs, **reconstruction_panels(imgs, masks.mask, pred, method.patch_size, norm_pix)}
 
 
 def panels_for(method: torch.nn.Module, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -133,7 +120,9 @@ def draw_grid(panels: dict[str, torch.Tensor], path: str | Path, scale: int = 1)
             canvas.paste(im, (x0, HEADER + PAD + r * cell))
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path, format="PNG")
+    tmp = path.with_name(path.name + ".tmp")
+    canvas.save(tmp, format="PNG")
+    tmp.replace(path)
     return path
 
 
@@ -153,15 +142,41 @@ def sample_images(count: int, img_size: int, data: str | None = None, seed: int 
     return to_model_input(pool[np.sort(idx)], img_size)
 
 
-def main(args: argparse.Namespace) -> int:
-    from .load import load_method, resolve_config
+def _reseed(method: torch.nn.Module, seed: int) -> None:
+    """The same masks (and views) for the same --seed: every draw stream (`methods._stream.DrawStream`)
+    restarts at (seed, draw 0)."""
+    from fastmask.methods._stream import DrawStream
 
+    for module in method.modules():
+        for stream in (getattr(module, "stream", None), getattr(module, "_stream", None)):
+            if isinstance(stream, DrawStream):
+                stream.load({"seed": int(seed), "draws": 0})
+
+
+def check_arguments(args: argparse.Namespace) -> None:
+    """Every argument that can be checked without a model, in one ValueError."""
+    from fastmask.paths import check_output_file
+
+    problems = []
+    if args.images < 1 or args.scale < 1:
+        problems.append(f"--images and --scale must be >= 1, got {args.images}, {args.scale}")
+    if args.data is not None and not Path(args.data).is_dir():
+        problems.append(f"--data {args.data} is not a folder")
+    if problems:
+        raise ValueError("; ".join(problems))
+    check_output_file(args.out, "--out")
+
+
+def main(args: argparse.Namespace) -> int:
+    from .load import load_method, pick_device, resolve_config
+
+    check_arguments(args)
+    device = pick_device(args.device)
     cfg = resolve_config(None if args.random_init else args.checkpoint, args.config, args.overrides)
+    method, cfg = load_method(None if args.random_init else args.checkpoint, cfg=cfg, device=device)
+    _reseed(method, args.seed)
     torch.manual_seed(args.seed)
-    method, cfg = load_method(None if args.random_init else args.checkpoint, cfg=cfg, device=args.device)
-    if hasattr(method, "mask_seed"):
-        method.mask_seed, method.mask_draws = args.seed, 0  # the same masks for the same --seed
-    imgs = sample_images(args.images, cfg.data.img_size, args.data, args.seed).to(args.device)
+    imgs = sample_images(args.images, cfg.data.img_size, args.data, args.seed).to(device)
     panels = panels_for(method, imgs)
     path = draw_grid(panels, args.out, args.scale)
     w, h = grid_size(imgs.shape[0], len(panels), cfg.data.img_size, args.scale)

@@ -1,8 +1,8 @@
-"""Mask generators. Each takes an explicit torch.Generator and returns `Masks(ids_keep [B, K],
+"""Mask generators. Each draws from per-sample keyed `fastmask.draws.Draws` (or a torch.Generator) and returns `Masks(ids_keep [B, K],
 ids_restore [B, L], mask [B, L])`, 1 = hidden.
 
     masker = build_masker("random", mask_ratio=0.75)
-    masks = masker(B, (14, 14), device=imgs.device, generator=g)
+    masks = masker(B, (14, 14), draws=Draws(keys, seed))     # or device=..., generator=g
 
 New generators live in their own file here, subclass `MaskGenerator` and register with
 `@register_masker(name)`; add the module name to `_MODULES` so `build_masker` finds it.

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..draws import Draws, as_draws
 from .base import MaskGenerator, Masks, check_ratio, masks_from_shuffle, register_masker
 
 # 1/(sin(pi s) + eps): the official code's eps keeps the penalty finite at s = 0 or 1.
@@ -123,14 +124,13 @@ def masked_copies(imgs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     return out.flatten(0, 1)
 
 
-def pick_slots(masks: torch.Tensor, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """masks [B, N, H, W] -> (mask [B, H, W], slot [B] int64): one slot per sample, uniformly (ADIOS-s).
-
-    `generator` must live on masks' device (None = the global RNG).
-    """
+def pick_slots(masks: torch.Tensor, generator: torch.Generator | None = None,
+               draws: Draws | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """masks [B, N, H, W] -> (mask [B, H, W], slot [B] int64): one slot per sample, uniformly (ADIOS-s),
+    from `draws` (per-sample keyed) or else `generator` (on masks' device; None = the global RNG)."""
     check_masks(masks)
     B, N = masks.shape[:2]
-    slot = torch.randint(0, N, (B,), device=masks.device, generator=generator)
+    slot = as_draws(B, draws, generator, masks.device, "pick_slots").randint(N).to(masks.device)
     return masks[torch.arange(B, device=masks.device), slot], slot
 
 
@@ -167,7 +167,7 @@ class AdversarialMasking(MaskGenerator):
 
     Pixel form (ADIOS): `pixel_masks(imgs [B, C, H, W]) -> [B, N, H, W]`, not reversed: callers
     reverse the path that feeds the SSL loss and give these raw masks to `penalty`.
-    Token form (the registry's interface, for MAE): `masker(B, grid, device, generator, imgs=imgs)
+    Token form (the registry's interface, for MAE): `masker(B, grid, draws=d, imgs=imgs)
     -> Masks`, see `token_masks`; the soft-occluded images and the penalty of that call are left
     in `self.aux` ({"imgs_masked", "penalty", "areas", "slot"}) for the method to use.
 
@@ -201,7 +201,7 @@ class AdversarialMasking(MaskGenerator):
         return occluder_penalty(masks, self.alpha_sparsity, self.alpha_entropy)
 
     def token_masks(self, imgs: torch.Tensor, patch_size: int, generator: torch.Generator | None = None,
-                    reverse: bool = True) -> dict[str, torch.Tensor]:
+                    reverse: bool = True, draws: Draws | None = None) -> dict[str, torch.Tensor]:
         """Adversarial masks for a patch objective (MAE): imgs [B, C, H, W] -> dict with
         ids_keep [B, K], ids_restore [B, L], mask [B, L] (1 = hidden), imgs_masked [B, C, H, W],
         penalty (scalar), areas [B, N], slot [B].
@@ -215,7 +215,7 @@ class AdversarialMasking(MaskGenerator):
         occluder to make the visible patches less informative, within one backward.
         """
         masks = self.pixel_masks(imgs)
-        mask_px, slot = pick_slots(masks, generator)
+        mask_px, slot = pick_slots(masks, generator, draws)
         ids_keep, ids_restore, mask = token_masking_from_scores(patch_occupancy(mask_px, patch_size), self.mask_ratio)
         m = grad_reverse(mask_px) if reverse else mask_px
         pen, areas = self.penalty(masks)
@@ -223,14 +223,15 @@ class AdversarialMasking(MaskGenerator):
                 "imgs_masked": apply_pixel_mask(imgs, m), "penalty": pen, "areas": areas, "slot": slot}
 
     def forward(self, batch_size: int, grid: int | tuple[int, int], device: torch.device | str | None = None,
-                generator: torch.Generator | None = None, imgs: torch.Tensor | None = None, **context) -> Masks:
+                generator: torch.Generator | None = None, draws: Draws | None = None,
+                imgs: torch.Tensor | None = None, **context) -> Masks:
         """The registry interface: needs `imgs` [B, C, H, W] in the context and a 2-D grid (h, w)."""
         if imgs is None or not isinstance(grid, tuple) or imgs.shape[0] != batch_size \
                 or imgs.shape[-2] % grid[0] or imgs.shape[-1] % grid[1] or imgs.shape[-2] // grid[0] != imgs.shape[-1] // grid[1]:
             raise ValueError("adversarial masking needs imgs=[B, C, H, W] in its context and a patch grid (h, w) "
                              f"dividing H, W with square patches; got grid={grid!r}, batch_size={batch_size}, "
                              f"imgs={None if imgs is None else tuple(imgs.shape)}")
-        self.aux = self.token_masks(imgs, imgs.shape[-2] // grid[0], generator)
+        self.aux = self.token_masks(imgs, imgs.shape[-2] // grid[0], generator, draws=draws)
         return Masks(self.aux["ids_keep"], self.aux["ids_restore"], self.aux["mask"])
 
     def extra_repr(self) -> str:

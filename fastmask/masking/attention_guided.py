@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import torch
 
+from ..draws import Draws, as_draws
 from .base import MaskGenerator, Masks, check_ratio, grid_length, masks_from_shuffle, register_masker
 
 
@@ -28,7 +29,7 @@ def _ranks(scores: torch.Tensor) -> torch.Tensor:
 
 @register_masker("attention")
 class AttentionGuidedMasking(MaskGenerator):
-    """forward(batch_size B, grid, device, generator, scores=[B, L]) -> Masks (1 = hidden).
+    """forward(batch_size B, grid, draws | generator, scores=[B, L]) -> Masks (1 = hidden).
 
     mode "exact": mask_ratio r, candidate_ratio c in [r, 1] (None = r). mode "bernoulli": candidate
     ratio rho = candidate_ratio (None = 0.5), probability `prob` (MST [unverified] defaults rho 0.5, p 0.3).
@@ -54,7 +55,8 @@ class AttentionGuidedMasking(MaskGenerator):
             self.mask_ratio if mode == "exact" else 0.5)
 
     def forward(self, batch_size: int, grid: int | tuple[int, int], device: torch.device | str | None = None,
-                generator: torch.Generator | None = None, scores: torch.Tensor | None = None, **context) -> Masks:
+                generator: torch.Generator | None = None, draws: Draws | None = None,
+                scores: torch.Tensor | None = None, **context) -> Masks:
         L = grid_length(grid)
         if scores is None or scores.dim() != 2 or tuple(scores.shape) != (batch_size, L):
             got = None if scores is None else tuple(scores.shape)
@@ -63,7 +65,7 @@ class AttentionGuidedMasking(MaskGenerator):
         if generator is not None and generator.device.type != torch.device(device).type:
             raise ValueError(f"generator on {generator.device} but scores on {device}")
         rank = _ranks(scores)
-        noise = torch.rand(batch_size, L, device=device, generator=generator)
+        noise = as_draws(batch_size, draws, generator, device, "attention-guided masking").uniform(L).to(device)
         C = max(1, int(round(self.candidate_ratio * L)))
         candidate = rank < C
         if self.mode == "bernoulli":
@@ -75,7 +77,7 @@ class AttentionGuidedMasking(MaskGenerator):
         # Key: candidates get a random key in [0, 1), the rest 1 + rank / L; the L - K smallest keys
         # are hidden. Sorting descending puts the kept tokens first (MAE's shuffle layout).
         key = torch.where(candidate, noise, 1.0 + rank.float() / L)
-        return masks_from_shuffle(torch.argsort(key, dim=1, descending=True), K)
+        return masks_from_shuffle(torch.argsort(key, dim=1, descending=True, stable=True), K)
 
     def extra_repr(self) -> str:
         extra = f", prob={self.prob}" if self.mode == "bernoulli" else ""

@@ -2,11 +2,14 @@
 
 A generator is an `nn.Module` (learned ones, such as ADIOS's occluder, have parameters) called as
 
-    masks = masker(batch_size, grid, device=..., generator=g, **context)
+    masks = masker(batch_size, grid, draws=d, **context)          # d: fastmask.draws.Draws for B samples
+    masks = masker(batch_size, grid, device=..., generator=g)      # or keys drawn from a torch.Generator
 
-with `grid` the patch grid (h, w) (or L, for generators that need no 2-D layout), an explicit
-`torch.Generator` (or None for torch's global one) so runs are reproducible and resumable, and
-`context` for what a particular generator needs (images, attention maps); others ignore it.
+with `grid` the patch grid (h, w) (or L, for generators that need no 2-D layout), per-sample keyed
+`draws` (what a sample gets depends only on its key, so masks do not change with the world size,
+the batch split or a resume; the engine passes them) or a `torch.Generator` (None: torch's global
+RNG) from which `Draws.from_generator` takes keys, and `context` for what a particular generator
+needs (images, attention maps); others ignore it.
 Mask convention: 1 = hidden, 0 = visible.
 """
 from __future__ import annotations
@@ -56,12 +59,13 @@ def check_ratio(mask_ratio: float, who: str) -> float:
 
 
 class MaskGenerator(nn.Module):
-    """Base class. Subclasses implement forward(batch_size, grid, device=None, generator=None, **context) -> Masks."""
+    """Base class. Subclasses implement
+    forward(batch_size, grid, device=None, generator=None, draws=None, **context) -> Masks."""
 
     name: str = ""
 
     def forward(self, batch_size: int, grid: int | tuple[int, int], device: torch.device | str | None = None,
-                generator: torch.Generator | None = None, **context) -> Masks:
+                generator: torch.Generator | None = None, draws=None, **context) -> Masks:
         raise NotImplementedError
 
 

@@ -6,12 +6,13 @@ import math
 import torch
 import torch.nn.functional as F
 
+from ..draws import Draws, as_draws
 from .base import MaskGenerator, Masks, check_ratio, masks_from_shuffle, register_masker
 
 
 @register_masker("block")
 class BlockMasking(MaskGenerator):
-    """forward(batch_size B, grid (h, w), device, generator) -> Masks, exactly L - K hidden per sample,
+    """forward(batch_size B, grid (h, w), draws | generator) -> Masks, exactly L - K hidden per sample,
     K = int(L * (1 - mask_ratio)) (the same K as random masking at the same ratio).
 
     BEiT's MaskingGenerator (microsoft/unilm beit/masking_generator.py), run for the whole batch at
@@ -44,7 +45,7 @@ class BlockMasking(MaskGenerator):
         self.log_aspect = (math.log(min_aspect), math.log(max_aspect))
 
     def forward(self, batch_size: int, grid: int | tuple[int, int], device: torch.device | str | None = None,
-                generator: torch.Generator | None = None, **context) -> Masks:
+                generator: torch.Generator | None = None, draws: Draws | None = None, **context) -> Masks:
         if isinstance(grid, int):
             raise ValueError("block masking needs the 2-D patch grid (h, w), got a length")
         H, W = int(grid[0]), int(grid[1])
@@ -53,13 +54,13 @@ class BlockMasking(MaskGenerator):
         if batch_size < 1 or K < 1 or K >= L:
             raise ValueError(f"block masking: batch_size {batch_size}, mask_ratio {self.mask_ratio} on L={L} "
                              f"keeps K={K} patches; need B >= 1 and 1 <= K < L")
-        if generator is not None and device is None:
-            device = generator.device
+        d = as_draws(batch_size, draws, generator, device, "block masking")
+        device = d.device
         B, target = batch_size, L - K
         cap = self.max_num_patches or target
 
-        def rand(*shape):
-            return torch.rand(*shape, device=device, generator=generator)
+        def rand(*shape):  # shape[0] is always B: one keyed row per sample
+            return d.uniform(*shape[1:])
 
         rows = torch.arange(H, device=device).view(1, H, 1)
         cols = torch.arange(W, device=device).view(1, 1, W)
@@ -84,10 +85,10 @@ class BlockMasking(MaskGenerator):
         # Exact count: fill the shortfall, preferring visible patches next to hidden ones.
         touching = F.max_pool2d(mask.view(B, 1, H, W).float(), 3, stride=1, padding=1).flatten(1) > 0
         key = rand(B, L) + (~touching).float() + 2.0 * mask.float()
-        rank = torch.argsort(torch.argsort(key, dim=1), dim=1)
+        rank = torch.argsort(torch.argsort(key, dim=1, stable=True), dim=1, stable=True)
         mask = mask | (rank < remaining.view(B, 1))
         # Visible first, in random order; hidden after.
-        ids_shuffle = torch.argsort(rand(B, L) + 2.0 * mask.float(), dim=1)
+        ids_shuffle = torch.argsort(rand(B, L) + 2.0 * mask.float(), dim=1, stable=True)
         return masks_from_shuffle(ids_shuffle, K)
 
     def extra_repr(self) -> str:

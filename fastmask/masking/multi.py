@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from ..draws import Draws, as_draws
 from .base import MaskGenerator, Masks, check_ratio, grid_length, masks_from_shuffle, register_masker
 
 
 @register_masker("multi")
 class MultiMasking(MaskGenerator):
-    """forward(batch_size B, grid (h, w) or L, device, generator) -> Masks for a batch of M*B rows.
+    """forward(batch_size B, grid (h, w) or L, draws | generator) -> Masks for a batch of M*B rows.
 
     As microsoft/ExtreMA (disjoint sampling, always on there): one noise draw and argsort per image;
     mask k keeps sorted[:, k*n : (k+1)*n] with n = int(L * (1 - mask_ratio)), so the M masks of an
@@ -37,14 +38,14 @@ class MultiMasking(MaskGenerator):
         return n
 
     def forward(self, batch_size: int, grid: int | tuple[int, int], device: torch.device | str | None = None,
-                generator: torch.Generator | None = None, **context) -> Masks:
+                generator: torch.Generator | None = None, draws: Draws | None = None, **context) -> Masks:
+        """draws: for the B images (one shuffle each), not for the M*B rows."""
         L = grid_length(grid)
         if batch_size < 1:
             raise ValueError(f"multi masking: batch_size must be >= 1, got {batch_size}")
         n = self.num_keep(L)
-        if generator is not None and device is None:
-            device = generator.device
-        ids_sorted = torch.argsort(torch.rand(batch_size, L, device=device, generator=generator), dim=1)
+        noise = as_draws(batch_size, draws, generator, device, "multi masking").uniform(L)
+        ids_sorted = torch.argsort(noise, dim=1, stable=True)
         # Rolling the shuffle left by k*n puts chunk k first: it becomes mask k's kept set, and every
         # other patch follows as hidden, so MAE's bookkeeping applies per mask unchanged.
         shuffles = torch.stack([torch.roll(ids_sorted, -k * n, dims=1) for k in range(self.num_masks)])

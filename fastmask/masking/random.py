@@ -3,12 +3,13 @@ from __future__ import annotations
 
 import torch
 
+from ..draws import Draws, as_draws
 from .base import MaskGenerator, Masks, check_ratio, grid_length, masks_from_shuffle, register_masker
 
 
 @register_masker("random")
 class RandomMasking(MaskGenerator):
-    """forward(batch_size B, grid (h, w) or L, device, generator) -> Masks with K = int(L * (1 - mask_ratio)).
+    """forward(batch_size B, grid (h, w) or L, draws | generator, noise=None) -> Masks with K = int(L * (1 - mask_ratio)).
 
     As facebookresearch/mae `random_masking`: noise ~ U[0, 1)^[B, L], ids_shuffle = argsort(noise)
     (ascending: the smallest are kept), ids_keep = ids_shuffle[:, :K], so the visible tokens are in
@@ -28,15 +29,18 @@ class RandomMasking(MaskGenerator):
         return k
 
     def forward(self, batch_size: int, grid: int | tuple[int, int], device: torch.device | str | None = None,
-                generator: torch.Generator | None = None, **context) -> Masks:
+                generator: torch.Generator | None = None, draws: Draws | None = None,
+                noise: torch.Tensor | None = None, **context) -> Masks:
+        """noise [B, L] (optional, as HF ViTMAE's `noise`): use it instead of drawing."""
         L = grid_length(grid)
         if batch_size < 1 or L < 1:
             raise ValueError(f"random masking: batch_size and L must be >= 1, got {batch_size}, {L}")
         len_keep = self.num_keep(L)
-        if generator is not None:
-            device = generator.device if device is None else device
-        noise = torch.rand(batch_size, L, device=device, generator=generator)
-        return masks_from_shuffle(torch.argsort(noise, dim=1), len_keep)
+        if noise is None:
+            noise = as_draws(batch_size, draws, generator, device, "random masking").uniform(L)
+        elif tuple(noise.shape) != (batch_size, L):
+            raise ValueError(f"random masking: noise must be [B, L] = {(batch_size, L)}, got {tuple(noise.shape)}")
+        return masks_from_shuffle(torch.argsort(noise, dim=1, stable=True), len_keep)
 
     def extra_repr(self) -> str:
         return f"mask_ratio={self.mask_ratio}"

@@ -1,5 +1,5 @@
 """ADIOS (Shi et al., arXiv 2201.13100, ICML 2022): an adversarial U-Net occluder hides parts of one
-view, the encoder learns SimCLR / BYOL / SimSiam invariance to what is left. METHODS.md section 4.
+view, the encoder learns SimCLR / BYOL / SimSiam invariance to what is left. See docs/methods.md.
 
 Per batch (the engine yields one normalized batch; the two views are made here, `views.ViewAugment`):
     x1, x2 = two augmented views
@@ -46,6 +46,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from ..draws import Draws
 from ..masking.adversarial import AdversarialMasking, grad_reverse, masked_copies, pick_slots
 from ..models import create_model
 from ..models import resnet as _resnet  # noqa: F401  registers resnet18 in the model registry
@@ -174,17 +175,14 @@ class ADIOS(Method):
                    backend=cfg.engine.backend, seed=cfg.engine.seed)
 
     # ------------------------------------------------------------------ randomness (views, ADIOS-s slots)
-    def _generator(self, device: torch.device) -> torch.Generator:
-        """This step's generator: draw n on rank r is seeded mix(seed, r, n), as MAE's masks."""
-        return self._stream.next(device)
-
     @property
     def draws(self) -> int:
-        return self._stream.draws
+        """How many keyless draws this rank made (direct calls without `keys`, see `_stream`)."""
+        return self._stream.draws_done
 
     @draws.setter
     def draws(self, value: int) -> None:
-        self._stream.draws = int(value)
+        self._stream.draws_done = int(value)
 
     def get_extra_state(self) -> dict:
         return self._stream.state()
@@ -193,10 +191,10 @@ class ADIOS(Method):
         self._stream.load(state)
 
     # ------------------------------------------------------------------ the SSL loss on masked views
-    def _select(self, masks: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    def _select(self, masks: torch.Tensor, draws: Draws) -> torch.Tensor:
         """masks [Bx, N, H, W] -> the masks applied [K, Bx, H, W]: all N slots, or one per sample (ADIOS-s)."""
         if self.args.single_mask:
-            return pick_slots(masks, g)[0].unsqueeze(0)
+            return pick_slots(masks, draws=draws)[0].unsqueeze(0)
         return masks.transpose(0, 1)
 
     def _ssl(self, x1: torch.Tensor, x2: torch.Tensor, sel: torch.Tensor, detached: bool) -> torch.Tensor:
@@ -240,15 +238,17 @@ class ADIOS(Method):
         return functional_call(module, params, (x,))
 
     # ------------------------------------------------------------------ method interface
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, 3, S, S] normalized; keys [B] int64 per-sample draw keys (None: this rank's counter)."""
         S = self.img_size
         if imgs.dim() != 4 or imgs.shape[1:] != (3, S, S) or not imgs.is_floating_point():
             raise ValueError(f"adios: imgs must be float [B, 3, {S}, {S}], got {imgs.dtype} {tuple(imgs.shape)}")
         if imgs.shape[0] < 2:
             raise ValueError("adios: the contrastive/BatchNorm objectives need a batch of at least 2 images")
-        g = self._generator(imgs.device)
-        x1, x2 = self.augment.two_views(imgs, g)
+        d = self._stream.draws(imgs.shape[0], imgs.device, keys)
+        x1, x2 = self.augment.two_views(imgs, draws=d.child("views"))
         occ_in = torch.cat([x1, x2]) if self.args.ssl == "simsiam" else x2
+        g = d.child("slots").repeat(2) if self.args.ssl == "simsiam" else d.child("slots")
         masks = self.masker.pixel_masks(occ_in)                    # [Bx, N, H, W]
         penalty, areas = self.masker.penalty(masks)
         if self.args.mode == "simultaneous":

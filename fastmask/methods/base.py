@@ -17,16 +17,34 @@ class Method(nn.Module):
     """Base class. Subclasses set `Args` (a dataclass of their options) and implement `forward`."""
 
     name: str = ""
+    steps_per_epoch: int = 1  # set by the engine (`set_epoch_length`); until then one step counts as an epoch
 
     @dataclasses.dataclass
     class Args:
         pass
 
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:  # imgs [B, C, H, W], normalized
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W] normalized; keys [B] int64: each sample's global draw key (the engine passes
+        `Loader.sample_keys`; masks and views drawn from `fastmask.draws.Draws` keyed by them do not
+        depend on the world size, the batch split or a resume). None: the method's own counter.
+        Methods that draw masks also take `masks=` (ready `fastmask.masking.Masks`) to fix them."""
         raise NotImplementedError
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         """Called by the engine after every optimizer step (EMA/momentum teachers, schedules)."""
+
+    def set_epoch_length(self, steps_per_epoch: int) -> None:
+        """Called by the engine before training: optimizer steps per epoch, for options a paper counts
+        in epochs (DINO's frozen last layer, teacher temperature warm-up)."""
+        if steps_per_epoch < 1:
+            raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+        self.steps_per_epoch = int(steps_per_epoch)
+
+    def view_specs(self) -> list | None:
+        """The views the loader should cut from every full-resolution image (`fastmask.data.ViewSpec`s);
+        `forward` then gets a list of [B, 3, S_v, S_v] per batch. None (the default): one tensor
+        [B, 3, S, S], the loader's single crop."""
+        return None
 
     def param_groups(self, weight_decay: float) -> list[dict[str, Any]]:
         """AdamW groups: no decay on 1-D parameters (norms, biases) and on `no_weight_decay()` names,

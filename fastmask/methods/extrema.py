@@ -1,5 +1,5 @@
 """ExtreMA (Wu et al., arXiv 2206.04667; microsoft/ExtreMA): extreme multi-masking with a momentum
-target on the full image. See shared/METHODS.md section 2.
+target on the full image. See docs/methods.md, "ExtreMA".
 
 Student: the image's M disjoint masked copies (80% x 5 by default, `masking: multi`) stacked on the
 batch dimension, [M*B, n] visible tokens each, through a ViT whose class token never enters the
@@ -28,7 +28,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..masking import build_masker
+from ..masking import Masks, build_masker
 from ..models import create_model
 from ..models.class_attention import ClassAttentionViT
 from ..models.heads import MLPHead
@@ -37,7 +37,25 @@ from . import register_method
 from ._stream import DrawStream
 from .base import Method
 from .momentum import cosine_momentum, ema_update_, make_teacher
+from .panels import hide_patches, patch_map, rescale
 from .views import ViewAugment
+
+
+def class_attention(encoder: ClassAttentionViT, imgs: torch.Tensor) -> torch.Tensor:
+    """imgs [B, C, H, W] -> [B, heads, L] fp32: the class token's attention over the patches in the
+    encoder's last class-attention block (softmax over cls + L keys, patch columns)."""
+    attn = encoder.ca_blocks[-1].attn
+    box: dict[str, torch.Tensor] = {}
+    handle = attn.register_forward_hook(lambda _m, inputs, _out: box.__setitem__("u", inputs[0]))
+    try:
+        encoder.forward_features(imgs)
+    finally:
+        handle.remove()
+    u = box["u"]                                                           # [B, 1+L, D], after norm1
+    B, N, D = u.shape
+    q = attn.q(u[:, :1]).float().reshape(B, attn.num_heads, attn.head_dim)
+    k = attn.k(u).float().reshape(B, N, attn.num_heads, attn.head_dim)
+    return (torch.einsum("bhd,bnhd->bhn", q, k) * attn.scale).softmax(dim=-1)[:, :, 1:]
 
 
 @register_method("extrema")
@@ -114,13 +132,21 @@ class ExtreMA(Method):
         return (self.teacher if self.eval_momentum else self.student)["encoder"]
 
     # ------------------------------------------------------------------ step
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None,
+                masks: Masks | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W]; keys [B] int64 per-sample draw keys (None: this rank's counter);
+        masks: ready Masks for the M*B student rows (row m*B + b = mask m of image b) instead of drawing."""
         enc = self.student["encoder"]
         enc.vit.check_images(imgs)
         B, M = imgs.shape[0], self.num_masks
-        g = self.stream.next(imgs.device)
-        x1, x2 = self.augment.two_views(imgs, g) if self.augment is not None else (imgs, imgs)
-        masks = self.masker(B if self.multi else M * B, enc.grid_size, device=imgs.device, generator=g)
+        d = self.stream.draws(B, imgs.device, keys)
+        x1, x2 = self.augment.two_views(imgs, draws=d.child("views")) if self.augment is not None else (imgs, imgs)
+        if masks is None:
+            dm = d.child("mask")
+            masks = self.masker(B, enc.grid_size, draws=dm) if self.multi else \
+                self.masker(M * B, enc.grid_size, draws=dm.repeat(M))
+        elif masks.ids_keep.shape[0] != M * B:
+            raise ValueError(f"extrema: masks= must hold M*B = {M * B} rows, got {masks.ids_keep.shape[0]}")
         with torch.no_grad():
             k = self.teacher["projector"](self.teacher["encoder"].forward_features(x2)[:, 0])  # [B, d]
         # Row m*B + b is mask m of image b (MultiMasking's layout): repeat the batch M times to match.
@@ -131,6 +157,26 @@ class ExtreMA(Method):
             target_std = torch.nn.functional.normalize(k.float(), dim=-1).std(dim=0).mean()
         return {"loss": loss, "byol": loss.detach(), "target_std": target_std,
                 "momentum": imgs.new_full((), self.momentum_now, dtype=torch.float32), "visible_ratio": 1.0 - masks.mask.mean()}
+
+    @torch.no_grad()
+    def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """imgs [B, 3, S, S] normalized -> panels for `fastmask visualize`: "original"; "class
+        attention" [B, 1, S, S] (the evaluated encoder's last class-attention block on the full image:
+        the class token's attention over the patches, head mean, min-max scaled per image); then for
+        each of the M masks "visible k" (the image with only mask k's visible patches; the masks are
+        disjoint with masking=multi)."""
+        enc = self.student["encoder"]
+        enc.vit.check_images(imgs)
+        B, M = imgs.shape[0], self.num_masks
+        dm = self.stream.draws(B, imgs.device).child("mask")
+        masks = self.masker(B, enc.grid_size, draws=dm) if self.multi else \
+            self.masker(M * B, enc.grid_size, draws=dm.repeat(M))
+        p, grid = enc.patch_size, enc.grid_size
+        attn = class_attention(self.encoder(), imgs).mean(dim=1)                           # [B, L]
+        panels = {"original": imgs, "class attention": patch_map(rescale(attn), grid, p)}
+        for k, mask in enumerate(masks.mask.reshape(M, B, -1)):  # row m*B + b is mask m of image b
+            panels[f"visible {k + 1}"] = hide_patches(imgs, mask, p)
+        return panels
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:

@@ -1,5 +1,5 @@
 """MAE (He et al., arXiv 2111.06377): hide most patches, encode only the visible ones, reconstruct
-the hidden ones' normalized pixels with a light decoder. See shared/METHODS.md section 1.
+the hidden ones' normalized pixels with a light decoder. See docs/methods.md, "MAE".
 
 Layout choice: the method *is* the official model. `MAE` subclasses
 `fastmask.models.MaskedAutoencoderViT`, whose attributes are facebookresearch/mae's
@@ -10,11 +10,13 @@ keys are the official ones with no prefix: an official checkpoint loads with
 checkpoint plus one key, `_extra_state` (the mask generator's position, below). `encoder()` returns
 a plain VisionTransformer sharing the encoder's tensors (timm-loadable state dict).
 
-Masks come from a generator in `fastmask.masking` (random by default) drawn with a torch.Generator
-that lives in the method. Draw n on rank r uses seed mix(engine.seed, r, n): masks differ per rank
-and per step, and the state to checkpoint is just (seed, n), saved through get/set_extra_state,
-so a resumed run draws exactly the masks the uninterrupted run would have drawn, on every rank,
-even though DeepSpeed saves the module state from rank 0 only.
+Masks come from a generator in `fastmask.masking` (random by default) drawing per-sample keyed
+`fastmask.draws.Draws`: the engine passes each sample's global key (`keys=`), so a sample's mask
+depends only on (engine.seed, its key), the same on any number of ranks, with any per-rank batch,
+and after a resume at another world size. Called without keys (tests, benchmarks), draw n on rank r
+uses keys from mix(seed, r, n), and (seed, n) is saved through get/set_extra_state. To reproduce
+another implementation's masks, pass `noise=[B, L]` (as Hugging Face's ViTMAE: argsort, keep the
+smallest) or ready `masks=`.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch
 from ..masking import Masks, build_masker
 from ..masking.adversarial import AdversarialMasking
 from ..masking.attention_guided import AttentionGuidedMasking
+from ..masking.random import RandomMasking
 from ..models.attention_probe import forward_with_cls_attention
 from ..models.mae import MaskedAutoencoderViT
 from ..models.vit import vit_config
@@ -96,19 +99,25 @@ class MAE(MaskedAutoencoderViT, Method):
 
     @property
     def mask_draws(self) -> int:
-        return self._stream.draws
+        return self._stream.draws_done
 
     @mask_draws.setter
     def mask_draws(self, value: int) -> None:
-        self._stream.draws = int(value)
+        self._stream.draws_done = int(value)
 
-    @torch.compiler.disable  # generator objects and a Python counter: keep them out of compiled graphs
-    def draw_masks(self, batch_size: int, device: torch.device, **context) -> Masks:
-        """Masks for one batch: ids_keep [B, K], ids_restore [B, L], mask [B, L] (1 = hidden),
-        from draw number `mask_draws` of this rank's stream (see the module docstring). `context`
-        (e.g. imgs=) goes to generators that look at the data (adversarial)."""
-        g = self._stream.next(device)
-        return self.masker(batch_size, self.grid_size, device=device, generator=g, **context)
+    @torch.compiler.disable  # Python-side hashing constants and counters: keep them out of compiled graphs
+    def draw_masks(self, batch_size: int, device: torch.device, keys: torch.Tensor | None = None,
+                   noise: torch.Tensor | None = None, **context) -> Masks:
+        """Masks for one batch: ids_keep [B, K], ids_restore [B, L], mask [B, L] (1 = hidden), keyed by
+        `keys` [B] (see the module docstring). noise [B, L]: MAE/HF-style noise to argsort instead
+        (random masking only). `context` (e.g. imgs=) goes to generators that look at the data."""
+        if noise is not None:
+            if not isinstance(self.masker, RandomMasking):
+                raise ValueError(f"mae: noise= drives random masking; this MAE uses masking={self.masker.name!r} "
+                                 f"(pass masks= instead)")
+            return self.masker(batch_size, self.grid_size, noise=noise.to(device))
+        draws = self._stream.draws(batch_size, device, keys)
+        return self.masker(batch_size, self.grid_size, draws=draws.child("mask"), **context)
 
     def get_extra_state(self) -> dict:
         return {"mask_seed": self.mask_seed, "mask_draws": self.mask_draws}
@@ -136,8 +145,17 @@ class MAE(MaskedAutoencoderViT, Method):
         skip = super().no_weight_decay()
         return skip - {"cls_token", "mask_token"} if self.decay_tokens else skip
 
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                masks: Masks | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W] normalized; keys [B] int64 per-sample draw keys (the engine's; None: this
+        rank's counter); noise [B, L] (HF ViTMAE's convention: argsort, the smallest kept) or masks
+        (a ready `Masks`) fix the masks instead of drawing them."""
         self.check_images(imgs)
+        if masks is not None:
+            if noise is not None or isinstance(self.masker, AdversarialMasking):
+                raise ValueError("mae: masks= replaces the drawn masks; it takes neither noise= nor an "
+                                 "adversarial masker (whose occluder makes the masks)")
+            return self._loss(imgs, masks, adversarial=False)
         context = {"imgs": imgs}
         if isinstance(self.masker, AttentionGuidedMasking):
             # AttMask-style: the encoder's own last-block cls attention on the full image, without
@@ -145,8 +163,10 @@ class MAE(MaskedAutoencoderViT, Method):
             with torch.no_grad():
                 _, attn = forward_with_cls_attention(self.encoder_view(), imgs)
             context["scores"] = attn.mean(dim=1)
-        masks = self.draw_masks(imgs.shape[0], imgs.device, **context)
-        adversarial = isinstance(self.masker, AdversarialMasking)
+        masks = self.draw_masks(imgs.shape[0], imgs.device, keys=keys, noise=noise, **context)
+        return self._loss(imgs, masks, adversarial=isinstance(self.masker, AdversarialMasking))
+
+    def _loss(self, imgs: torch.Tensor, masks: Masks, adversarial: bool) -> dict[str, torch.Tensor]:
         # Adversarial masks: the encoder sees the softly occluded image (gradient-reversed into the
         # occluder), the target stays the original image, and the occluder's penalty joins the loss.
         x = self.masker.aux["imgs_masked"] if adversarial else imgs
@@ -164,7 +184,7 @@ class MAE(MaskedAutoencoderViT, Method):
 
     def flops_per_image(self) -> float | None:
         """Matmul FLOPs of one training step per image (forward + backward = 3x forward), counted as
-        `fastmask.bench.flops` does (PERFORMANCE.md's convention); None for non-square images."""
+        `fastmask.bench.flops` does (docs/performance.md's convention); None for non-square images."""
         from ..bench.flops import MAEShape, mae_train_flops  # lazy: only the engine's logging needs it
 
         if self.img_size[0] != self.img_size[1]:

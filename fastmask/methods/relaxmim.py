@@ -1,6 +1,6 @@
 """RelaxMIM / C-MAE (Kong & Zhang, "Understanding Masked Image Modeling via Learning Occlusion
 Invariant Feature", arXiv 2208.04164): MIM as a siamese method, masked view vs full view, with the
-similarity measure switchable by one value. See shared/METHODS.md section 3 (no official code: the
+similarity measure switchable by one value. See docs/methods.md, "RelaxMIM" (no official code: the
 details below are fastmask's [unverified] reconstruction, all configurable).
 
     similarity: "infonce"  (C-MAE)  encoder on the visible tokens -> light decoder with learnable
@@ -32,7 +32,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from ..masking import build_masker
+from ..masking import Masks, build_masker
 from ..models import create_model
 from ..models.attention_probe import forward_with_cls_attention
 from ..models.heads import MLPHead
@@ -43,6 +43,7 @@ from . import register_method
 from ._stream import DrawStream
 from .base import Method
 from .momentum import cosine_momentum, ema_update_, make_teacher
+from .panels import hide_patches, patch_map, reconstruction_panels
 
 _CHOICES = {"similarity": ("infonce", "mae"), "target": ("stopgrad", "ema", "shared"),
             "level": ("token", "image"), "negatives": ("batch", "image")}
@@ -153,13 +154,17 @@ class RelaxMIM(Method):
             z = tokens[:, 1:] if self.level == "token" else tokens[:, 1:].mean(dim=1)
             return nets["head"](z), scores
 
-    def forward(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, imgs: torch.Tensor, keys: torch.Tensor | None = None,
+                masks: Masks | None = None) -> dict[str, torch.Tensor]:
+        """imgs [B, C, H, W]; keys [B] int64 per-sample draw keys (None: this rank's counter);
+        masks: ready Masks [B] instead of drawing them."""
         vit = self.backbone
         vit.check_images(imgs)
         B, L = imgs.shape[0], vit.num_patches
-        g = self.stream.next(imgs.device)
         kb, scores = self._full_branch(imgs)
-        masks = self.masker(B, vit.grid_size, device=imgs.device, generator=g, scores=scores)
+        if masks is None:
+            d = self.stream.draws(B, imgs.device, keys)
+            masks = self.masker(B, vit.grid_size, draws=d.child("mask"), scores=scores)
         latent = vit.forward_visible(imgs, masks.ids_keep)                   # [B, 1+K, D]
         out = self.decoder(latent, masks.ids_restore)                        # [B, L, p*p*C] or [B, L, D]
         metrics = {"mask_ratio": masks.mask.mean()}
@@ -178,6 +183,32 @@ class RelaxMIM(Method):
                 pos = hidden + torch.arange(B, device=imgs.device).unsqueeze(1) * L
                 loss = info_nce(qa.flatten(0, 1), kb.flatten(0, 1), self.temperature, positives=pos.flatten())
         return {"loss": loss, **metrics}
+
+    @torch.no_grad()
+    def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:
+        """imgs [B, 3, S, S] normalized -> panels for `fastmask visualize`: "original", "mask"
+        [B, 1, S, S] (1 = hidden), "masked" (hidden patches grey: the encoder sees the visible ones),
+        then what the decoder does:
+        - similarity "mae": "reconstruction" and "recon + visible" (the decoder's pixels, each patch
+          mapped back with the true patch's mean and variance when norm_pix);
+        - similarity "infonce": "similarity" [B, 1, S, S], per position (cos + 1) / 2 of the masked
+          branch's decoder output and the full-image branch's token, both through the head h."""
+        vit = self.backbone
+        vit.check_images(imgs)
+        kb, scores = self._full_branch(imgs)
+        d = self.stream.draws(imgs.shape[0], imgs.device)
+        masks = self.masker(imgs.shape[0], vit.grid_size, draws=d.child("mask"), scores=scores)
+        out = self.decoder(vit.forward_visible(imgs, masks.ids_keep), masks.ids_restore)
+        p, grid = vit.patch_size, vit.grid_size
+        panels = {"original": imgs, "mask": patch_map(masks.mask, grid, p)}
+        if self.similarity == "mae":
+            return {**panels, **reconstruction_panels(imgs, masks.mask, out, p, self.objective.norm_pix)}
+        if self.level == "image":  # kb is pooled: project the full-image tokens position by position
+            nets = self.teacher if self.target == "ema" else {"backbone": self.backbone, "head": self.head}
+            kb = nets["head"](nets["backbone"].forward_features(imgs)[:, 1:])
+        cos = torch.nn.functional.cosine_similarity(self.head(out).float(), kb.float(), dim=-1)   # [B, L]
+        return {**panels, "masked": hide_patches(imgs, masks.mask, p),
+                "similarity": patch_map((cos + 1) / 2, grid, p)}
 
     @torch.no_grad()
     def on_step_end(self, step: int, total_steps: int) -> None:

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from .. import ops
-from .. import ops
 from ..ops.nn import Attention
 
 # MAE (and timm's ViTs) use LayerNorm with eps 1e-6 everywhere.
@@ -195,14 +194,47 @@ def _add_norm(a: torch.Tensor, h: torch.Tensor | None, norm: nn.LayerNorm, backe
     return ops.add_layer_norm(a, h, norm.weight, norm.bias, norm.eps, backend=backend)
 
 
-def _fused_block(blk: "Block", y: torch.Tensor, h: torch.Tensor, next_norm: nn.LayerNorm, backend: str):
+def fc1_bias_gelu(mlp: nn.Module, y: torch.Tensor, backend: str) -> torch.Tensor:
+    """GELU(fc1(y)) with fc1's bias added inside the fused bias_gelu (the matmul runs without it)."""
+    return ops.bias_gelu(torch.nn.functional.linear(y, mlp.fc1.weight), mlp.fc1.bias, backend=backend)
+
+
+def gelu_mlp(mlp: nn.Module, y: torch.Tensor, backend: str) -> torch.Tensor:
+    """fc2(GELU(fc1(y))) of an MLP with timm's names, fc1's bias fused with the GELU."""
+    return mlp.fc2(fc1_bias_gelu(mlp, y, backend))
+
+
+def _fused_block(blk, y: torch.Tensor, h: torch.Tensor, next_norm: nn.LayerNorm | None, backend: str, mlp_fn):
     """One pre-LN block on (y = norm1(h), h) -> (next_norm(h'), h'): each residual add is fused with
-    the LayerNorm that follows it, fc1's bias with its GELU."""
+    the LayerNorm that follows it; without a next norm the last add is plain and y is None."""
     a = blk.drop_path1(blk.ls1(blk.attn(y)))
     y, h = _add_norm(a, h, blk.norm2, backend)
-    u = torch.nn.functional.linear(y, blk.mlp.fc1.weight)
-    m = blk.drop_path2(blk.ls2(blk.mlp.fc2(ops.bias_gelu(u, blk.mlp.fc1.bias, backend=backend))))
+    m = blk.drop_path2(blk.ls2(mlp_fn(blk.mlp, y, backend)))
+    if next_norm is None:
+        return None, h + m
     return _add_norm(m, h, next_norm, backend)
+
+
+def fused_chain(blocks, x: torch.Tensor, final_norm: nn.LayerNorm | None, backend: str, checkpoint: bool = False,
+                mlp_fn=gelu_mlp) -> torch.Tensor:
+    """x [B, N, D] through pre-LN `blocks` with every residual add fused with the LayerNorm after it
+    (the next block's norm1, or `final_norm` after the last block) -> final_norm(x') [B, N, D], or the
+    residual stream x' itself when final_norm is None (the last add then runs unfused).
+
+    Each block is read through timm's names: `norm1`, `attn` (y -> attention output), `ls1`,
+    `drop_path1`, `norm2`, `mlp`, `ls2`, `drop_path2` (fastmask's Block, timm's Block, or a view of
+    another library's layer). `mlp_fn(block.mlp, y, backend)` computes the MLP (default: fc1's bias
+    fused with GELU). With `checkpoint` (and grad enabled), each block is recomputed in backward.
+    """
+    from torch.utils.checkpoint import checkpoint as ckpt
+
+    use_ckpt = checkpoint and torch.is_grad_enabled()
+    y, h = _add_norm(x, None, blocks[0].norm1, backend)
+    for i, blk in enumerate(blocks):
+        nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else final_norm
+        y, h = (ckpt(_fused_block, blk, y, h, nxt, backend, mlp_fn, use_reentrant=False) if use_ckpt
+                else _fused_block(blk, y, h, nxt, backend, mlp_fn))
+    return h if final_norm is None else y
 
 
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpoint: bool, final_norm: nn.Module | None = None,
@@ -211,20 +243,15 @@ def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpoint: bool, final_n
     activations in backward (torch.utils.checkpoint, non-reentrant so it composes with autocast and DeepSpeed).
 
     With a final norm and a fused add_layer_norm backend for `x` (Triton on CUDA; `backend="triton"`
-    names it anywhere it runs), the blocks run as one chain where every residual add is fused with the
-    next LayerNorm (the next block's norm1, or `final_norm` after the last block) and fc1's bias with
-    GELU: the same function with two fewer memory passes per sublayer.
+    names it anywhere it runs), the blocks run as one `fused_chain` where every residual add is fused
+    with the next LayerNorm (the next block's norm1, or `final_norm` after the last block) and fc1's
+    bias with GELU: the same function with two fewer memory passes per sublayer.
     """
     from torch.utils.checkpoint import checkpoint as ckpt
 
-    use_ckpt = checkpoint and torch.is_grad_enabled()
     if fused_chain_backend(blocks, x, final_norm, backend) is not None:
-        y, h = _add_norm(x, None, blocks[0].norm1, backend)
-        for i, blk in enumerate(blocks):
-            nxt = blocks[i + 1].norm1 if i + 1 < len(blocks) else final_norm
-            y, h = (ckpt(_fused_block, blk, y, h, nxt, backend, use_reentrant=False) if use_ckpt
-                    else _fused_block(blk, y, h, nxt, backend))
-        return y
+        return fused_chain(blocks, x, final_norm, backend, checkpoint)
+    use_ckpt = checkpoint and torch.is_grad_enabled()
     for blk in blocks:
         x = ckpt(blk, x, use_reentrant=False) if use_ckpt else blk(x)
     return final_norm(x) if final_norm is not None else x

@@ -54,17 +54,17 @@ class MAEDecoderLayers:
         """latent [B, 1+K, D] (cls + visible tokens in the encoder's order), ids_restore [B, L] int64
         -> pred [B, L, p*p*C], one pixel vector per patch in image order ((p, q, c) order inside).
 
-        Embed to the decoder width, put the visible tokens back in image order with the mask token
-        at every hidden place (`fastmask.ops.patch_scatter`), re-prepend cls, add the fixed position
-        embedding, run the blocks, norm, predict, drop cls.
+        Embed to the decoder width; put the visible tokens back in image order with the mask token at
+        every hidden place, the cls token in front and the fixed position embedding added, in one op
+        (`fastmask.ops.decoder_unshuffle`; its output is fp32 under autocast, as the official code's
+        decoder stream); run the blocks, norm, predict, drop cls.
         """
         L = self.decoder_pos_embed.shape[1] - 1
         if latent.dim() != 3 or ids_restore.dim() != 2 or ids_restore.shape != (latent.shape[0], L):
             raise ValueError(f"latent must be [B, 1+K, D] and ids_restore [B, L={L}], got "
                              f"{tuple(latent.shape)} and {tuple(ids_restore.shape)}")
-        x = self.decoder_embed(latent)
-        body = ops.patch_scatter(x[:, 1:], ids_restore, self.mask_token.reshape(-1), backend=self.decoder_backend)
-        x = torch.cat([x[:, :1], body], dim=1) + self.decoder_pos_embed.to(x.dtype)
+        x = ops.decoder_unshuffle(self.decoder_embed(latent), ids_restore, self.mask_token.reshape(-1),
+                                  self.decoder_pos_embed[0], backend=self.decoder_backend)
         x = run_blocks(self.decoder_blocks, x, self.decoder_grad_checkpointing, self.decoder_norm, self.decoder_backend)
         return self.decoder_pred(x)[:, 1:]
 

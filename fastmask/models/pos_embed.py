@@ -39,3 +39,24 @@ def sincos_2d(embed_dim: int, grid_size: int | tuple[int, int], cls_token: bool 
     if cls_token:
         emb = torch.cat([torch.zeros(1, embed_dim, device=emb.device), emb], dim=0)
     return emb
+
+
+def resize_pos_embed(pos_embed: torch.Tensor, grid_size: tuple[int, int], new_grid: tuple[int, int],
+                     num_prefix_tokens: int = 1) -> torch.Tensor:
+    """pos_embed [1, prefix + h*w, D] (row-major patches after the prefix rows) -> [1, prefix + h'*w', D].
+
+    The patch rows, as a [D, h, w] image, are resized bicubically to `new_grid` (align_corners False,
+    no antialias), prefix rows kept: DINO's `interpolate_pos_encoding`, which lets a ViT built for
+    224 px take its 96 px local crops (a 6x6 grid covering the same extent as the 14x14 one). DINO
+    passes a scale factor nudged by 0.1; giving the output size maps every output patch centre onto
+    the same extent exactly. The same grid returns `pos_embed` itself.
+    """
+    h, w = grid_size
+    if tuple(new_grid) == (h, w):
+        return pos_embed
+    prefix, patches = pos_embed[:, :num_prefix_tokens], pos_embed[:, num_prefix_tokens:]
+    D = patches.shape[-1]
+    grid = patches.reshape(1, h, w, D).permute(0, 3, 1, 2).float()
+    grid = torch.nn.functional.interpolate(grid, size=tuple(new_grid), mode="bicubic", align_corners=False)
+    patches = grid.permute(0, 2, 3, 1).reshape(1, -1, D).to(pos_embed.dtype)
+    return torch.cat([prefix, patches], dim=1)

@@ -11,6 +11,11 @@ Three ways in, all returning tokens after the final norm, cls first:
                                                 (MAE: no mask token ever enters the encoder);
 - `forward_masked_tokens(imgs, mask, mask_token)` -> [B, 1+L, D]  hidden patches replaced by a
                                                 learned token before the position embedding (SimMIM/MST style).
+
+Images must have the `img_size` the position embedding is built for, unless `dynamic_img_size`
+(timm's name): then any size divisible by the patch size is taken, the position embedding resized
+bicubically to its grid (`pos_embed.resize_pos_embed`, DINO's interpolation: MST's 96 px local crops
+through a ViT built for 224 px).
 """
 from __future__ import annotations
 
@@ -19,7 +24,7 @@ from torch import nn
 
 from ._registry import register_model
 from .blocks import Block, LayerNorm, PatchEmbed, init_mae_weights, run_blocks
-from .pos_embed import sincos_2d
+from .pos_embed import resize_pos_embed, sincos_2d
 
 # name -> (embed_dim, depth, num_heads); MAE's sizes (tiny/small from DeiT).
 VIT_ARCHS: dict[str, tuple[int, int, int]] = {
@@ -38,7 +43,8 @@ class VisionTransformer(nn.Module):
     Args: img_size (int or (H, W), divisible by patch_size), patch_size, in_chans, embed_dim, depth,
     num_heads, mlp_ratio, qkv_bias, drop_path_rate (linearly increasing over depth, as timm),
     init_values (layer scale; None = off, as MAE), backend (fastmask.ops backend for attention and
-    the patch ops). Weights use MAE's init.
+    the patch ops), dynamic_img_size (accept other image sizes, see the module docstring). Weights use
+    MAE's init.
     """
 
     num_prefix_tokens = 1
@@ -46,7 +52,7 @@ class VisionTransformer(nn.Module):
     def __init__(self, img_size: int | tuple[int, int] = 224, patch_size: int = 16, in_chans: int = 3,
                  embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
                  qkv_bias: bool = True, drop_path_rate: float = 0.0, init_values: float | None = None,
-                 backend: str = "auto"):
+                 backend: str = "auto", dynamic_img_size: bool = False):
         super().__init__()
         if embed_dim % 4:
             raise ValueError(f"embed_dim must be a multiple of 4 for the 2-D sin-cos embedding, got {embed_dim}")
@@ -56,7 +62,7 @@ class VisionTransformer(nn.Module):
         self.patch_size, self.embed_dim, self.in_chans = patch_size, embed_dim, in_chans
         self.img_size, self.grid_size = self.patch_embed.img_size, self.patch_embed.grid_size
         self.num_patches = self.patch_embed.num_patches
-        self.backend = backend
+        self.backend, self.dynamic_img_size = backend, bool(dynamic_img_size)
         self.grad_checkpointing = False
         self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim))
         # Fixed sin-cos embedding: a Parameter (as the official code) so checkpoints carry it, never trained.
@@ -101,7 +107,7 @@ class VisionTransformer(nn.Module):
         p = self.patch_size
         if H % p or W % p:
             problems.append(f"image size {H}x{W} is not divisible by patch size {p}")
-        elif (H, W) != self.img_size:
+        elif (H, W) != self.img_size and not self.dynamic_img_size:
             problems.append(f"image size {H}x{W} does not match the model's img_size "
                             f"{self.img_size[0]}x{self.img_size[1]} (the position embedding is built for it)")
         if C != self.in_chans:
@@ -114,8 +120,16 @@ class VisionTransformer(nn.Module):
     # ------------------------------------------------------------------ forwards
     def _prepend_cls(self, x: torch.Tensor) -> torch.Tensor:
         # The cls token's position embedding is pos_embed[0], the all-zero row (kept for fidelity).
-        cls = (self.cls_token + self.pos_embed[:, :1]).to(x.dtype).expand(x.shape[0], -1, -1)
-        return torch.cat([cls, x], dim=1)
+        # The residual stream takes the promoted dtype, as torch.cat does in the official code: fp32 under
+        # autocast (fp32 parameters beside bf16 activations), never the cls token rounded to bf16.
+        dt = torch.promote_types(x.dtype, self.cls_token.dtype)
+        cls = (self.cls_token + self.pos_embed[:, :1]).to(dt).expand(x.shape[0], -1, -1)
+        return torch.cat([cls, x.to(dt)], dim=1)
+
+    def _patch_pos(self, imgs: torch.Tensor) -> torch.Tensor:
+        """-> [1, L, D]: the position embedding's patch rows for `imgs`'s grid (resized if it differs)."""
+        grid = (imgs.shape[-2] // self.patch_size, imgs.shape[-1] // self.patch_size)
+        return resize_pos_embed(self.pos_embed, self.grid_size, grid)[:, 1:]
 
     def _encode(self, x: torch.Tensor) -> torch.Tensor:
         return run_blocks(self.blocks, self._prepend_cls(x), self.grad_checkpointing, self.norm, self.backend)
@@ -123,7 +137,7 @@ class VisionTransformer(nn.Module):
     def forward_features(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W] -> [B, 1+L, D]: every patch, after the final norm (cls token first)."""
         self.check_images(imgs)
-        x = self.patch_embed(imgs) + self.pos_embed[:, 1:]
+        x = self.patch_embed(imgs) + self._patch_pos(imgs)
         return self._encode(x)
 
     def embed_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
@@ -133,7 +147,7 @@ class VisionTransformer(nn.Module):
         Equals `(patch_embed(imgs) + pos_embed[:, 1:]).gather(ids_keep)` (MAE embeds all L patches,
         then gathers) but embeds only K patches (`PatchConv` -> `fastmask.ops.patch_embed_visible`).
         """
-        return self.patch_embed(imgs, ids_keep, self.pos_embed[0, 1:])  # only the kept patches are embedded
+        return self.patch_embed(imgs, ids_keep, self._patch_pos(imgs)[0])  # embeds only the kept patches
 
     def forward_visible(self, imgs: torch.Tensor, ids_keep: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W], ids_keep [B, K] int64 (visible patches, any order) -> [B, 1+K, D].
@@ -151,7 +165,8 @@ class VisionTransformer(nn.Module):
         position embedding is added (SimMIM / MST), so the token learns "a hidden patch here".
         """
         self.check_images(imgs)
-        B, L = imgs.shape[0], self.num_patches
+        pos = self._patch_pos(imgs)
+        B, L = imgs.shape[0], pos.shape[1]
         if tuple(mask.shape) != (B, L):
             raise ValueError(f"mask must be [B, L] = {(B, L)}, got {tuple(mask.shape)}")
         if mask_token.numel() != self.embed_dim:
@@ -159,7 +174,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(imgs)
         w = mask.to(x.dtype).unsqueeze(-1)
         x = x * (1 - w) + mask_token.reshape(1, 1, -1).to(x.dtype) * w
-        return self._encode(x + self.pos_embed[:, 1:])
+        return self._encode(x + pos)
 
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W] -> [B, 1+L, D] (= forward_features; heads live in the methods/eval)."""
@@ -175,7 +190,7 @@ class VisionTransformer(nn.Module):
         view = VisionTransformer.__new__(VisionTransformer)
         nn.Module.__init__(view)
         for attr in ("patch_size", "embed_dim", "in_chans", "img_size", "grid_size", "num_patches", "backend",
-                     "grad_checkpointing"):
+                     "dynamic_img_size", "grad_checkpointing"):
             setattr(view, attr, getattr(self, attr))
         for attr in ("patch_embed", "cls_token", "pos_embed", "blocks", "norm"):
             setattr(view, attr, getattr(self, attr))

@@ -7,8 +7,9 @@ Follows DINO (Caron et al. 2021, `main_dino.py` DINOLoss), as MST uses it:
   (teacher global view, student view) pair except the pairs that are the same view;
 - the centre is an EMA (momentum 0.9) of the teacher's batch mean, all-reduced across ranks when
   torch.distributed is initialised, updated after the loss is computed;
-- tau_t warms up linearly from `warmup_teacher_temp` to `teacher_temp` over `warmup_steps`
-  (DINO counts epochs; fastmask counts optimizer steps), then stays constant.
+- tau_t warms up from `warmup_teacher_temp` to `teacher_temp` over the first `warmup_epochs`
+  epochs as DINO's schedule does, one value per epoch: linspace(warmup_teacher_temp, teacher_temp,
+  warmup_epochs)[epoch], then teacher_temp (DINO's ViT-S/16 300-epoch run: 0.04 -> 0.07 over 30).
 """
 from __future__ import annotations
 
@@ -23,14 +24,14 @@ from ._common import upcast
 
 
 class DINOLoss(nn.Module):
-    """forward(student_views: list of [B, K], teacher_views: list of [B, K], step=None) -> fp32 scalar.
+    """forward(student_views: list of [B, K], teacher_views: list of [B, K], epoch=None) -> fp32 scalar.
 
     Student view v and teacher view t are the same view when v == t: put the student's outputs
     for the global crops first, in the teacher's order (local crops after them).
     """
 
     def __init__(self, out_dim: int, student_temp: float = 0.1, teacher_temp: float = 0.04,
-                 warmup_teacher_temp: float = 0.04, warmup_steps: int = 0, center_momentum: float = 0.9):
+                 warmup_teacher_temp: float = 0.04, warmup_epochs: int = 0, center_momentum: float = 0.9):
         super().__init__()
         problems = []
         if out_dim < 1:
@@ -39,26 +40,28 @@ class DINOLoss(nn.Module):
             problems.append("temperatures must be > 0")
         if not 0.0 <= center_momentum < 1.0:
             problems.append(f"center_momentum must be in [0, 1), got {center_momentum}")
-        if warmup_steps < 0:
-            problems.append(f"warmup_steps must be >= 0, got {warmup_steps}")
+        if warmup_epochs < 0:
+            problems.append(f"warmup_epochs must be >= 0, got {warmup_epochs}")
         if problems:
             raise ValueError("DINOLoss: " + "; ".join(problems))
         self.student_temp, self.teacher_temp = student_temp, teacher_temp
-        self.warmup_teacher_temp, self.warmup_steps = warmup_teacher_temp, warmup_steps
+        self.warmup_teacher_temp, self.warmup_epochs = warmup_teacher_temp, int(warmup_epochs)
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
 
-    def teacher_temp_at(self, step: int | None) -> float:
-        """Linear warmup warmup_teacher_temp -> teacher_temp over warmup_steps; step None = done."""
-        if step is None or self.warmup_steps == 0 or step >= self.warmup_steps:
+    def teacher_temp_at(self, epoch: int | None) -> float:
+        """tau_t in epoch `epoch` (0-based): DINO's linspace(warmup_teacher_temp, teacher_temp,
+        warmup_epochs)[epoch] during the warm-up, teacher_temp after it (and for epoch None)."""
+        W = self.warmup_epochs
+        if epoch is None or epoch >= W:
             return self.teacher_temp
-        frac = step / self.warmup_steps
+        frac = epoch / (W - 1) if W > 1 else 0.0  # linspace: the warm-up's last epoch has teacher_temp
         return self.warmup_teacher_temp + frac * (self.teacher_temp - self.warmup_teacher_temp)
 
     def forward(self, student_views: Sequence[torch.Tensor], teacher_views: Sequence[torch.Tensor],
-                step: int | None = None) -> torch.Tensor:
+                epoch: int | None = None) -> torch.Tensor:
         self._check(student_views, teacher_views)
-        t_temp = self.teacher_temp_at(step)
+        t_temp = self.teacher_temp_at(epoch)
         teacher = [F.softmax((upcast(t.detach()) - self.center) / t_temp, dim=-1) for t in teacher_views]
         student = [F.log_softmax(upcast(s) / self.student_temp, dim=-1) for s in student_views]
         total, n_terms = 0.0, 0
@@ -99,7 +102,8 @@ class DINOLoss(nn.Module):
 
     def extra_repr(self) -> str:
         return (f"out_dim={self.center.shape[1]}, student_temp={self.student_temp}, "
-                f"teacher_temp={self.warmup_teacher_temp}->{self.teacher_temp} over {self.warmup_steps} steps, "
+                f"teacher_temp={self.warmup_teacher_temp}->{self.teacher_temp} "
+                f"over {self.warmup_epochs} epochs, "
                 f"center_momentum={self.center_momentum}")
 
 

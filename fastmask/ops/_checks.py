@@ -1,6 +1,8 @@
 """Input validation shared by the ops: every problem found is reported in one error, before any work."""
 from __future__ import annotations
 
+import os
+
 import torch
 
 ALL_DEVICES = ("cpu", "cuda")
@@ -35,3 +37,40 @@ def check_index(name: str, ids: torch.Tensor, batch: int, ref: torch.Tensor) -> 
     if ids.device != ref.device:
         out.append(f"{name} is on {ids.device} but the data is on {ref.device}")
     return out
+
+
+CHECK_ENV = "FASTMASK_CHECK"
+
+
+def index_checks_enabled() -> bool:
+    """FASTMASK_CHECK=1 turns on the value checks of index tensors (read per call, so tests can flip it)."""
+    return os.environ.get(CHECK_ENV, "0") == "1"
+
+
+def check_index_values(op: str, name: str, ids: torch.Tensor, L: int, permutation: bool) -> None:
+    """With FASTMASK_CHECK=1: every row of ids [B, K] holds distinct patch indices in [0, L), and is a
+    permutation of 0..L-1 when `permutation` (then K == L). One ValueError names the first bad row.
+
+    The fused backwards write each gradient row exactly once, without atomics, by trusting this
+    contract (every mask generator keeps it): a repeated index would leave rows of a gradient
+    unwritten. Reading the values syncs with the host, so the check is off by default (the training
+    step stays sync-free) and skipped inside torch.compile regions.
+    """
+    if torch.compiler.is_compiling() or not index_checks_enabled() or ids.numel() == 0:
+        return
+    what = "a permutation of 0..L-1" if permutation else "distinct patch indices in [0, L)"
+    problems = []
+    if permutation and ids.shape[1] != L:
+        problems.append(f"{name} rows have {ids.shape[1]} entries, a permutation of 0..{L - 1} needs {L}")
+    ids = ids.long()
+    bad = ((ids < 0) | (ids >= L)).nonzero()
+    if len(bad):
+        b, k = bad[0].tolist()
+        problems.append(f"{name}[{b}, {k}] = {ids[b, k].item()} is outside [0, L={L}) (rows must hold {what})")
+    srt = ids.sort(dim=1).values
+    rep = (srt[:, 1:] == srt[:, :-1]).nonzero()
+    if len(rep):
+        b, k = rep[0].tolist()
+        problems.append(f"{name} row {b} holds patch {srt[b, k].item()} more than once (rows must hold {what}; "
+                        "the fused backwards write each gradient row once and would leave others unwritten)")
+    fail_if(op, problems)

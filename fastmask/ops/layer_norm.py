@@ -18,9 +18,20 @@ from ._checks import ALL_DEVICES, TORCH_DTYPES, fail_if
 from .backends import Backend, register, select
 
 
+def stream_dtype(x: torch.Tensor, residual: torch.Tensor | None) -> torch.dtype:
+    """h's dtype when the caller names none: the dtype eager `x + residual` has (type promotion), and at
+    least fp32 under autocast, where the official AMP code keeps the residual stream in fp32 (its blocks
+    add bf16 branch outputs to an fp32 stream that starts from fp32 position embeddings)."""
+    dt = x.dtype if residual is None else torch.promote_types(x.dtype, residual.dtype)
+    if torch.is_autocast_enabled(x.device.type):
+        dt = torch.promote_types(dt, torch.float32)
+    return dt
+
+
 def add_layer_norm_reference(x, residual, weight, bias, eps=1e-6, residual_dtype=None):
-    """Plain PyTorch: h = x + residual (in residual_dtype), y = F.layer_norm(h) in x's dtype."""
-    rdt = residual_dtype or (residual.dtype if residual is not None else x.dtype)
+    """Plain PyTorch: h = x + residual (in residual_dtype, default `stream_dtype`), y = F.layer_norm(h) in
+    x's dtype."""
+    rdt = residual_dtype or stream_dtype(x, residual)
     h = x.to(rdt) if residual is None else (x.float() + residual.float()).to(rdt)
     y = F.layer_norm(h.float(), (h.shape[-1],), weight.float(), bias.float(), eps).to(x.dtype)
     return y, h
@@ -47,20 +58,32 @@ def _(x, residual, weight, bias, eps, residual_dtype):
             x.new_empty((M,), dtype=torch.float32), x.new_empty((M,), dtype=torch.float32))
 
 
+def _separate_dres(dx_dtype: torch.dtype, dres_dtype: torch.dtype | None) -> bool:
+    return dres_dtype is not None and dres_dtype != dx_dtype
+
+
 @torch.library.custom_op("fastmask::add_layer_norm_bwd_triton", mutates_args=())
 def _bwd_triton(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
-                dh_out: torch.Tensor | None, dh_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                dh_out: torch.Tensor | None, dx_dtype: torch.dtype, dres_dtype: torch.dtype | None
+                ) -> list[torch.Tensor]:
+    """-> [dweight, dbias, dx] and, only when dres_dtype differs from dx_dtype, dresidual (a custom op's
+    outputs may not alias, so the shared gradient is returned once and reused by the autograd backward)."""
     from fastmask.kernels.layer_norm import layer_norm_bwd
 
     N = dy.shape[-1]
-    dh, dw, db = layer_norm_bwd(dy.reshape(-1, N).contiguous(), h.reshape(-1, N).contiguous(), weight.contiguous(),
-                                mean, rstd, None if dh_out is None else dh_out.reshape(-1, N).contiguous(), dh_dtype)
-    return dh.view(dy.shape), dw.to(weight.dtype), db.to(weight.dtype)
+    dx, dres, dw, db = layer_norm_bwd(
+        dy.reshape(-1, N).contiguous(), h.reshape(-1, N).contiguous(), weight.contiguous(), mean, rstd,
+        None if dh_out is None else dh_out.reshape(-1, N).contiguous(), dx_dtype, dres_dtype)
+    out = [dw.to(weight.dtype), db.to(weight.dtype), dx.view(dy.shape)]
+    return out + ([dres.view(dy.shape)] if dres is not None else [])
 
 
 @_bwd_triton.register_fake
-def _(dy, h, weight, mean, rstd, dh_out, dh_dtype):
-    return (torch.empty(dy.shape, dtype=dh_dtype, device=dy.device), torch.empty_like(weight), torch.empty_like(weight))
+def _(dy, h, weight, mean, rstd, dh_out, dx_dtype, dres_dtype):
+    out = [torch.empty_like(weight), torch.empty_like(weight), torch.empty(dy.shape, dtype=dx_dtype, device=dy.device)]
+    if _separate_dres(dx_dtype, dres_dtype):
+        out.append(torch.empty(dy.shape, dtype=dres_dtype, device=dy.device))
+    return out
 
 
 def _setup_context(ctx, inputs, output):
@@ -72,17 +95,17 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, dy, dh_out, _dmean, _drstd):
     h, weight, mean, rstd = ctx.saved_tensors
-    dh, dw, db = _bwd_triton(dy, h, weight, mean, rstd, dh_out, torch.float32)
-    dres = None if ctx.res_dtype is None else dh.to(ctx.res_dtype)
-    return dh.to(ctx.x_dtype), dres, dw, db, None, None
+    grads = _bwd_triton(dy, h, weight, mean, rstd, dh_out, ctx.x_dtype, ctx.res_dtype)
+    dw, db, dx = grads[:3]
+    dres = None if ctx.res_dtype is None else (grads[3] if len(grads) > 3 else dx)
+    return dx, dres, dw, db, None, None
 
 
 _fwd_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _triton_impl(x, residual, weight, bias, eps, residual_dtype):
-    rdt = residual_dtype or (residual.dtype if residual is not None else x.dtype)
-    y, h, _, _ = _fwd_triton(x, residual, weight, bias, eps, rdt)
+def _triton_impl(x, residual, weight, bias, eps, residual_dtype=None):
+    y, h, _, _ = _fwd_triton(x, residual, weight, bias, eps, residual_dtype or stream_dtype(x, residual))
     return y, h
 
 
@@ -114,9 +137,10 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
                    backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., N], residual [..., N] or None, weight/bias [N] -> (y [..., N] x.dtype, h [..., N]).
 
-    h = x + residual in `residual_dtype` (default: residual's dtype, or x's), y = LayerNorm(h) with
-    biased variance and `eps` (torch's LayerNorm). Differentiable in x, residual, weight and bias;
-    gradient flowing into h (the residual stream) is added in the fused backward.
+    h = x + residual in `residual_dtype` (default `stream_dtype(x, residual)`: the promoted dtype of x and
+    residual, fp32 under autocast, so the residual stream of an AMP model stays fp32 as in the official
+    code), y = LayerNorm(h) with biased variance and `eps` (torch's LayerNorm). Differentiable in x,
+    residual, weight and bias; gradient flowing into h (the residual stream) is added in the fused backward.
 
     Equivalent PyTorch: `fastmask.ops.layer_norm.add_layer_norm_reference`.
     """
@@ -127,4 +151,4 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
         problems.append(f"weight/bias must be [{x.shape[-1]}], got {tuple(weight.shape)}, {tuple(bias.shape)}")
     fail_if("add_layer_norm", problems)
     impl = select("add_layer_norm", backend, x=x, residual=residual, weight=weight, bias=bias)
-    return impl.fn(x, residual, weight, bias, eps, residual_dtype)
+    return impl.fn(x, residual, weight, bias, eps, residual_dtype or stream_dtype(x, residual))

@@ -5,10 +5,11 @@ import torch
 
 from . import reference
 from ._checks import ALL_DEVICES, TORCH_DTYPES, check_images, fail_if
-from .backends import Backend, register, select
+from .backends import CUDA_FIRST, CUDA_FIRST_RULE, Backend, register, select, set_priority
 
 register(Backend(op="norm_pix_loss", name="torch", fn=reference.norm_pix_loss, devices=ALL_DEVICES,
                  dtypes=TORCH_DTYPES, key_input="pred"))
+set_priority("norm_pix_loss", CUDA_FIRST, CUDA_FIRST_RULE)
 
 
 def check_norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int) -> None:

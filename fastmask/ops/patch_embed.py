@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._checks import ALL_DEVICES, TORCH_DTYPES, check_images, check_index, fail_if
+from ._checks import ALL_DEVICES, TORCH_DTYPES, check_images, check_index, check_index_values, fail_if
 from .backends import Backend, register, select
 
 register(Backend(op="patch_embed_visible", name="torch", fn=reference.patch_embed_visible,
@@ -35,6 +35,8 @@ def check_patch_embed_visible(imgs: torch.Tensor, ids_keep: torch.Tensor, weight
             if t is not None and t.device != imgs.device:
                 problems.append(f"{name} is on {t.device}, imgs on {imgs.device}")
     fail_if("patch_embed_visible", problems)
+    L = (imgs.shape[-2] // p) * (imgs.shape[-1] // p)
+    check_index_values("patch_embed_visible", "ids_keep", ids_keep, L, permutation=False)
 
 
 def patch_embed_visible(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from . import reference
-from ._checks import ALL_DEVICES, TORCH_DTYPES, check_index, fail_if
+from ._checks import ALL_DEVICES, TORCH_DTYPES, check_index, check_index_values, fail_if
 from .backends import Backend, register, select
 
 register(Backend(op="patch_scatter", name="torch", fn=reference.patch_scatter, devices=ALL_DEVICES,
@@ -23,6 +23,7 @@ def check_patch_scatter(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_to
     if mask_token.device != tokens.device:
         problems.append(f"mask_token is on {mask_token.device}, tokens on {tokens.device}")
     fail_if("patch_scatter", problems)
+    check_index_values("patch_scatter", "ids_restore", ids_restore, ids_restore.shape[1], permutation=True)
 
 
 def patch_scatter(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
@@ -31,7 +32,8 @@ def patch_scatter(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_token: t
 
     Output row i is the visible token that came from patch i, or mask_token where patch i is hidden
     (mask convention 1 = hidden). Differentiable with respect to tokens and mask_token.
-    Each ids_restore row must be a permutation of 0..L-1 (not checked: that would sync with the host).
+    Each ids_restore row must be a permutation of 0..L-1 (checked when FASTMASK_CHECK=1, off by default
+    since it syncs with the host).
 
     Equivalent PyTorch: `fastmask.ops.reference.patch_scatter`.
     """

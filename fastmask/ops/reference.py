@@ -56,6 +56,29 @@ def patch_scatter(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_token: t
     return torch.gather(x, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
 
 
+def unshuffle_dtype(x: torch.Tensor, mask_token: torch.Tensor, pos_embed: torch.Tensor) -> torch.dtype:
+    """decoder_unshuffle's output dtype: what the official code's cat + add promote to (fp32 under AMP)."""
+    return torch.promote_types(torch.promote_types(x.dtype, mask_token.dtype), pos_embed.dtype)
+
+
+def decoder_unshuffle(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                      pos_embed: torch.Tensor) -> torch.Tensor:
+    """x [B, 1+K, D] (cls, then the visible tokens in the encoder's order), ids_restore [B, L],
+    mask_token [D], pos_embed [1+L, D] -> [B, 1+L, D] in `unshuffle_dtype`.
+
+    MAE's forward_decoder up to its blocks, written as the official code writes it: mask tokens
+    appended, unshuffled with ids_restore, the cls token put back in front, the position embedding
+    added. torch.cat promotes dtypes, so under AMP (bf16 tokens, fp32 mask token and embedding) the
+    decoder's residual stream starts in fp32.
+    """
+    B, K1, D = x.shape
+    L = ids_restore.shape[1]
+    mask_tokens = mask_token.reshape(1, 1, D).expand(B, L + 1 - K1, D)
+    x_ = torch.cat([x[:, 1:], mask_tokens], dim=1)
+    x_ = torch.gather(x_, 1, ids_restore.unsqueeze(-1).expand(-1, -1, D))
+    return torch.cat([x[:, :1], x_], dim=1) + pos_embed.reshape(1, L + 1, D)
+
+
 def norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tensor, patch_size: int,
                   norm_pix: bool = True, eps: float = 1e-6) -> torch.Tensor:
     """pred [B, L, p*p*C], imgs [B, C, H, W], mask [B, L] (1 = hidden) -> scalar fp32 loss.

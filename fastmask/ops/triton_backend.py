@@ -12,9 +12,9 @@ call, because `triton.jit` reads TRITON_INTERPRET when a kernel module is import
 sets it before collection; lazy imports keep a late setter working too). When triton is missing the
 records still register and `available()` says why.
 
-Index contract (not checked: checking would sync with the host): ids_keep rows hold distinct patch
-indices and ids_restore rows are permutations of [0, L), as every mask generator makes them. The
-backward kernels rely on it to write each gradient element exactly once, without atomics.
+Index contract (checked only when FASTMASK_CHECK=1: checking syncs with the host): ids_keep rows hold
+distinct patch indices and ids_restore rows are permutations of [0, L), as every mask generator makes
+them. The backward kernels rely on it to write each gradient element exactly once, without atomics.
 
 Devices: ("cuda",), plus "cpu" when TRITON_INTERPRET=1 (tests name backend="triton" on CPU tensors;
 `auto` never picks triton on the CPU since the CPU priority lists do not name it).
@@ -27,12 +27,13 @@ import torch
 import torch.nn.functional as F
 
 from .backends import Backend, register
+from .reference import unshuffle_dtype
 
 _DEVICES = ("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",)
 _LOW = (torch.float32, torch.float16, torch.bfloat16)
 
 # Kernel limits, repeated here (not imported) so that checking them does not import triton.
-MAX_PATCH_ELEMS = 16384  # kernels/norm_pix_loss.py: a whole patch per program in registers
+MAX_TILE_ELEMS = 16384  # kernels/norm_pix_loss.py: a whole patch (padded, image order) per tile row
 MAX_HEAD_DIM = 256  # kernels/attention.py: head dim padded to a power of two in one tile
 
 
@@ -131,6 +132,55 @@ def _scatter_backward(ctx, grad):
 
 
 patch_scatter_fwd_triton.register_autograd(_scatter_backward, setup_context=_scatter_setup)
+
+
+# ---------------------------------------------------------------- decoder_unshuffle
+
+@torch.library.custom_op("fastmask::decoder_unshuffle_fwd_triton", mutates_args=())
+def decoder_unshuffle_fwd_triton(x: torch.Tensor, ids_restore: torch.Tensor, mask_token: torch.Tensor,
+                                 pos_embed: torch.Tensor) -> torch.Tensor:
+    from fastmask.kernels.patch_scatter import patch_scatter_fwd
+
+    return patch_scatter_fwd(x, ids_restore, mask_token.reshape(-1), pos_embed, cls=True,
+                             out_dtype=unshuffle_dtype(x, mask_token, pos_embed))
+
+
+@decoder_unshuffle_fwd_triton.register_fake
+def _(x, ids_restore, mask_token, pos_embed):
+    B, _, D = x.shape
+    return x.new_empty((B, 1 + ids_restore.shape[1], D), dtype=unshuffle_dtype(x, mask_token, pos_embed))
+
+
+@torch.library.custom_op("fastmask::decoder_unshuffle_bwd_triton", mutates_args=())
+def decoder_unshuffle_bwd_triton(grad: torch.Tensor, ids_restore: torch.Tensor, num_visible: int,
+                                 x_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    from fastmask.kernels.patch_scatter import patch_scatter_bwd
+
+    return patch_scatter_bwd(grad, ids_restore, num_visible, cls=True, tok_dtype=x_dtype)
+
+
+@decoder_unshuffle_bwd_triton.register_fake
+def _(grad, ids_restore, num_visible, x_dtype):
+    B, _, D = grad.shape
+    return grad.new_empty((B, 1 + num_visible, D), dtype=x_dtype), grad.new_empty((D,), dtype=torch.float32)
+
+
+def _unshuffle_setup(ctx, inputs, output):
+    x, ids_restore, mask_token, pos_embed = inputs
+    ctx.save_for_backward(ids_restore)
+    ctx.K, ctx.x_dtype = x.shape[1] - 1, x.dtype
+    ctx.mask_shape, ctx.mask_dtype, ctx.pos_dtype = mask_token.shape, mask_token.dtype, pos_embed.dtype
+
+
+def _unshuffle_backward(ctx, grad):
+    (ids_restore,) = ctx.saved_tensors
+    gx, gmask = decoder_unshuffle_bwd_triton(grad, ids_restore, ctx.K, ctx.x_dtype)
+    # MAE's position embedding is a fixed buffer; a trainable one gets torch's batch sum.
+    gpos = grad.sum(0).to(ctx.pos_dtype) if ctx.needs_input_grad[3] else None
+    return gx, None, gmask.to(ctx.mask_dtype).reshape(ctx.mask_shape), gpos
+
+
+decoder_unshuffle_fwd_triton.register_autograd(_unshuffle_backward, setup_context=_unshuffle_setup)
 
 
 # ---------------------------------------------------------------- norm_pix_loss
@@ -234,14 +284,20 @@ def _attention(q, k, v, scale=None):
 # ---------------------------------------------------------------- patch_embed_visible
 
 def _patch_embed_visible(imgs, ids_keep, weight, bias=None, pos_embed=None):
-    """Triton gather of the K visible patches, then one cuBLAS GEMM whose C input carries bias + pos.
+    """Triton gather of the K visible patches, one cuBLAS GEMM, then the position rows added in the
+    stream's dtype.
 
     Why not a Triton gather + tl.dot kernel: the GEMM (M = B*K, N = D, K = p*p*C, e.g. 12800 x 1024 x
     768 for ViT-L at batch 256) is the whole cost, and cuBLAS runs it near the matrix-unit peak with no
     tuning, where a hand-written tl.dot tile loop would need per-GPU tuning to match it. Gathering first
     costs one extra write + read of [B, K, p*p*C], a quarter of the image at mask ratio 0.75 and small
-    next to the GEMM. The additions cost nothing extra: addmm's beta*C term reads bias + pos_embed rows
-    in the GEMM epilogue, so the [B, K, D] output is written once.
+    next to the GEMM.
+
+    Dtypes as the official AMP code: the GEMM runs in the autocast dtype, and adding the fp32 position
+    embedding promotes the tokens to fp32, where the residual stream starts. The addition is one
+    mixed-dtype pass (bf16 GEMM output + gathered fp32 rows of pos_embed + bias, an [L, D] sum made
+    first); addmm's epilogue cannot do it, since it would round pos_embed to bf16 and its fp32-output
+    form (out_dtype) has no autograd.
     """
     D = weight.shape[0]
     p = weight.shape[-1]
@@ -250,23 +306,26 @@ def _patch_embed_visible(imgs, ids_keep, weight, bias=None, pos_embed=None):
     # conv weight [D, C, p, q] -> [D, (p, q, c)]: the patch vector is in MAE's (p, q, c) order.
     w = weight.permute(0, 2, 3, 1).reshape(D, P)
     x = patches.reshape(B * K, P)
-    if pos_embed is not None:
-        add = F.embedding(ids_keep, pos_embed)
-        add = add + bias if bias is not None else add
-        out = torch.addmm(add.reshape(B * K, D), x, w.t())
-    elif bias is not None:
-        out = torch.addmm(bias, x, w.t())
-    else:
-        out = torch.mm(x, w.t())
-    return out.reshape(B, K, D)
+    if pos_embed is None:
+        out = torch.addmm(bias, x, w.t()) if bias is not None else torch.mm(x, w.t())
+        return out.reshape(B, K, D)
+    rows = pos_embed + bias if bias is not None else pos_embed
+    return torch.mm(x, w.t()).reshape(B, K, D) + F.embedding(ids_keep, rows)
 
 
 # ---------------------------------------------------------------- records
 
-def _loss_why_not(pred=None, **_):
-    if pred is not None and pred.dim() == 3 and pred.shape[-1] > MAX_PATCH_ELEMS:
-        return [f"patch vector of {pred.shape[-1]} elements > {MAX_PATCH_ELEMS} "
-                "(one patch per program, in registers)"]
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _loss_why_not(imgs=None, patch_size=None, **_):
+    if imgs is None or imgs.dim() != 4 or not isinstance(patch_size, int):
+        return []
+    tile = _pow2(imgs.shape[1]) * _pow2(patch_size) ** 2
+    if tile > MAX_TILE_ELEMS:
+        return [f"a {patch_size}x{patch_size}x{imgs.shape[1]} patch pads to {tile} tile elements > "
+                f"{MAX_TILE_ELEMS} (one patch per tile row, in registers)"]
     return []
 
 
@@ -296,6 +355,8 @@ _COMMON = dict(name="triton", devices=_DEVICES, dtypes=_LOW, available=_availabl
 register(Backend(op="patch_gather", fn=patch_gather_fwd_triton, key_input="imgs", tolerances=_COPY_TOL,
                  **_COMMON))
 register(Backend(op="patch_scatter", fn=patch_scatter_fwd_triton, key_input="tokens", tolerances=_COPY_TOL,
+                 **_COMMON))
+register(Backend(op="decoder_unshuffle", fn=decoder_unshuffle_fwd_triton, key_input="x", tolerances=_COPY_TOL,
                  **_COMMON))
 register(Backend(op="norm_pix_loss", fn=norm_pix_loss_fwd_triton, key_input="pred", tolerances=_LOSS_TOL,
                  why_not_extra=_loss_why_not, **_COMMON))
