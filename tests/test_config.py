@@ -25,7 +25,8 @@ def test_paper_recipes(name, model):
     assert (cfg.method, cfg.model, cfg.mask_ratio, cfg.data.img_size) == ("mae", model, 0.75, 224)
     assert (e.blr, e.betas, e.weight_decay, e.warmup_epochs, e.epochs, e.min_lr) == (1.5e-4, (0.9, 0.95), 0.05, 40, 800, 0.0)
     assert cfg.data.batch_size == 64 and cfg.data.min_scale == 0.2 and e.lr is None and e.clip_grad is None
-    assert cfg.method_args == {"norm_pix": True, "decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16}
+    assert cfg.method_args == {"norm_pix": True, "decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16,
+                               "decay_tokens": True}  # the official optimizer groups decay cls and mask tokens
     assert resolve_precision(e.precision, torch.device("cuda")) == "bf16"
     # 64 per GPU x 64 GPUs: the paper's lr.
     assert math.isclose(scaled_lr(e.blr, 64 * 64), 2.4e-3)

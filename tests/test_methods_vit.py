@@ -89,9 +89,11 @@ def test_extrema_learns_without_collapse(data):
 @pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(similarity="infonce", target="stopgrad", level="token", negatives="batch"),
                                 dict(similarity="infonce", target="ema", level="image", masking="block"),
-                                dict(similarity="mae", masking="attention"),
-                                dict(similarity="infonce", target="shared", negatives="image")],
-                         ids=["cmae-token-stopgrad", "cmae-image-ema-block", "mae-attention", "cmae-shared-image-neg"])
+                                dict(similarity="pixel", masking="attention"),
+                                dict(similarity="infonce", target="shared", negatives="image"),
+                                dict(similarity="rmae", target="stopgrad")],
+                         ids=["cmae-token-stopgrad", "cmae-image-ema-block", "pixel-attention", "cmae-shared-image-neg",
+                              "rmae-stopgrad"])
 def test_relaxmim_learns_without_collapse(data, kw):
     kw = dict(kw)
     masking = kw.pop("masking", "random")
@@ -101,6 +103,12 @@ def test_relaxmim_learns_without_collapse(data, kw):
     losses, metrics, std = _train(m, data)
     _assert_learns(losses, std, DIM)
     assert metrics[0]["mask_ratio"] == pytest.approx(0.75)
+    if kw["similarity"] == "rmae":
+        # the full branch learns to reconstruct the pixels (its term fell to 0.40-0.44x in 30 steps over 5
+        # inits); the relaxed term need not fall in 30 steps (0.28 -> 0.30 in one init, 0.44 -> 0.33 in
+        # another): its target g(f(x)) moves as the full branch learns
+        first, last = (sum(r["ae"] for r in rows) / 4 for rows in (metrics[:4], metrics[-4:]))
+        assert last < 0.8 * first, f"ae: first {first:.4f} last {last:.4f}"
 
 
 @pytest.mark.slow
@@ -175,6 +183,10 @@ def test_method_errors():
         get_method("extrema")(model=MICRO, img_size=IMG, masking="attention")
     with pytest.raises(ValueError, match="similarity"):
         get_method("relaxmim")(model=MICRO, img_size=IMG, similarity="cosine")
+    with pytest.raises(ValueError, match="similarity=mae is now spelled similarity=pixel"):
+        get_method("relaxmim")(model=MICRO, img_size=IMG, similarity="mae")
+    with pytest.raises(ValueError, match="ae_weight"):
+        get_method("relaxmim")(model=MICRO, img_size=IMG, similarity="rmae", ae_weight=-1.0)
     with pytest.raises(ValueError, match="disjoint masks"):
         get_method("extrema")(model=MICRO, img_size=IMG, mask_ratio=0.5, num_masks=5)
     with pytest.raises(ValueError, match="rec_loss"):

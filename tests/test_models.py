@@ -491,6 +491,76 @@ def test_mae_param_groups():
     assert {"cls_token", "mask_token"} <= decay
 
 
+@pytest.mark.parametrize("recipe", ["mae_vit_base_patch16", "mae_vit_large_patch16", "mae_vit_huge_patch14"])
+def test_mae_recipes_use_the_official_decay_groups(recipe):
+    """The paper recipes decay what the official code decays: timm 0.3.2's add_weight_decay with no
+    skip list (no decay only for 1-D tensors and biases; cls_token and mask_token are 3-D, so decayed)."""
+    from fastmask.engine.config import load_config
+
+    cfg = load_config(recipe)
+    assert cfg.method_args["decay_tokens"] is True
+    # the recipe's method_args on a ViT-Tiny at 32 px: the groups' rule does not depend on the size
+    mae = build_method(load_config(recipe, ["model=vit_tiny_patch16", "data.img_size=32", "method_args.decoder_depth=1",
+                                            "method_args.decoder_embed_dim=32", "method_args.decoder_num_heads=2"]))
+    names = {id(p): n for n, p in mae.named_parameters()}
+    ours = [{names[id(p)] for p in g["params"]} for g in mae.param_groups(0.05)]
+    official = [set(), set()]
+    for n, p in mae.named_parameters():
+        if p.requires_grad:  # the official optimizer gets only trainable parameters (pos embeds are frozen)
+            official[len(p.shape) == 1 or n.endswith(".bias")].add(n)
+    assert ours == official and {"cls_token", "mask_token"} <= ours[0]
+
+
+@pytest.mark.parametrize("mode", ["bf16-weights", "bf16-autocast"])
+def test_mae_bf16_target_comes_from_fp32_pixels(mode):
+    """bf16 weights with fp32 images (what the engine hands MAE under DeepSpeed's bf16) or fp32 weights
+    under bf16 autocast (the official AMP code): the prediction is bf16, the normalized-pixel target is
+    computed from the fp32 pixels, not from their bf16 rounding."""
+    mae = _tiny_mae()
+    if mode == "bf16-weights":
+        mae = mae.to(torch.bfloat16)
+    # Low-contrast patches around 2: bf16's spacing there is 1/64, so rounding the pixels moves the
+    # per-patch normalized target by O(1) (the check at the end shows the two targets differ).
+    imgs = 2.0 + 0.02 * _imgs(3, seed=7)
+    masks = mae.draw_masks(3, imgs.device)
+    amp = torch.autocast("cpu", dtype=torch.bfloat16, enabled=mode == "bf16-autocast")
+    with torch.no_grad(), amp:
+        loss = mae(imgs, masks=masks)["loss"]
+        x = imgs.to(mae.patch_embed.proj.weight.dtype)
+        pred = mae.forward_decoder(mae.forward_encoder(x, masks.ids_keep), masks.ids_restore)
+    assert pred.dtype == torch.bfloat16 and loss.dtype == torch.float32
+
+    def expected(pixels):
+        t = reference.patchify(pixels.float(), 16)
+        t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
+        return (((pred.float() - t) ** 2).mean(-1) * masks.mask).sum() / masks.mask.sum()
+
+    torch.testing.assert_close(loss, expected(imgs), atol=1e-5, rtol=1e-5)
+    # the same check against the target from the bf16-rounded pixels fails by far
+    assert abs(loss - expected(imgs.to(torch.bfloat16))) > 1e-4, float(loss - expected(imgs.to(torch.bfloat16)))
+
+
+def test_engine_hands_mae_fp32_images_under_bf16():
+    """The engine casts images to bf16 for methods that do not keep fp32 pixels; MAE keeps them
+    (`keeps_fp32_images`), so its loss sees a bf16 prediction and fp32 images."""
+    from fastmask.engine.config import load_config
+    from fastmask.engine.trainer import pretrain
+
+    seen = []
+
+    def make(cfg):
+        mae = build_method(cfg)
+        mae.objective.register_forward_pre_hook(lambda _m, args: seen.append((args[0].dtype, args[1].dtype)))
+        return mae
+
+    cfg = load_config("mae_tiny", ["data.img_size=32", "data.batch_size=4", "data.num_workers=0",
+                                   "data.loader=torch", "engine.steps=1", "engine.precision=bf16",
+                                   "method_args.decoder_depth=1", "method_args.decoder_embed_dim=32",
+                                   "method_args.decoder_num_heads=2"])
+    pretrain(cfg, out=None, method_factory=make, progress=False)
+    assert seen == [(torch.bfloat16, torch.float32)]
+
+
 def test_mae_from_config():
     from fastmask.engine.config import load_config
 

@@ -107,7 +107,7 @@ def test_visualize_cli_writes_png_of_expected_size(tmp_path):
     ("mae_tiny", ["data.img_size=32"], 32, 4),                                   # original, masked, recon x2
     ("extrema_tiny", ["data.img_size=64", "method_args.num_masks=3"], 64, 2 + 3),   # + class attention, 3 masks
     ("relaxmim_tiny", ["data.img_size=32"], 32, 4),                              # + mask, masked, similarity
-    ("relaxmim_tiny", ["data.img_size=32", "method_args.similarity=mae"], 32, 5),  # + mask, masked, recon x2
+    ("relaxmim_tiny", ["data.img_size=32", "method_args.similarity=pixel"], 32, 5),  # + mask, masked, recon x2
     ("mst_tiny", ["data.img_size=32", "method_args.out_dim=64"], 32, 5),
     ("adios_tiny", [], 32, 1 + 2 * 2),                                           # per slot: mask, hidden view
 ])
@@ -187,7 +187,7 @@ def test_extrema_picture_disjoint_masks_and_class_attention():
     torch.testing.assert_close(out, box["out"], rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("similarity", ["infonce", "mae"])
+@pytest.mark.parametrize("similarity", ["infonce", "pixel", "rmae"])
 def test_relaxmim_picture(similarity):
     from fastmask.ops import reference
 
@@ -197,7 +197,7 @@ def test_relaxmim_picture(similarity):
     mask = reference.patchify(panels["mask"].expand(-1, 3, -1, -1), 16)[..., 0]
     assert (mask.sum(dim=1) == 3).all()                                    # 4 patches, ratio 0.75
     assert torch.equal(_visible(panels["masked"], imgs, 16), mask == 0)
-    if similarity == "mae":
+    if similarity != "infonce":
         assert torch.equal(_visible(panels["recon + visible"], imgs, 16), mask == 0)
         assert panels["reconstruction"].shape == imgs.shape
     else:

@@ -8,9 +8,10 @@ Built from the engine's own pieces (`fastmask.engine.trainer`): `resolve_precisi
 precision, accumulation, clipping) and `deepspeed.initialize`, plus `engine.compile` when
 `engine.compile` / `engine.cuda_graphs` is set. One call = one iteration of the trainer's loop
 with grad_accum 1: the lr written into every group (warmup + cosine from the step index),
-`engine(imgs, keys=keys)` (imgs cast to the run's dtype; keys, the samples' global keys for the
-per-sample draws, copied to the device as the loop does), `engine.backward`, `engine.step`, the loss
-and scalar metrics summed on the device with the first non-finite step recorded, `on_step_end`.
+`engine(imgs, keys=keys)` (imgs cast to the run's dtype unless the method `keeps_fp32_images`;
+keys, the samples' global keys for the per-sample draws, copied to the device as the loop does),
+`engine.backward`, `engine.step`, the loss and scalar metrics summed on the device with the first
+non-finite step recorded, `on_step_end`.
 Logging, checkpointing, the checkpoint-health probe (it records only the step after a checkpoint)
 and the loader are not part of a step.
 
@@ -73,6 +74,7 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
     state = {"step": 0, "acc": {}, "first_bad": torch.full((), -1, dtype=torch.long, device=device)}
 
     B = cfg.data.batch_size
+    keep_fp32 = getattr(module, "keeps_fp32_images", False)  # as the trainer: pixel targets from fp32 pixels
 
     def step(imgs: torch.Tensor, keys: torch.Tensor | None = None) -> torch.Tensor:
         n = state["step"]
@@ -81,7 +83,8 @@ def make_engine_step(cfg, module: nn.Module, total_steps: int | None = None) -> 
             g["lr"] = lr * g.get("lr_scale", 1.0)
         if keys is None:  # what the loader gives at epoch 0 on one rank: the samples' global positions
             keys = torch.arange(n * B, (n + 1) * B, dtype=torch.int64)
-        imgs = imgs if imgs.dtype == dtype else imgs.to(dtype)
+        if not keep_fp32:
+            imgs = imgs if imgs.dtype == dtype else imgs.to(dtype)
         outputs = engine(imgs, keys=keys.to(device, non_blocking=True))
         loss = outputs["loss"]
         engine.backward(loss)

@@ -299,6 +299,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     step = start_step
     epoch, start_micro = _data_position(saved, start_step, steps_per_epoch, e.grad_accum, cfg, info)
     micro_per_epoch = steps_per_epoch * e.grad_accum
+    keep_fp32 = getattr(method, "keeps_fp32_images", False)  # pixel targets from fp32 pixels (Method)
     losses: list[tuple[int, float]] = []
     acc: dict[str, torch.Tensor] = {}
     n_acc = 0
@@ -357,7 +358,7 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                         if i in decay_groups:
                             g["weight_decay"] = wd
                 keys = sample_keys[micro].to(device, non_blocking=True)
-                outputs = engine(_cast(imgs, dtype), keys=keys)
+                outputs = engine(imgs if keep_fp32 else _cast(imgs, dtype), keys=keys)
                 loss = outputs["loss"]
                 engine.backward(loss)
                 engine.step()

@@ -18,6 +18,10 @@ class Method(nn.Module):
 
     name: str = ""
     steps_per_epoch: int = 1  # set by the engine (`set_epoch_length`); until then one step counts as an epoch
+    # True: under bf16/fp16 the engine hands over the loader's fp32 images and the method casts its
+    # network input itself, so pixel targets come from fp32 pixels (the official MAE code's AMP does
+    # the same: autocast lowers the encoder's matmuls, the normalized-pixel target stays fp32).
+    keeps_fp32_images: bool = False
 
     @dataclasses.dataclass
     class Args:

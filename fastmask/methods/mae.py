@@ -36,6 +36,7 @@ from . import register_method
 from ._stream import DrawStream, _mix, _rank  # noqa: F401  (_mix/_rank: re-exported for tests)
 from .base import Method
 
+
 @register_method("mae")
 class MAE(MaskedAutoencoderViT, Method):
     """forward(imgs [B, C, H, W] normalized) -> {"loss": fp32 scalar, "mask_ratio": fp32 scalar}.
@@ -47,8 +48,14 @@ class MAE(MaskedAutoencoderViT, Method):
 
     decay_tokens: the official recipe decays cls_token and mask_token (timm's add_weight_decay with
     no skip list); fastmask's default follows the project's rule of no decay on norms, biases and
-    tokens. Set it True to reproduce the official optimizer groups exactly.
+    tokens. Set it True to reproduce the official optimizer groups exactly (the `mae_vit_*` recipes do).
+
+    Precision: imgs may be fp32 with bf16/fp16 weights (the engine passes fp32 to this method,
+    `keeps_fp32_images`): the encoder input is cast to the weights' dtype, the normalized-pixel target
+    is computed from imgs as given, in fp32, as the official code under AMP.
     """
+
+    keeps_fp32_images = True
 
     @dataclasses.dataclass
     class Args:
@@ -151,25 +158,27 @@ class MAE(MaskedAutoencoderViT, Method):
         rank's counter); noise [B, L] (HF ViTMAE's convention: argsort, the smallest kept) or masks
         (a ready `Masks`) fix the masks instead of drawing them."""
         self.check_images(imgs)
-        if masks is not None:
-            if noise is not None or isinstance(self.masker, AdversarialMasking):
-                raise ValueError("mae: masks= replaces the drawn masks; it takes neither noise= nor an "
-                                 "adversarial masker (whose occluder makes the masks)")
-            return self._loss(imgs, masks, adversarial=False)
-        context = {"imgs": imgs}
-        if isinstance(self.masker, AttentionGuidedMasking):
-            # AttMask-style: the encoder's own last-block cls attention on the full image, without
-            # gradient, decides which patches hide (the lowest-attention ones first).
-            with torch.no_grad():
-                _, attn = forward_with_cls_attention(self.encoder_view(), imgs)
-            context["scores"] = attn.mean(dim=1)
-        masks = self.draw_masks(imgs.shape[0], imgs.device, keys=keys, noise=noise, **context)
-        return self._loss(imgs, masks, adversarial=isinstance(self.masker, AdversarialMasking))
-
-    def _loss(self, imgs: torch.Tensor, masks: Masks, adversarial: bool) -> dict[str, torch.Tensor]:
+        adversarial = isinstance(self.masker, AdversarialMasking)
+        if masks is not None and (noise is not None or adversarial):
+            raise ValueError("mae: masks= replaces the drawn masks; it takes neither noise= nor an "
+                             "adversarial masker (whose occluder makes the masks)")
+        # The network sees imgs in its weights' dtype (bf16 under DeepSpeed's bf16: the one cast the
+        # engine would otherwise make); the normalized-pixel target reads `imgs` as given, fp32 from
+        # the engine (`keeps_fp32_images`), as the official code computes it under AMP.
+        x = imgs.to(self.patch_embed.proj.weight.dtype)
+        if masks is None:
+            context = {"imgs": x}
+            if isinstance(self.masker, AttentionGuidedMasking):
+                # AttMask-style: the encoder's own last-block cls attention on the full image, without
+                # gradient, decides which patches hide (the lowest-attention ones first).
+                with torch.no_grad():
+                    _, attn = forward_with_cls_attention(self.encoder_view(), x)
+                context["scores"] = attn.mean(dim=1)
+            masks = self.draw_masks(imgs.shape[0], imgs.device, keys=keys, noise=noise, **context)
         # Adversarial masks: the encoder sees the softly occluded image (gradient-reversed into the
         # occluder), the target stays the original image, and the occluder's penalty joins the loss.
-        x = self.masker.aux["imgs_masked"] if adversarial else imgs
+        if adversarial:
+            x = self.masker.aux["imgs_masked"]
         latent = self.forward_encoder(x, masks.ids_keep)         # [B, 1+K, D]
         pred = self.forward_decoder(latent, masks.ids_restore)   # [B, L, p*p*C]
         loss = self.objective(pred, imgs, masks.mask)

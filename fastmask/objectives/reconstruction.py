@@ -1,10 +1,12 @@
-"""Pixel reconstruction objective (MAE): the normalized-pixel loss over hidden patches, as a pure module."""
+"""Reconstruction objectives: MAE's normalized-pixel loss over hidden patches (a pure module) and
+R-MAE's relaxed form, the decoder's reconstruction distance between two branches (a pure function)."""
 from __future__ import annotations
 
 import torch
 
 from ..ops import reference
 from ..ops.nn import NormPixLoss
+from ._common import upcast
 
 
 class PixelReconstruction(NormPixLoss):
@@ -24,3 +26,20 @@ class PixelReconstruction(NormPixLoss):
         if self.norm_pix:
             t = (t - t.mean(dim=-1, keepdim=True)) / (t.var(dim=-1, keepdim=True) + eps) ** 0.5
         return t
+
+
+def relaxed_reconstruction(pred_masked: torch.Tensor, pred_full: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """pred_masked [B, L, P] (the decoder's output from the visible patches), pred_full [B, L, P] (its
+    output from the full image), mask [B, L] (1 = hidden) -> scalar fp32.
+
+    RelaxMIM's relaxed MAE term: MAE's loss with the pixel target replaced by the full branch's
+    reconstruction g(f(x)), averaged as MAE averages (over the patch vector, then over hidden patches):
+    sum_i mask_i * mean_P (pred_masked_i - pred_full_i)^2 / sum_i mask_i. Gradients flow into both
+    arguments: pass `pred_full.detach()` for a stop-gradient target.
+    """
+    if pred_masked.dim() != 3 or pred_full.shape != pred_masked.shape or mask.shape != pred_masked.shape[:2]:
+        raise ValueError(f"relaxed_reconstruction: pred_masked and pred_full must both be [B, L, P] and mask [B, L], "
+                         f"got {tuple(pred_masked.shape)}, {tuple(pred_full.shape)}, {tuple(mask.shape)}")
+    err = (upcast(pred_masked) - upcast(pred_full)).square().mean(dim=-1)
+    mask = mask.to(err.dtype)
+    return (err * mask).sum() / mask.sum()

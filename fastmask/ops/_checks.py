@@ -47,6 +47,13 @@ def index_checks_enabled() -> bool:
     return os.environ.get(CHECK_ENV, "0") == "1"
 
 
+def _is_fake(t: torch.Tensor) -> bool:
+    """Fake or meta tensors (shape propagation, `fastmask plan`'s measurement) have no values to check."""
+    from torch._subclasses.fake_tensor import FakeTensor
+
+    return t.is_meta or isinstance(t, FakeTensor)
+
+
 def check_index_values(op: str, name: str, ids: torch.Tensor, L: int, permutation: bool) -> None:
     """With FASTMASK_CHECK=1: every row of ids [B, K] holds distinct patch indices in [0, L), and is a
     permutation of 0..L-1 when `permutation` (then K == L). One ValueError names the first bad row.
@@ -56,7 +63,7 @@ def check_index_values(op: str, name: str, ids: torch.Tensor, L: int, permutatio
     unwritten. Reading the values syncs with the host, so the check is off by default (the training
     step stays sync-free) and skipped inside torch.compile regions.
     """
-    if torch.compiler.is_compiling() or not index_checks_enabled() or ids.numel() == 0:
+    if torch.compiler.is_compiling() or not index_checks_enabled() or ids.numel() == 0 or _is_fake(ids):
         return
     what = "a permutation of 0..L-1" if permutation else "distinct patch indices in [0, L)"
     problems = []
