@@ -14,8 +14,8 @@ labelled images, cls / mean pool; one thread, loaded 2-core machine):
   MAE      random init 0.110 / 0.102; a 300-step run 0.124 (+0.014, within the k-NN's ~0.015
            standard error); an 800-step run probed every 100 steps: 0.142 / 0.106 at 600,
            0.140 / 0.120 at 800, while its loss falls 1.08 -> 0.55. About 0.53 CPU-s a step.
-  ExtreMA  random init 0.100 / 0.102; a 600-step run at 200 steps 0.106 / 0.112 (loss 0.078 -> 0.066).
-           About 1.6 CPU-s a step.
+  ExtreMA  random init 0.100 / 0.102; a 600-step run: 0.106 / 0.112 at 200, 0.122 / 0.110 at 500,
+           0.118 / 0.112 at 600 (loss 0.078 -> 0.066 at 200). About 1.6 CPU-s a step.
 Raw pixels score 0.228 k-NN on this set and a supervised CNN 0.998, so the shapes are learnable;
 whether these methods need more steps (scale) or miss something here is open (benchmarks/learning.py).
 """
