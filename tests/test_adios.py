@@ -445,9 +445,13 @@ def test_trains_without_collapse(photos, model, ssl, mode):
     before, after, std, outs = _train(photos, model, ssl, mode)
     assert all(math.isfinite(o["loss"]) for o in outs)
     assert after < before, f"clean-view SSL loss did not fall: {before:.4f} -> {after:.4f}"
-    assert std > 0.01, f"collapsed: per-dim std of normalized features {std:.4f}"
-    # The adversary keeps its slots away from empty / all-covering (the penalty's job).
-    assert 0.0 < outs[-1]["mask_area_min"] and outs[-1]["mask_area_max"] < 1.0
+    # Healthy runs measure 0.047-0.058 here (all six cases); a collapsing encoder falls to about a
+    # third of its healthy level (measured on ExtreMA, tests/test_methods_vit.py).
+    assert std > 0.025, f"collapsed: per-dim std of normalized features {std:.4f}"
+    # The sparsity penalty pulls every slot toward 1/N of the image, away from empty: the smallest
+    # slot grows over the run (measured in all six cases, e.g. 0.414 -> 0.454 for ViT + BYOL, which
+    # without the penalty shrinks, 0.414 -> 0.408). A softmax's areas in (0, 1) prove nothing.
+    assert outs[-1]["mask_area_min"] > outs[0]["mask_area_min"], [o["mask_area_min"] for o in outs]
 
 
 @pytest.mark.slow

@@ -106,6 +106,10 @@ def test_extract_features_pools_and_restores_mode():
         tokens = enc.eval().forward_features(x)
     torch.testing.assert_close(cls, tokens[:, 0])
     torch.testing.assert_close(mean, tokens[:, 1:].mean(1))
+    both = extract_features(enc, x, ("cls", "mean"), batch_size=2)  # one pass, both pools
+    assert isinstance(both, tuple) and len(both) == 2
+    torch.testing.assert_close(both[0], cls)
+    torch.testing.assert_close(both[1], mean)
     enc.train()
     extract_features(enc, x[:1])
     assert enc.training
@@ -118,9 +122,11 @@ TINY_OVERRIDES = ["model=vit_tiny_patch16", "data.img_size=32", "method_args.dec
 
 
 @pytest.mark.slow
-def test_eval_of_engine_run_folder_beats_chance(tmp_path):
+def test_eval_of_engine_run_folder(tmp_path):
     """`fastmask pretrain` a few dozen steps (DeepSpeed engine, embedded photos), then `fastmask eval`
-    and `fastmask visualize` straight from the run folder."""
+    and `fastmask visualize` straight from the run folder. The CLI's numbers must be the k-NN and
+    probe of the run's own weights, recomputed here; whether training helps is tests/test_learning.py's
+    question (24 steps on photos do not move digits, which a random encoder already gets ~90% right)."""
     from fastmask.cli import main
     from fastmask.engine.export import consolidated_state_dict
 
@@ -128,13 +134,19 @@ def test_eval_of_engine_run_folder_beats_chance(tmp_path):
     assert main(["pretrain", "--config", "mae_tiny", "--steps", "24", "--out", str(run), "data.img_size=32",
                  "engine.checkpoint_every=0", "engine.log_every=8"]) == 0
     out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(run), "--probe-epochs", "20", "--out", str(out)]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--data", "digits", "--probe-epochs", "20", "--out", str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["model"] == "vit_tiny_patch16" and r["img_size"] == 32
-    assert r["knn_top1"] > 0.3 and r["linear_top1"] > 0.3  # chance is 10%
+    assert r["model"] == "vit_tiny_patch16" and r["img_size"] == 32 and r["data"].startswith("embedded digits")
     enc, _ = load_encoder(run)
     state = consolidated_state_dict(run)
     torch.testing.assert_close(enc.state_dict()["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+    from fastmask.eval.cli import load_labeled
+
+    xtr, ytr, xte, yte, _, _ = load_labeled("digits", 0.2)
+    ftr, fte = extract_features(enc, to_model_input(xtr, 32)), extract_features(enc, to_model_input(xte, 32))
+    ytr, yte = torch.as_tensor(ytr), torch.as_tensor(yte)
+    assert r["knn_top1"] == knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07, num_classes=10)
+    assert r["linear_top1"] == linear_probe_accuracy(ftr, ytr, fte, yte, 10, ProbeArgs(epochs=20))
     assert main(["visualize", "--checkpoint", str(run), "--images", "2", "--out", str(tmp_path / "g.png")]) == 0
 
 

@@ -2,8 +2,10 @@
 set on the CPU with plain AdamW; the loss falls and the embeddings do not collapse.
 
 Collapse check: per-dimension std over a held-out batch of the L2-normalized encoder features
-(cls token of `method.encoder().forward_features`); a collapsed encoder gives ~0, spread-out
-features give ~1/sqrt(D).
+(cls token of `method.encoder().forward_features`), times sqrt(D). Measured over three seeds:
+healthy runs 0.58-0.64 (ExtreMA), 0.68-0.81 (RelaxMIM C-MAE), 0.65-0.71 (MST), about their
+random-init level; ExtreMA with momentum 0 (teacher = student), which collapses, 0.19-0.20 with its
+target std 0.008-0.009 (healthy 0.063-0.068). The thresholds sit between.
 """
 import math
 
@@ -70,7 +72,7 @@ def _train(method, data, steps=STEPS, lr=1e-3, seed=0):
 def _assert_learns(losses, std, dim, drop=0.05):
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first * (1 - drop), f"loss did not fall: first {first:.4f} last {last:.4f} ({losses})"
-    assert std > 0.1 / dim ** 0.5, f"embeddings collapsed: per-dim std {std:.5f}"
+    assert std > 0.35 / dim ** 0.5, f"embeddings collapsed: per-dim std {std:.5f} (x sqrt(D) = {std * dim ** 0.5:.3f})"
 
 
 @pytest.mark.slow
@@ -81,7 +83,7 @@ def test_extrema_learns_without_collapse(data):
     _assert_learns(losses, std, DIM)
     assert metrics[0]["visible_ratio"] == pytest.approx(0.25)
     assert metrics[-1]["momentum"] > 0.99                      # cosine schedule moved towards 1
-    assert metrics[-1]["target_std"] > 0.01
+    assert metrics[-1]["target_std"] > 0.03                    # healthy 0.063-0.068, collapsing 0.008-0.009
 
 
 @pytest.mark.slow

@@ -2,10 +2,11 @@
 
     files, sizes, bad = image_files(data_cfg)        # data_cfg: fastmask.engine.config.DataConfig
 
-- `list_image_files(root)`: an ImageNet-style folder (class subfolders, searched recursively) or a
-  `.txt` file list (one path per line, relative paths taken from the list's folder, an optional
-  trailing integer label ignored); `None` = the embedded photo set, written once as JPEGs into the
-  cache folder (`embedded_root()`).
+- `list_image_files(root, dataset)`: an ImageNet-style folder (class subfolders, searched
+  recursively) or a `.txt` file list (one path per line, relative paths taken from the list's
+  folder, an optional trailing integer label ignored); `None` = the embedded set `dataset`
+  (`EMBEDDED_SETS`: "photos", the crops of scikit-learn's photos, or "shapes", the unlabelled split
+  of `fastmask.data.shapes`), written once as JPEGs into the cache folder (`embedded_root()`).
 - `validate_files(files, threads)`: opens every file with PIL and decodes it at 1/8 scale (JPEG DCT
   scaling makes that a few times cheaper than a full decode, yet it reads every entropy-coded byte,
   so truncated or garbled files fail). DALI's decoders stop the whole pipeline on such a file in
@@ -47,19 +48,31 @@ def cache_dir() -> Path:
     return Path(os.environ.get("FASTMASK_CACHE") or Path.home() / ".cache" / "fastmask")
 
 
-def embedded_root() -> Path:
-    """-> folder holding the embedded photo set as JPEGs (`photos/00000.jpg` ...), written once.
+EMBEDDED_SETS = ("photos", "shapes")
+
+
+def embedded_root(dataset: str = "photos") -> Path:
+    """-> folder holding the embedded set `dataset` as JPEGs (`photos/00000.jpg` ...), written once.
 
     Written to a temporary sibling and renamed into place, so concurrent ranks never see half a set.
     """
-    from fastmask.data.embedded import DEFAULT_COUNT, DEFAULT_SIZE, write_image_folder
+    if dataset == "photos":
+        from fastmask.data.embedded import DEFAULT_COUNT, DEFAULT_SIZE, write_image_folder
 
-    root = cache_dir() / f"embedded-photos-{DEFAULT_COUNT}x{DEFAULT_SIZE}-v1"
+        root = cache_dir() / f"embedded-photos-{DEFAULT_COUNT}x{DEFAULT_SIZE}-v1"
+        write = write_image_folder
+    elif dataset == "shapes":
+        from fastmask.data import shapes
+
+        root = cache_dir() / f"shapes-pretrain-{shapes.PRETRAIN_COUNT}x{shapes.DEFAULT_SIZE}-v{shapes.VERSION}"
+        write = shapes.write_shapes_folder
+    else:
+        raise ValueError(f"unknown embedded dataset {dataset!r}; valid: {', '.join(EMBEDDED_SETS)}")
     if root.is_dir():
         return root
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=root.name + ".tmp-", dir=root.parent))
-    write_image_folder(tmp)
+    write(tmp)
     try:
         os.replace(tmp, root)
     except OSError:  # another rank got there first
@@ -70,10 +83,10 @@ def embedded_root() -> Path:
     return root
 
 
-def list_image_files(root: str | Path | None) -> list[str]:
-    """-> sorted absolute paths of the images under `root` (folder or .txt list; None = embedded set)."""
+def list_image_files(root: str | Path | None, dataset: str = "photos") -> list[str]:
+    """-> sorted absolute paths of the images under `root` (folder or .txt list; None = embedded `dataset`)."""
     if root is None:
-        root = embedded_root()
+        root = embedded_root(dataset)
     path = Path(root).expanduser()
     if path.is_file():
         if path.suffix.lower() != ".txt":
@@ -239,8 +252,9 @@ def image_files(data_cfg, threads: int = 0) -> tuple[list[str], np.ndarray, list
     """
     if data_cfg.on_corrupt not in ("skip", "fail"):
         raise ValueError(f"data.on_corrupt must be skip|fail, got {data_cfg.on_corrupt!r}")
-    files = list_image_files(data_cfg.root)
-    key = os.path.abspath(os.path.expanduser(data_cfg.root)) if data_cfg.root else str(embedded_root())
+    files = list_image_files(data_cfg.root, data_cfg.dataset)
+    key = (os.path.abspath(os.path.expanduser(data_cfg.root)) if data_cfg.root
+           else str(embedded_root(data_cfg.dataset)))
     sizes, bad = validate_files(files, threads, cache_key=key)
     if bad:
         listing = "\n".join(f"  {p}: {why}" for p, why in bad)

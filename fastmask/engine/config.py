@@ -51,7 +51,8 @@ def yaml_load(text: str) -> Any:
 @dataclass
 class DataConfig:
     loader: str = "auto"            # auto | torch | dali | synthetic (auto: dali where installed, else torch)
-    root: str | None = None         # image folder (class subfolders) or file list; None = the embedded dataset
+    root: str | None = None         # image folder (class subfolders) or file list; None = the embedded `dataset`
+    dataset: str = "photos"         # embedded set read when root is None: photos | shapes (fastmask.data.shapes)
     img_size: int = 224
     batch_size: int = 64            # per rank, per micro-step
     num_workers: int = 2
@@ -289,6 +290,10 @@ def validate(cfg: Config) -> None:
         problems.append(f"engine.precision must be auto|fp32|bf16|fp16, got {cfg.engine.precision!r}")
     if cfg.data.loader not in ("auto", "torch", "dali", "synthetic"):
         problems.append(f"data.loader must be auto|torch|dali|synthetic, got {cfg.data.loader!r}")
+    from fastmask.data.files import EMBEDDED_SETS
+
+    if cfg.data.dataset not in EMBEDDED_SETS:
+        problems.append(f"data.dataset must be {'|'.join(EMBEDDED_SETS)}, got {cfg.data.dataset!r}")
     if cfg.data.on_corrupt not in ("skip", "fail"):
         problems.append(f"data.on_corrupt must be skip|fail, got {cfg.data.on_corrupt!r}")
     if cfg.engine.optimizer not in OPTIMIZERS:

@@ -1,6 +1,7 @@
 """`fastmask eval`: k-NN and linear-probe accuracy of a checkpoint's frozen encoder.
 
-    fastmask eval --checkpoint runs/mae_tiny                   # embedded digits, k-NN (k=20) + linear probe
+    fastmask eval --checkpoint runs/mae_tiny                   # generated shapes, k-NN (k=20) + linear probe
+    fastmask eval --checkpoint runs/mae_tiny --data digits     # scikit-learn's handwritten digits
     fastmask eval --checkpoint runs/mae_tiny --data my_val_dir --k 10 --out eval.json
     fastmask eval --random-init --config mae_tiny               # the untrained model alone
     fastmask eval --checkpoint mae_pretrain_vit_base.pth --config mae_vit_base_patch16  # official MAE
@@ -9,9 +10,13 @@ Every result is printed beside the random-init baseline: the same model, untrain
 the config's engine.seed), on the same data. Small or unlike evaluation sets can rank an untrained
 encoder above a trained one; the baseline keeps that from being misread.
 
-Data: `--data DIR` is a labeled image folder (DIR/<class>/<image>; DIR/train and DIR/val when both
-exist, else a fixed stratified split); the default is scikit-learn's handwritten digits. Images are
-resized to the model's img_size and ImageNet-normalized. Features: the cls token after the final
+Data (`--data`): `shapes` (the default) is the generated set of `fastmask.data.shapes`, 10 shape
+classes over random colours, backgrounds and clutter, 5,000 train / 2,000 test images held out from
+its pretraining split, on which a random-init encoder scores near chance; `digits` is
+scikit-learn's handwritten digits (fixed stratified split), which a random ViT-Tiny already
+classifies at ~90%; any other value is a labeled image folder (DIR/<class>/<image>; DIR/train and
+DIR/val when both exist, else a fixed stratified split). Images are resized to the model's
+img_size and ImageNet-normalized. Features: the cls token after the final
 norm (MAE's linear-probe feature) or `--pool mean`.
 """
 from __future__ import annotations
@@ -26,12 +31,13 @@ import numpy as np
 import torch
 
 from .features import (embedded_labeled_set, extract_features, fixed_split, image_folder_set,
-                       to_model_input)
+                       shapes_labeled_set, to_model_input)
 from .knn import knn_accuracy
 from .load import add_source_arguments
 from .linear import ProbeArgs, linear_probe_accuracy
 
 _P = ProbeArgs()
+LABELED_SETS = ("shapes", "digits")  # the built-in sets --data names; anything else is a folder
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,7 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.epilog = "\n".join(__doc__.splitlines()[2:])
     add_source_arguments(parser, "run folder, checkpoint folder or weights file (.pt/.pth)",
                          "evaluate a randomly initialized encoder")
-    parser.add_argument("--data", default=None, help="labeled image folder (default: the embedded digits)")
+    parser.add_argument("--data", default="shapes",
+                        help="shapes (generated, the default) | digits (scikit-learn's) | a labeled image folder")
     parser.add_argument("--data-size", type=int, default=64, help="side images from --data are read at")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="held-out share when --data has no val/")
@@ -57,8 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_labeled(data: str | None, test_fraction: float, data_size: int = 64):
-    """-> (uint8 train images, train labels, uint8 test images, test labels, class names, description)."""
-    if data is None:
+    """data: "shapes" (None: the same), "digits" or a folder -> (uint8 train images, train labels,
+    uint8 test images, test labels, class names, description)."""
+    if data in (None, "shapes"):
+        xtr, ytr, xte, yte, classes = shapes_labeled_set(data_size)
+        return xtr, ytr, xte, yte, classes, "generated shapes (fastmask.data.shapes)"
+    if data == "digits":
         imgs, labels, classes = embedded_labeled_set()
         tr, te = fixed_split(labels, test_fraction)
         return imgs[tr], labels[tr], imgs[te], labels[te], classes, "embedded digits (scikit-learn)"
@@ -74,7 +85,7 @@ def load_labeled(data: str | None, test_fraction: float, data_size: int = 64):
     return imgs[tr], labels[tr], imgs[te], labels[te], classes, str(root)
 
 
-def evaluate_encoder(encoder: torch.nn.Module, img_size: int, data: str | None = None, k: int = 20,
+def evaluate_encoder(encoder: torch.nn.Module, img_size: int, data: str | None = "shapes", k: int = 20,
                      temperature: float = 0.07, pool: str = "cls", knn: bool = True, linear: bool = True,
                      probe: ProbeArgs = _P, test_fraction: float = 0.2, data_size: int = 64,
                      device: str | torch.device = "cpu", batch_size: int = 128) -> dict:
@@ -118,8 +129,10 @@ def check_arguments(args: argparse.Namespace) -> None:
         problems.append(f"--batch-size and --data-size must be >= 1, got {args.batch_size}, {args.data_size}")
     if args.no_knn and args.no_linear:
         problems.append("--no-knn and --no-linear together leave nothing to evaluate")
-    if args.data is not None and not Path(args.data).is_dir():
-        problems.append(f"--data {args.data} is not a folder")
+    if args.data not in (None, *LABELED_SETS) and not Path(args.data).is_dir():
+        problems.append(f"--data {args.data} is not a folder (nor one of {', '.join(LABELED_SETS)})")
+    if args.data in (None, "shapes") and args.data_size < 16:
+        problems.append(f"--data-size must be >= 16 for the shapes, got {args.data_size}")
     if problems:
         raise ValueError("; ".join(problems))
     if args.out:

@@ -1,6 +1,7 @@
 """Labeled image sets for evaluation and features of a frozen encoder.
 
-    imgs, labels, classes = embedded_labeled_set()               # the default: scikit-learn's digits
+    xtr, ytr, xte, yte, classes = shapes_labeled_set()           # the default: generated shapes, two splits
+    imgs, labels, classes = embedded_labeled_set()               # scikit-learn's digits
     imgs, labels, classes = image_folder_set("data/val")          # class subfolders of image files
     split = fixed_split(labels, test_fraction=0.2)                # (train_idx, test_idx), seed-fixed
     x = to_model_input(imgs, img_size)                            # float32 [N, 3, S, S], ImageNet-normalized
@@ -21,6 +22,16 @@ from torch import nn
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 _EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
+
+
+def shapes_labeled_set(size: int = 64) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, list[str]]:
+    """-> (uint8 train images [5000, size, size, 3], int64 train labels, test images [2000, ...], test
+    labels, class names): the labelled splits of `fastmask.data.shapes` (held out from pretraining)."""
+    from fastmask.data import shapes
+
+    xtr, ytr = shapes.shapes_set("train", shapes.TRAIN_COUNT, size)
+    xte, yte = shapes.shapes_set("test", shapes.TEST_COUNT, size)
+    return xtr, ytr, xte, yte, list(shapes.CLASSES)
 
 
 def embedded_labeled_set() -> tuple[np.ndarray, np.ndarray, list[str]]:
@@ -93,29 +104,31 @@ def to_model_input(imgs: np.ndarray | torch.Tensor, img_size: int) -> torch.Tens
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, x: torch.Tensor, pool: str = "cls", batch_size: int = 128,
-                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def extract_features(encoder: nn.Module, x: torch.Tensor, pool: str | tuple[str, ...] = "cls", batch_size: int = 128,
+                     device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """x float32 [N, 3, S, S] -> float32 [N, D] on the CPU, from `encoder.forward_features(x)` [B, 1+L, D].
 
     pool: "cls" (token 0, the MAE linear-probe feature) or "mean" (mean of the patch tokens, MAE's
-    global pool). The encoder runs in eval mode under no_grad; `dtype` other than fp32 runs it
-    under autocast.
+    global pool), or a tuple of them -> a tuple of [N, D] tensors from one pass. The encoder runs
+    in eval mode under no_grad; `dtype` other than fp32 runs it under autocast.
     """
-    if pool not in ("cls", "mean"):
-        raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+    pools = (pool,) if isinstance(pool, str) else tuple(pool)
+    if not pools or any(p not in ("cls", "mean") for p in pools):
+        raise ValueError(f"pool must be 'cls' or 'mean' (or a tuple of them), got {pool!r}")
     if not hasattr(encoder, "forward_features"):
         raise TypeError(f"{type(encoder).__name__} has no forward_features(imgs) -> [B, N, D]")
     device = torch.device(device)
     was_training = encoder.training
     encoder.eval()
-    out = []
+    out: list[list[torch.Tensor]] = [[] for _ in pools]
     try:
         for i in range(0, len(x), batch_size):
             xb = x[i:i + batch_size].to(device, non_blocking=True)
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 tokens = encoder.forward_features(xb)
-            f = tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
-            out.append(f.float().cpu())
+            for p, acc in zip(pools, out):
+                acc.append((tokens[:, 0] if p == "cls" else tokens[:, 1:].mean(dim=1)).float().cpu())
     finally:
         encoder.train(was_training)
-    return torch.cat(out)
+    feats = tuple(torch.cat(acc) for acc in out)
+    return feats[0] if isinstance(pool, str) else feats

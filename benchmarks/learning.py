@@ -1,0 +1,254 @@
+"""Does each method learn? Pretrain on the unlabelled shapes, probe on held-out labelled shapes,
+against the same encoder at its random initialization.
+
+    python benchmarks/learning.py --out benchmarks/results/learning-cpu.json              # all five methods
+    python benchmarks/learning.py --methods mae,extrema --out ...                          # some (resumable)
+    python benchmarks/learning.py --methods mst --steps 300 --work /tmp/learn --out ...    # a shorter budget
+    python benchmarks/learning.py --methods none --set-baselines --out ...                 # the set itself
+
+For each method: `fastmask pretrain --config <method>_tiny` (the method's tiny recipe) on
+`data.dataset=shapes` (the unlabelled split of `fastmask.data.shapes`, 20,000 images) with the
+budget below and a ViT-Tiny/16 at 64 px for every method, then k-NN (k = 20, T = 0.07) and a linear
+probe (`fastmask.eval`) on the labelled shapes (5,000 train / 2,000 test, disjoint from the
+pretraining split) for the trained encoder (`method.encoder()`, the teacher where the method
+evaluates it) and for the same method built from the same seed without training (the engine seeds
+the same way, so it is the run's own starting point). Both pools of `forward_features`: the cls
+token and the mean of the patch tokens. Also recorded: the loss at the start and end, wall time,
+images/s, and the per-dimension std of the L2-normalized features (a collapsed encoder gives ~0).
+
+`--set-baselines` measures the set itself into the JSON's "set" entry: k-NN and linear probe on raw
+pixels and on a random-init ViT-Tiny/16 (these must be low), and a small supervised CNN trained
+from scratch on the labelled pretraining split for SUPERVISED["steps"] steps (must be high: the
+labels are learnable from the pixels).
+
+Budget (one home: BUDGET below): steps x batch x img size, batch and size the same for every
+method, steps chosen so each method takes about ten minutes on a quiet 2-core CPU. Runs live in
+`--work/<method>` and resume
+from their checkpoints; a finished run is only evaluated again. The JSON (`--out`) is rewritten after
+each method and keeps the entries of methods not run this time, so methods can be run one at a time.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+METHODS = ("mae", "extrema", "relaxmim", "mst", "adios")
+# Steps per method for about ten minutes each on a quiet 2-core CPU, at one batch size and image size
+# for all; warmup is 5% of the steps. Estimated, not yet timed at the full budget: the in-process
+# loop of tests/test_learning.py measured MAE 0.53 and ExtreMA 1.6 CPU-s a step at batch 64, one thread.
+BUDGET = {"batch_size": 64, "img_size": 64,
+          "steps": {"mae": 2000, "extrema": 600, "relaxmim": 800, "mst": 400, "adios": 300}}
+MODEL = "vit_tiny_patch16"
+# Per-method overrides on top of the tiny recipe, each with its reason (none yet).
+OVERRIDES: dict[str, list[str]] = {m: [] for m in METHODS}
+PROBE = {"k": 20, "temperature": 0.07, "linear_epochs": 50, "linear_lr": 1e-3}
+SUPERVISED = {"steps": 1500, "batch_size": 64, "lr": 3e-3, "train_images": 5000}
+
+
+def run_overrides(method: str, steps: int) -> list[str]:
+    return [f"model={MODEL}", "data.root=null", "data.dataset=shapes", f"data.img_size={BUDGET['img_size']}",
+            f"data.batch_size={BUDGET['batch_size']}", f"engine.warmup_steps={max(1, steps // 20)}",
+            "engine.log_every=25", f"engine.checkpoint_every={max(50, steps // 8)}", "engine.keep_last=1",
+            *OVERRIDES[method]]
+
+
+def finished_steps(run: Path) -> int:
+    from fastmask.engine.checkpoint import latest_tag, read_state
+
+    tag = latest_tag(run)
+    return int(read_state(run, tag)["step"]) if tag else 0
+
+
+def pretrain(method: str, run: Path, steps: int, threads: int) -> float:
+    """Train (or resume) in a child process; -> wall seconds spent now (0 when already done)."""
+    if finished_steps(run) >= steps:
+        return 0.0
+    cmd = [sys.executable, "-m", "fastmask.cli", "pretrain", "--config", f"{method}_tiny", "--steps",
+           str(steps), "--out", str(run), *run_overrides(method, steps)]
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    print("[learning] " + " ".join(cmd[1:]), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, check=True, env=env)
+    return time.perf_counter() - t0
+
+
+def _std(f: torch.Tensor) -> float:
+    return F.normalize(f.float(), dim=1).std(dim=0).mean().item()
+
+
+def probe(encoder, img_size: int, data) -> dict:
+    """Frozen encoder -> {pool: {"knn", "linear", "std"}} on the labelled shapes."""
+    from fastmask.eval.features import extract_features, to_model_input
+
+    ftr = extract_features(encoder, to_model_input(data[0], img_size), ("cls", "mean"))
+    fte = extract_features(encoder, to_model_input(data[2], img_size), ("cls", "mean"))
+    return {pool: {**_scores(a, b, data), "std": _std(b)} for pool, a, b in zip(("cls", "mean"), ftr, fte)}
+
+
+def _scores(ftr: torch.Tensor, fte: torch.Tensor, data) -> dict:
+    from fastmask.eval.knn import knn_accuracy
+    from fastmask.eval.linear import ProbeArgs, linear_probe_accuracy
+
+    ytr, yte, C = torch.as_tensor(data[1]), torch.as_tensor(data[3]), len(data[4])
+    return {"knn": knn_accuracy(ftr, ytr, fte, yte, PROBE["k"], PROBE["temperature"], C),
+            "linear": linear_probe_accuracy(ftr, ytr, fte, yte, C, ProbeArgs(epochs=PROBE["linear_epochs"],
+                                                                                lr=PROBE["linear_lr"]))}
+
+
+def supervised_cnn(data, img_size: int) -> dict:
+    """A small CNN (4 conv-BN-ReLU-pool stages, 16-64 channels, global max pool) trained from scratch
+    with labels on the pretraining split's first images -> test accuracy: are the labels learnable?"""
+    from torch import nn
+
+    from fastmask.data import shapes
+    from fastmask.eval.features import to_model_input
+
+    def stage(i, o):
+        return nn.Sequential(nn.Conv2d(i, o, 3, padding=1), nn.BatchNorm2d(o), nn.ReLU(), nn.MaxPool2d(2))
+
+    imgs, labels = shapes.shapes_set("pretrain", SUPERVISED["train_images"], shapes.DEFAULT_SIZE)
+    x, y = to_model_input(imgs, img_size), torch.as_tensor(labels)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        net = nn.Sequential(stage(3, 16), stage(16, 32), stage(32, 64), stage(64, 64),
+                            nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(64, len(shapes.CLASSES)))
+    opt = torch.optim.AdamW(net.parameters(), lr=SUPERVISED["lr"], weight_decay=0.05)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, SUPERVISED["lr"], total_steps=SUPERVISED["steps"])
+    g = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in range(SUPERVISED["steps"]):
+        idx = torch.randint(0, len(y), (SUPERVISED["batch_size"],), generator=g)
+        loss = F.cross_entropy(net(x[idx]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+    net.eval()
+    with torch.no_grad():
+        pred = torch.cat([net(b).argmax(1) for b in to_model_input(data[2], img_size).split(256)])
+    return {**SUPERVISED, "test_accuracy": (pred == torch.as_tensor(data[3])).float().mean().item(),
+            "train_s": time.perf_counter() - t0}
+
+
+def set_baselines(data, img_size: int) -> dict:
+    """Raw pixels and a random-init ViT-Tiny (k-NN, linear; both pools) and the supervised CNN."""
+    from fastmask.eval.features import extract_features, to_model_input
+    from fastmask.models import create_model
+
+    xtr, xte = to_model_input(data[0], img_size), to_model_input(data[2], img_size)
+    out = {"raw_pixels": _scores(xtr.flatten(1), xte.flatten(1), data)}
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        vit = create_model(MODEL, img_size=img_size)
+    ftr, fte = extract_features(vit, xtr, ("cls", "mean")), extract_features(vit, xte, ("cls", "mean"))
+    out["random_vit_tiny"] = {pool: _scores(a, b, data) for pool, a, b in zip(("cls", "mean"), ftr, fte)}
+    out["supervised_cnn"] = supervised_cnn(data, img_size)
+    out["chance"] = 1.0 / len(data[4])
+    return out
+
+
+def evaluate(method: str, run: Path, steps: int, data) -> dict:
+    from fastmask.eval.load import load_encoder, resolve_config
+
+    cfg = resolve_config(run)
+    trained, _ = load_encoder(run, cfg=cfg)
+    untrained, _ = load_encoder(None, cfg=cfg)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    size = cfg.data.img_size
+    trained_probe, random_probe = probe(trained, size, data), probe(untrained, size, data)
+    return {"recipe": f"{method}_tiny", "overrides": run_overrides(method, steps), "masking": cfg.masking,
+            "steps": metrics[-1]["step"], "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
+            "imgs_per_s": sum(r["imgs_per_s"] for r in metrics[1:]) / max(1, len(metrics) - 1),
+            "trained": trained_probe, "random_init": random_probe,
+            "knn_gain_cls": trained_probe["cls"]["knn"] - random_probe["cls"]["knn"],
+            "knn_gain_mean": trained_probe["mean"]["knn"] - random_probe["mean"]["knn"]}
+
+
+def _meta(data, threads: int) -> dict:
+    import fastmask
+    from fastmask.data import shapes
+
+    try:
+        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).parent).stdout.strip()
+    except OSError:
+        sha = ""
+    return {"device": "cpu", "threads": threads, "torch": torch.__version__, "fastmask": fastmask.__version__,
+            "git": sha, "python": sys.version.split()[0], "platform": platform.platform(),
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "budget": BUDGET, "model": MODEL, "probe": PROBE,
+            "data": {"pretrain": f"shapes pretrain split, {shapes.PRETRAIN_COUNT} images at "
+                                 f"{shapes.DEFAULT_SIZE} px",
+                     "train": len(data[1]), "test": len(data[3]), "classes": len(data[4]),
+                     "version": shapes.VERSION}}
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="\n".join(__doc__.splitlines()[2:]))
+    ap.add_argument("--methods", default=",".join(METHODS),
+                    help="comma-separated subset of " + ",".join(METHODS) + ", or none")
+    ap.add_argument("--set-baselines", action="store_true", help="also measure the set itself (see above)")
+    ap.add_argument("--work", type=Path, default=Path("runs/learning"), help="run folders go here")
+    ap.add_argument("--out", type=Path, required=True, help="results JSON (updated in place, per method)")
+    ap.add_argument("--steps", type=int, default=None,
+                    help="override the budget's steps (every method run now)")
+    # One thread by default: on a shared 2-core machine (load ~6) MAE's engine step took 8.2 s with two
+    # spinning OpenMP threads and 1.3 s with one. On a quiet machine, --threads 2 is faster.
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    args = ap.parse_args(argv)
+    methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not (methods or args.set_baselines):
+        ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    if args.steps is not None and args.steps < 1:
+        ap.error("--steps must be >= 1")
+    torch.set_num_threads(args.threads)
+
+    from fastmask.eval.features import shapes_labeled_set
+
+    data = shapes_labeled_set()
+    old = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    results, set_figures = old.get("results", {}), old.get("set")
+
+    def write() -> None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = args.out.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"meta": _meta(data, args.threads), "set": set_figures, "results": results},
+                                  indent=2) + "\n")
+        os.replace(tmp, args.out)
+
+    if args.set_baselines:
+        set_figures = set_baselines(data, BUDGET["img_size"])
+        print("[learning] set: " + json.dumps(set_figures), flush=True)
+        write()
+    for method in methods:
+        run = args.work / method
+        steps = args.steps or BUDGET["steps"][method]
+        wall = pretrain(method, run, steps, args.threads)
+        r = evaluate(method, run, steps, data)
+        r["train_wall_s"] = wall if wall else results.get(method, {}).get("train_wall_s")
+        results[method] = r
+        print(f"[learning] {method:9s} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}  "
+              f"k-NN cls {r['trained']['cls']['knn']:.3f} (random {r['random_init']['cls']['knn']:.3f})  "
+              f"mean {r['trained']['mean']['knn']:.3f} (random {r['random_init']['mean']['knn']:.3f})  "
+              f"linear cls {r['trained']['cls']['linear']:.3f} "
+              f"(random {r['random_init']['cls']['linear']:.3f})",
+              flush=True)
+        write()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
