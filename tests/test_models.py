@@ -531,7 +531,9 @@ def test_mae_bf16_target_comes_from_fp32_pixels(mode):
     assert pred.dtype == torch.bfloat16 and loss.dtype == torch.float32
 
     def expected(pixels):
-        t = reference.patchify(pixels.float(), 16)
+        n, c, hp, wp = pixels.shape  # the official patchify: nchpwq -> nhwpqc
+        t = pixels.float().reshape(n, c, hp // 16, 16, wp // 16, 16).permute(0, 2, 4, 3, 5, 1)
+        t = t.reshape(n, (hp // 16) * (wp // 16), 16 * 16 * c)
         t = (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6) ** 0.5
         return (((pred.float() - t) ** 2).mean(-1) * masks.mask).sum() / masks.mask.sum()
 

@@ -23,7 +23,8 @@ FIXED, CHANGED, IGNORED = "fixed", "changed", "ignored"
 
 RULES: dict[str, str] = {
     "method": FIXED, "model": FIXED, "masking": CHANGED, "mask_ratio": CHANGED, "out": IGNORED,
-    "data.loader": CHANGED, "data.root": CHANGED, "data.img_size": FIXED, "data.batch_size": CHANGED,
+    "data.loader": CHANGED, "data.root": CHANGED, "data.dataset": CHANGED, "data.img_size": FIXED,
+    "data.batch_size": CHANGED,
     "data.num_workers": IGNORED, "data.min_scale": CHANGED, "data.hflip": CHANGED, "data.on_corrupt": IGNORED,
     "data.dali_threads": IGNORED, "data.synthetic_size": CHANGED,
     # zero_stage: within stages 1-2 and within stage 3 DeepSpeed's universal format converts; the trainer
