@@ -45,11 +45,12 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from fastmask.engine.step import DTYPES
+
 from . import flops as F
 from .baseline_official import OfficialMAE, make_official_step, official_forward, official_param_groups
 from .timing import measure_peak_memory, saved_activation_bytes, time_interleaved
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 PATHS = ("fastmask", "official", "strong")
 BASELINES = {"both": ("official", "strong"), "official": ("official",), "strong": ("strong",), "none": ()}

@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from .config import Config
+from .step import DTYPES
 
 # Saved bytes at three micro-batches (forward only), FLOPs at two of them (forward + backward).
 MEASURE_BATCHES = (2, 4, 8)
 FLOP_BATCHES = (2, 8)
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 @dataclasses.dataclass(frozen=True)
