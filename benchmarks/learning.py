@@ -5,6 +5,7 @@ against the same encoder at its random initialization.
     python benchmarks/learning.py --methods mae,extrema --out ...                          # some (resumable)
     python benchmarks/learning.py --methods mst --steps 300 --work /tmp/learn --out ...    # a shorter budget
     python benchmarks/learning.py --methods none --set-baselines --out ...                 # the set itself
+    python benchmarks/learning.py --methods none --supervised-vit fastmask --out ...       # the label ceiling
 
 For each method: `fastmask pretrain --config <method>_tiny` (the method's tiny recipe) on
 `data.dataset=shapes` (the unlabelled split of `fastmask.data.shapes`, 20,000 images) with the
@@ -14,12 +15,17 @@ pretraining split) for the trained encoder (`method.encoder()`, the teacher wher
 evaluates it) and for the same method built from the same seed without training (the engine seeds
 the same way, so it is the run's own starting point). Both pools of `forward_features`: the cls
 token and the mean of the patch tokens. Also recorded: the loss at the start and end, wall time,
-images/s, and the per-dimension std of the L2-normalized features (a collapsed encoder gives ~0).
+images/s, the per-dimension std of the L2-normalized features (a collapsed encoder gives ~0), and
+`colour_knn`: k-NN on a nuisance label, the background's hue (`background_hue`), which tells an encoder
+that learned colour (up from random init) from one that learned to ignore it (down).
 
 `--set-baselines` measures the set itself into the JSON's "set" entry: k-NN and linear probe on raw
 pixels and on a random-init ViT-Tiny/16 (these must be low), and a small supervised CNN trained
 from scratch on the labelled pretraining split for SUPERVISED["steps"] steps (must be high: the
-labels are learnable from the pixels).
+labels are learnable from the pixels). `--supervised-vit fastmask|timm` measures the label ceiling at
+this budget: MODEL itself trained with labels for SUPERVISED_VIT["steps"] (about MAE's budget), probed
+along the way; a self-supervised run of N steps is not expected to beat the supervised one at N steps.
+With `timm`, timm's ViT-Tiny/16 in the same loop (is ours a slow learner?).
 
 Budget (one home: BUDGET below): steps x batch x img size, batch and size the same for every
 method, steps chosen so each method takes about ten minutes on a quiet 2-core CPU. Runs live in
@@ -44,8 +50,8 @@ import torch.nn.functional as F
 
 METHODS = ("mae", "extrema", "relaxmim", "mst", "adios")
 # Steps per method for about ten minutes each on a quiet 2-core CPU, at one batch size and image size
-# for all; warmup is 5% of the steps. Estimated, not yet timed at the full budget: the in-process
-# loop of tests/test_learning.py measured MAE 0.53 and ExtreMA 1.6 CPU-s a step at batch 64, one thread.
+# for all; warmup is 5% of the steps. Measured (one thread, two runs sharing the 2 cores): MAE 1652 s,
+# ExtreMA 897 s, RelaxMIM 629 s, MST 1721 s, ADIOS 1589 s: an MST or ADIOS step costs 5-6x an MAE step.
 BUDGET = {"batch_size": 64, "img_size": 64,
           "steps": {"mae": 2000, "extrema": 600, "relaxmim": 800, "mst": 400, "adios": 300}}
 MODEL = "vit_tiny_patch16"
@@ -53,6 +59,10 @@ MODEL = "vit_tiny_patch16"
 OVERRIDES: dict[str, list[str]] = {m: [] for m in METHODS}
 PROBE = {"k": 20, "temperature": 0.07, "linear_epochs": 50, "linear_lr": 1e-3}
 SUPERVISED = {"steps": 1500, "batch_size": 64, "lr": 3e-3, "train_images": 5000}
+# The label ceiling (supervised_vit): MODEL itself, with labels, over the pretraining runs' batch and about
+# MAE's step count; probed along the way so each method's budget can be read against it.
+SUPERVISED_VIT = {"steps": 1500, "batch_size": 64, "lr": 3e-4, "train_images": 5000,
+                  "probe_at": [250, 500, 1000, 1500]}
 
 
 def run_overrides(method: str, steps: int) -> list[str]:
@@ -86,13 +96,30 @@ def _std(f: torch.Tensor) -> float:
     return F.normalize(f.float(), dim=1).std(dim=0).mean().item()
 
 
+def background_hue(imgs, bins: int = 8) -> torch.Tensor:
+    """uint8 [N, S, S, 3] -> int64 [N]: the hue of the mean colour of the 2-pixel border, in `bins` bins.
+    A nuisance label: the background is drawn independently of the shape, so an encoder that scores
+    higher on it than its random init learned colour, one that scores lower learned to ignore it."""
+    x = torch.as_tensor(imgs).float() / 255
+    border = torch.cat([x[:, :2].flatten(1, 2), x[:, -2:].flatten(1, 2), x[:, :, :2].flatten(1, 2),
+                        x[:, :, -2:].flatten(1, 2)], 1).mean(1)  # [N, 3]
+    r, g, b = border.unbind(1)
+    hue = torch.atan2(3 ** 0.5 * (g - b), 2 * r - g - b) / (2 * torch.pi) % 1.0  # hexagonal hue, in [0, 1)
+    return (hue * bins).long().clamp_max(bins - 1)
+
+
 def probe(encoder, img_size: int, data) -> dict:
-    """Frozen encoder -> {pool: {"knn", "linear", "std"}} on the labelled shapes."""
+    """Frozen encoder -> {pool: {"knn", "linear", "std", "colour_knn"}} on the labelled shapes
+    (colour_knn: k-NN on `background_hue`, the nuisance, chance 1/8)."""
     from fastmask.eval.features import extract_features, to_model_input
+    from fastmask.eval.knn import knn_accuracy
 
     ftr = extract_features(encoder, to_model_input(data[0], img_size), ("cls", "mean"))
     fte = extract_features(encoder, to_model_input(data[2], img_size), ("cls", "mean"))
-    return {pool: {**_scores(a, b, data), "std": _std(b)} for pool, a, b in zip(("cls", "mean"), ftr, fte)}
+    ctr, cte = background_hue(data[0]), background_hue(data[2])
+    return {pool: {**_scores(a, b, data), "std": _std(b),
+                   "colour_knn": knn_accuracy(a, ctr, b, cte, PROBE["k"], PROBE["temperature"], 8)}
+            for pool, a, b in zip(("cls", "mean"), ftr, fte)}
 
 
 def _scores(ftr: torch.Tensor, fte: torch.Tensor, data) -> dict:
@@ -140,9 +167,66 @@ def supervised_cnn(data, img_size: int) -> dict:
             "train_s": time.perf_counter() - t0}
 
 
+def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
+    """The label ceiling at this budget: the same ViT-Tiny/16 trained from scratch *with labels* (a linear
+    head on the cls token, cross-entropy, AdamW, cosine lr with 5% warmup, the pretraining runs' crop +
+    flip) on the pretraining split's first images, probed (head accuracy and cls k-NN on the held-out
+    split) along the way. What a self-supervised run of the same steps can be expected to reach is
+    below this: labels are the strongest signal there is. `timm_model`: timm's ViT-Tiny/16 (its own
+    init) in the same loop instead, to tell a slow learner of ours from the architecture's pace."""
+    import math
+
+    from fastmask.data import shapes
+    from fastmask.eval.features import extract_features, to_model_input
+    from fastmask.eval.knn import knn_accuracy
+    from fastmask.methods.views import ViewAugment
+    from fastmask.models import create_model
+
+    cfg = SUPERVISED_VIT
+    imgs, labels = shapes.shapes_set("pretrain", cfg["train_images"], shapes.DEFAULT_SIZE)
+    x, y = to_model_input(imgs, img_size), torch.as_tensor(labels)
+    xtr, xte = to_model_input(data[0], img_size), to_model_input(data[2], img_size)
+    ytr, yte = torch.as_tensor(data[1]), torch.as_tensor(data[3])
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        if timm_model:
+            import timm
+
+            vit = timm.create_model("vit_tiny_patch16_224", img_size=img_size, num_classes=0,
+                                    global_pool="token")
+        else:
+            vit = create_model(MODEL, img_size=img_size)
+        head = torch.nn.Linear(vit.embed_dim, len(data[4]))
+    opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=cfg["lr"], weight_decay=0.05)
+    aug = ViewAugment(crop_scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0)  # the torch loader's crop + flip
+    g = torch.Generator().manual_seed(0)
+    steps, warmup = cfg["steps"], max(1, cfg["steps"] // 20)
+    probes, t0 = [], time.perf_counter()
+    for step in range(1, steps + 1):
+        for group in opt.param_groups:
+            cosine = 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
+            group["lr"] = cfg["lr"] * min(1.0, step / warmup) * cosine
+        idx = torch.randint(0, len(y), (cfg["batch_size"],), generator=g)
+        vit.train()
+        loss = F.cross_entropy(head(vit.forward_features(aug(x[idx], g))[:, 0]), y[idx])
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if step in cfg["probe_at"]:
+            ftr, fte = extract_features(vit, xtr, "cls"), extract_features(vit, xte, "cls")
+            with torch.no_grad():
+                acc = (head(fte).argmax(1) == yte).float().mean().item()
+            probes.append({"step": step, "test_accuracy": acc, "train_s": time.perf_counter() - t0,
+                           "knn_cls": knn_accuracy(ftr, ytr, fte, yte, PROBE["k"], PROBE["temperature"],
+                                                   len(data[4]))})
+            print(f"[learning] supervised ViT step {step}: {probes[-1]}", flush=True)
+    return {**cfg, "probes": probes}
+
+
 def set_baselines(data, img_size: int) -> dict:
     """Raw pixels and a random-init ViT-Tiny (k-NN, linear; both pools) and the supervised CNN."""
     from fastmask.eval.features import extract_features, to_model_input
+    from fastmask.eval.knn import knn_accuracy
     from fastmask.models import create_model
 
     xtr, xte = to_model_input(data[0], img_size), to_model_input(data[2], img_size)
@@ -152,6 +236,9 @@ def set_baselines(data, img_size: int) -> dict:
         vit = create_model(MODEL, img_size=img_size)
     ftr, fte = extract_features(vit, xtr, ("cls", "mean")), extract_features(vit, xte, ("cls", "mean"))
     out["random_vit_tiny"] = {pool: _scores(a, b, data) for pool, a, b in zip(("cls", "mean"), ftr, fte)}
+    colour = [background_hue(data[0]), background_hue(data[2])]
+    out["raw_pixels"]["colour_knn"] = knn_accuracy(xtr.flatten(1), colour[0], xte.flatten(1), colour[1],
+                                                   PROBE["k"], PROBE["temperature"], 8)
     out["supervised_cnn"] = supervised_cnn(data, img_size)
     out["chance"] = 1.0 / len(data[4])
     return out
@@ -200,6 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS),
                     help="comma-separated subset of " + ",".join(METHODS) + ", or none")
     ap.add_argument("--set-baselines", action="store_true", help="also measure the set itself (see above)")
+    ap.add_argument("--supervised-vit", choices=("fastmask", "timm"), default=None,
+                    help="also measure the label ceiling (supervised_vit) with fastmask's or timm's ViT-Tiny")
     ap.add_argument("--work", type=Path, default=Path("runs/learning"), help="run folders go here")
     ap.add_argument("--out", type=Path, required=True, help="results JSON (updated in place, per method)")
     ap.add_argument("--steps", type=int, default=None,
@@ -210,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
     unknown = [m for m in methods if m not in METHODS]
-    if unknown or not (methods or args.set_baselines):
+    if unknown or not (methods or args.set_baselines or args.supervised_vit):
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be >= 1")
@@ -225,13 +314,19 @@ def main(argv: list[str] | None = None) -> int:
     def write() -> None:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"meta": _meta(data, args.threads), "set": set_figures, "results": results},
+        meta = {**old.get("meta", {}), **_meta(data, args.threads)}  # keeps notes added to earlier runs
+        tmp.write_text(json.dumps({"meta": meta, "set": set_figures, "results": results},
                                   indent=2) + "\n")
         os.replace(tmp, args.out)
 
     if args.set_baselines:
         set_figures = set_baselines(data, BUDGET["img_size"])
         print("[learning] set: " + json.dumps(set_figures), flush=True)
+        write()
+    if args.supervised_vit:
+        key = "supervised_vit_tiny" + ("_timm" if args.supervised_vit == "timm" else "")
+        set_figures = {**(set_figures or {}), key: supervised_vit(data, BUDGET["img_size"],
+                                                                  args.supervised_vit == "timm")}
         write()
     for method in methods:
         run = args.work / method
