@@ -249,15 +249,20 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_while_a_second_run_is_refused(
 
 
 def test_ctrl_c_once_stops_after_the_step_and_twice_stops_at_once():
-    before = signal.getsignal(signal.SIGINT)
-    with StopOnSignal() as stop:  # the handler is called directly: no signal is sent to this process
-        assert stop.requested() == 0
-        stop._handle(signal.SIGINT, None)
-        stop._handle(signal.SIGTERM, None)  # another kind while one is pending: the first stands
-        assert stop.requested() == signal.SIGINT
-        with pytest.raises(KeyboardInterrupt):  # the same again: the previous handler (Python's) runs now
+    # Python's own SIGINT handler, as in a terminal, whatever started pytest: a shell's background job
+    # starts with SIGINT ignored, and then the second Ctrl-C's "previous handler" would end pytest itself.
+    outer = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with StopOnSignal() as stop:  # the handler is called directly: no signal is sent to this process
+            assert stop.requested() == 0
             stop._handle(signal.SIGINT, None)
-    assert signal.getsignal(signal.SIGINT) is before
+            stop._handle(signal.SIGTERM, None)  # another kind while one is pending: the first stands
+            assert stop.requested() == signal.SIGINT
+            with pytest.raises(KeyboardInterrupt):  # the same again: the previous handler (Python's) runs now
+                stop._handle(signal.SIGINT, None)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, outer)
 
 
 @pytest.mark.slow
