@@ -112,22 +112,27 @@ def probe(encoder, img_size: int, data) -> dict:
     """Frozen encoder -> {pool: {"knn", "linear", "std", "colour_knn"}} on the labelled shapes
     (colour_knn: k-NN on `background_hue`, the nuisance, chance 1/8)."""
     from fastmask.eval.features import extract_features, to_model_input
-    from fastmask.eval.knn import knn_accuracy
 
     ftr = extract_features(encoder, to_model_input(data[0], img_size), ("cls", "mean"))
     fte = extract_features(encoder, to_model_input(data[2], img_size), ("cls", "mean"))
     ctr, cte = background_hue(data[0]), background_hue(data[2])
     return {pool: {**_scores(a, b, data), "std": _std(b),
-                   "colour_knn": knn_accuracy(a, ctr, b, cte, PROBE["k"], PROBE["temperature"], 8)}
+                   "colour_knn": _knn(a, ctr, b, cte, 8)}
             for pool, a, b in zip(("cls", "mean"), ftr, fte)}
 
 
-def _scores(ftr: torch.Tensor, fte: torch.Tensor, data) -> dict:
+def _knn(ftr: torch.Tensor, ytr: torch.Tensor, fte: torch.Tensor, yte: torch.Tensor, classes: int) -> float:
+    """k-NN accuracy with PROBE's k and temperature."""
     from fastmask.eval.knn import knn_accuracy
+
+    return knn_accuracy(ftr, ytr, fte, yte, PROBE["k"], PROBE["temperature"], classes)
+
+
+def _scores(ftr: torch.Tensor, fte: torch.Tensor, data) -> dict:
     from fastmask.eval.linear import ProbeArgs, linear_probe_accuracy
 
     ytr, yte, C = torch.as_tensor(data[1]), torch.as_tensor(data[3]), len(data[4])
-    return {"knn": knn_accuracy(ftr, ytr, fte, yte, PROBE["k"], PROBE["temperature"], C),
+    return {"knn": _knn(ftr, ytr, fte, yte, C),
             "linear": linear_probe_accuracy(ftr, ytr, fte, yte, C, ProbeArgs(epochs=PROBE["linear_epochs"],
                                                                                 lr=PROBE["linear_lr"]))}
 
@@ -178,7 +183,6 @@ def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
 
     from fastmask.data import shapes
     from fastmask.eval.features import extract_features, to_model_input
-    from fastmask.eval.knn import knn_accuracy
     from fastmask.methods.views import ViewAugment
     from fastmask.models import create_model
 
@@ -203,9 +207,9 @@ def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
     steps, warmup = cfg["steps"], max(1, cfg["steps"] // 20)
     probes, t0 = [], time.perf_counter()
     for step in range(1, steps + 1):
+        lr = cfg["lr"] * min(1.0, step / warmup) * 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
         for group in opt.param_groups:
-            cosine = 0.5 * (1 + math.cos(math.pi * (step - 1) / steps))
-            group["lr"] = cfg["lr"] * min(1.0, step / warmup) * cosine
+            group["lr"] = lr
         idx = torch.randint(0, len(y), (cfg["batch_size"],), generator=g)
         vit.train()
         loss = F.cross_entropy(head(vit.forward_features(aug(x[idx], g))[:, 0]), y[idx])
@@ -217,8 +221,7 @@ def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
             with torch.no_grad():
                 acc = (head(fte).argmax(1) == yte).float().mean().item()
             probes.append({"step": step, "test_accuracy": acc, "train_s": time.perf_counter() - t0,
-                           "knn_cls": knn_accuracy(ftr, ytr, fte, yte, PROBE["k"], PROBE["temperature"],
-                                                   len(data[4]))})
+                           "knn_cls": _knn(ftr, ytr, fte, yte, len(data[4]))})
             print(f"[learning] supervised ViT step {step}: {probes[-1]}", flush=True)
     return {**cfg, "probes": probes}
 
@@ -226,7 +229,6 @@ def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
 def set_baselines(data, img_size: int) -> dict:
     """Raw pixels and a random-init ViT-Tiny (k-NN, linear; both pools) and the supervised CNN."""
     from fastmask.eval.features import extract_features, to_model_input
-    from fastmask.eval.knn import knn_accuracy
     from fastmask.models import create_model
 
     xtr, xte = to_model_input(data[0], img_size), to_model_input(data[2], img_size)
@@ -236,9 +238,8 @@ def set_baselines(data, img_size: int) -> dict:
         vit = create_model(MODEL, img_size=img_size)
     ftr, fte = extract_features(vit, xtr, ("cls", "mean")), extract_features(vit, xte, ("cls", "mean"))
     out["random_vit_tiny"] = {pool: _scores(a, b, data) for pool, a, b in zip(("cls", "mean"), ftr, fte)}
-    colour = [background_hue(data[0]), background_hue(data[2])]
-    out["raw_pixels"]["colour_knn"] = knn_accuracy(xtr.flatten(1), colour[0], xte.flatten(1), colour[1],
-                                                   PROBE["k"], PROBE["temperature"], 8)
+    out["raw_pixels"]["colour_knn"] = _knn(xtr.flatten(1), background_hue(data[0]), xte.flatten(1),
+                                           background_hue(data[2]), 8)
     out["supervised_cnn"] = supervised_cnn(data, img_size)
     out["chance"] = 1.0 / len(data[4])
     return out
