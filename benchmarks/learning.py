@@ -4,6 +4,7 @@ against the same encoder at its random initialization.
     python benchmarks/learning.py --out benchmarks/results/learning-cpu.json              # all five methods
     python benchmarks/learning.py --methods mae,extrema --out ...                          # some (resumable)
     python benchmarks/learning.py --methods mst --steps 300 --work /tmp/learn --out ...    # a shorter budget
+    python benchmarks/learning.py --methods extrema --img-size 96 --work /tmp/l96 --out ... # more tokens a view
     python benchmarks/learning.py --methods none --set-baselines --out ...                 # the set itself
     python benchmarks/learning.py --methods none --supervised-vit fastmask --out ...       # the label ceiling
 
@@ -65,8 +66,9 @@ SUPERVISED_VIT = {"steps": 1500, "batch_size": 64, "lr": 3e-4, "train_images": 5
                   "probe_at": [250, 500, 1000, 1500]}
 
 
-def run_overrides(method: str, steps: int) -> list[str]:
-    return [f"model={MODEL}", "data.root=null", "data.dataset=shapes", f"data.img_size={BUDGET['img_size']}",
+def run_overrides(method: str, steps: int, img_size: int | None = None) -> list[str]:
+    return [f"model={MODEL}", "data.root=null", "data.dataset=shapes",
+            f"data.img_size={img_size or BUDGET['img_size']}",
             f"data.batch_size={BUDGET['batch_size']}", f"engine.warmup_steps={max(1, steps // 20)}",
             "engine.log_every=25", f"engine.checkpoint_every={max(50, steps // 8)}", "engine.keep_last=1",
             *OVERRIDES[method]]
@@ -79,12 +81,12 @@ def finished_steps(run: Path) -> int:
     return int(read_state(run, tag)["step"]) if tag else 0
 
 
-def pretrain(method: str, run: Path, steps: int, threads: int) -> float:
+def pretrain(method: str, run: Path, steps: int, threads: int, img_size: int | None = None) -> float:
     """Train (or resume) in a child process; -> wall seconds spent now (0 when already done)."""
     if finished_steps(run) >= steps:
         return 0.0
     cmd = [sys.executable, "-m", "fastmask.cli", "pretrain", "--config", f"{method}_tiny", "--steps",
-           str(steps), "--out", str(run), *run_overrides(method, steps)]
+           str(steps), "--out", str(run), *run_overrides(method, steps, img_size)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     print("[learning] " + " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
@@ -254,7 +256,7 @@ def evaluate(method: str, run: Path, steps: int, data) -> dict:
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     size = cfg.data.img_size
     trained_probe, random_probe = probe(trained, size, data), probe(untrained, size, data)
-    return {"recipe": f"{method}_tiny", "overrides": run_overrides(method, steps), "masking": cfg.masking,
+    return {"recipe": f"{method}_tiny", "overrides": run_overrides(method, steps, cfg.data.img_size), "masking": cfg.masking,
             "steps": metrics[-1]["step"], "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
             "imgs_per_s": sum(r["imgs_per_s"] for r in metrics[1:]) / max(1, len(metrics) - 1),
             "trained": trained_probe, "random_init": random_probe,
@@ -294,6 +296,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, required=True, help="results JSON (updated in place, per method)")
     ap.add_argument("--steps", type=int, default=None,
                     help="override the budget's steps (every method run now)")
+    ap.add_argument("--img-size", type=int, default=None,
+                    help="override the budget's image size (the 64 px shapes are resized to it: more tokens)")
     # One thread by default: on a shared 2-core machine (load ~6) MAE's engine step took 8.2 s with two
     # spinning OpenMP threads and 1.3 s with one. On a quiet machine, --threads 2 is faster.
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
@@ -332,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     for method in methods:
         run = args.work / method
         steps = args.steps or BUDGET["steps"][method]
-        wall = pretrain(method, run, steps, args.threads)
+        wall = pretrain(method, run, steps, args.threads, args.img_size)
         r = evaluate(method, run, steps, data)
         r["train_wall_s"] = wall if wall else results.get(method, {}).get("train_wall_s")
         results[method] = r
