@@ -135,7 +135,9 @@ def test_mst_learns_without_collapse(data):
     rec = [r["rec"] for r in metrics]
     assert sum(rec[-4:]) < sum(rec[:4])                        # the image decoder learns
     assert 0.0 < metrics[-1]["mask_ratio"] < 0.5               # Bernoulli over the low-attention half
-    assert metrics[-1]["teacher_entropy"] > 0.5                # teacher not collapsed to one prototype
+    # the teacher collapsed neither to one prototype (entropy 0) nor to uniform (ln 256 = 5.5): measured
+    # 1.4-2.1 over these 30 steps (seed 0)
+    assert 0.7 < metrics[-1]["teacher_entropy"] < 0.6 * math.log(256)
 
 
 _SMALL = {

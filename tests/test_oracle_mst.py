@@ -191,6 +191,9 @@ def test_mst_loss_matches_the_independent_formulation():
     torch.testing.assert_close(out["rec"], rec.detach(), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(out["loss"], loss.detach(), rtol=1e-5, atol=1e-5)
     assert out["mask_ratio"] == pytest.approx(hidden.float().mean().item())
+    # the monitored entropy is that of the distribution the loss targets (tau_t, the centre before update)
+    q = torch.softmax((t_out - center0) / t_temp, dim=-1)
+    torch.testing.assert_close(out["teacher_entropy"], -(q * q.log()).sum(-1).mean(), rtol=1e-5, atol=1e-5)
     # the centre moved towards the teacher's batch mean after the loss (momentum 0.9)
     torch.testing.assert_close(m.dino_loss.center, 0.9 * center0 + 0.1 * t_out.mean(0, keepdim=True),
                                rtol=1e-5, atol=1e-6)

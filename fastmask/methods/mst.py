@@ -243,14 +243,14 @@ class MST(Method):
         head = self.student["head"]
         head.last_layer.frozen = self.last_layer_frozen()
         s_out = head(torch.cat(cls))                                                  # [(2+N)B, K]
+        with torch.no_grad():  # the teacher distribution the loss targets: its temperature, the centre before update
+            p = torch.softmax((t_out.float() - self.dino_loss.center) / self.dino_loss.teacher_temp_at(self.epoch), -1)
+            entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
         dino = self.dino_loss(s_out.chunk(len(views)), t_out.chunk(2), epoch=self.epoch)
         recon = self.decoder(s_tokens[:, 1:])                                         # [2B, C, H, W]
         diff = recon.float() - x.float()
         rec = diff.abs().mean() if a.rec_loss == "l1" else diff.pow(2).mean()
         loss = a.w_dino * dino + a.w_rec * rec
-        with torch.no_grad():
-            p = torch.softmax(t_out.float() - self.dino_loss.center, dim=-1)
-            entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
         return {"loss": loss, "dino": dino.detach(), "rec": rec.detach(), "mask_ratio": masks.mask.mean(),
                 "teacher_entropy": entropy}
 
