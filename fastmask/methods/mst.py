@@ -243,8 +243,9 @@ class MST(Method):
         head = self.student["head"]
         head.last_layer.frozen = self.last_layer_frozen()
         s_out = head(torch.cat(cls))                                                  # [(2+N)B, K]
-        with torch.no_grad():  # the teacher distribution the loss targets: its temperature, the centre before update
-            p = torch.softmax((t_out.float() - self.dino_loss.center) / self.dino_loss.teacher_temp_at(self.epoch), -1)
+        with torch.no_grad():  # the teacher distribution the loss targets: at tau_t, the centre before update
+            t_temp = self.dino_loss.teacher_temp_at(self.epoch)
+            p = torch.softmax((t_out.float() - self.dino_loss.center) / t_temp, dim=-1)
             entropy = -(p * torch.log(p + 1e-12)).sum(-1).mean()
         dino = self.dino_loss(s_out.chunk(len(views)), t_out.chunk(2), epoch=self.epoch)
         recon = self.decoder(s_tokens[:, 1:])                                         # [2B, C, H, W]
