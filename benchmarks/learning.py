@@ -4,7 +4,7 @@ against the same encoder at its random initialization.
     python benchmarks/learning.py --out benchmarks/results/learning-cpu.json              # all five methods
     python benchmarks/learning.py --methods mae,extrema --out ...                          # some (resumable)
     python benchmarks/learning.py --methods mst --steps 300 --work /tmp/learn --out ...    # a shorter budget
-    python benchmarks/learning.py --methods extrema --img-size 96 --work /tmp/l96 --out ... # more tokens a view
+    python benchmarks/learning.py --methods extrema --img-size 96 --work /tmp/l96 --out ... # more tokens
     python benchmarks/learning.py --methods none --set-baselines --out ...                 # the set itself
     python benchmarks/learning.py --methods none --supervised-vit fastmask --out ...       # the label ceiling
 
@@ -256,7 +256,8 @@ def evaluate(method: str, run: Path, steps: int, data) -> dict:
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     size = cfg.data.img_size
     trained_probe, random_probe = probe(trained, size, data), probe(untrained, size, data)
-    return {"recipe": f"{method}_tiny", "overrides": run_overrides(method, steps, cfg.data.img_size), "masking": cfg.masking,
+    return {"recipe": f"{method}_tiny", "overrides": run_overrides(method, steps, cfg.data.img_size),
+            "masking": cfg.masking,
             "steps": metrics[-1]["step"], "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
             "imgs_per_s": sum(r["imgs_per_s"] for r in metrics[1:]) / max(1, len(metrics) - 1),
             "trained": trained_probe, "random_init": random_probe,
