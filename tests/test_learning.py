@@ -1,17 +1,18 @@
-"""Evidence that pretraining learns something useful: short MAE and ExtreMA runs on the generated
-shapes beat their own random initialization at k-NN on held-out labelled shapes.
+"""Evidence that pretraining learns something useful: MAE on the generated shapes beats its own random
+initialization at k-NN on held-out labelled shapes.
 
-The runs are plain in-process loops (AdamW, cosine lr with warmup, the method's own step hook) on
-in-memory images of the shapes' unlabelled split with random resized crops; the probe is
-`fastmask.eval`'s weighted k-NN on the cls token of `method.encoder()` (ExtreMA: the teacher, as
-it evaluates), on the first images of the labelled train / test splits. The random-init encoder
-of each method is near chance on this set (10 classes), so the margin asserted below is learning,
-not a property of the architecture; `benchmarks/learning.py` has the long runs of all five methods.
+The run is a plain in-process loop (AdamW, the engine's warmup + cosine lr, the method's own step
+hook) on in-memory images of the shapes' unlabelled split with random resized crops, on the GPU when
+there is one; the probe is `fastmask.eval`'s weighted k-NN (k = 20, T = 0.07) on the features of
+`method.encoder()`, trained on the labelled train split and scored on the held-out test split. The
+random-init encoder is near chance on this set (10 classes), so the margin asserted below is learning,
+not a property of the architecture; `benchmarks/learning.py` has the runs of all five methods.
 
-Not a CI check (skipped below): no setting that fits CI's budget (a few CPU-minutes) separates, and
-the label ceiling says why. Measured on 2026-11-30 (seed 0, the CASES below, 2000 pretraining images,
-k-NN on 1000 / 500 labelled images, cls / mean pool, standard error ~0.015; one thread, loaded
-2-core machine):
+Opt-in (`FASTMASK_LEARNING_TESTS=1`), not a CI check: the setting that separates (MAE, 4000 steps,
+the benchmark's scale) took 43 minutes on 2 CPU cores shared with two other runs (it runs on CUDA
+when there is one), and no setting within CI's budget separates, as measured below. Short settings, measured on 2026-11-30 (seed 0, 2000
+pretraining images, k-NN on 1000 / 500 labelled images, cls / mean pool, standard error ~0.015; one
+thread, loaded 2-core machine):
   MAE      random init 0.110 / 0.102; 300 steps 0.124 / 0.110 (linear probe 0.122 / 0.108, random
            0.116 / 0.122); mask ratio 0.5 at 400 steps 0.120 / 0.116; norm_pix off, or batch 256 at
            lr 2e-3, no better; 800 steps 0.140 / 0.120. About 0.53 CPU-s a step.
@@ -20,61 +21,57 @@ k-NN on 1000 / 500 labelled images, cls / mean pool, standard error ~0.015; one 
 The same ViT-Tiny/16 trained *with labels* (benchmarks/learning.py --supervised-vit) gains 5.5 k-NN
 points in 250 steps and 12 in 500, so a self-supervised run needs thousands of steps to separate
 (MAE: +4.3 at 2000 steps, +5.6 on the mean pool at 4000): 20-40 CPU-minutes, past CI's budget.
+Easier variants of the set do not open a cheaper setting (ad-hoc generators, measured 2026-11-30 in
+this loop, 1000 / 500 images): with the shape centred (within 5% of the middle), raw pixels score
+0.37 k-NN but the random ViT-Tiny 0.116 / 0.116 (cls / mean), MAE after 300 steps 0.116 / 0.106 and
+ExtreMA after 150 steps 0.100 / 0.112, and the ViT trained with labels reaches only 0.12 / 0.21 /
+0.27 at 100 / 200 / 400 steps; centred on a plain background in grey, raw pixels 0.61, the random
+ViT 0.17 / 0.15, MAE after 300 steps 0.12 / 0.13. A random ViT's pooled features average its patch
+tokens, so it sees little of a shape's layout, and a short run does not yet encode it.
 """
 from __future__ import annotations
 
 import math
+import os
 
 import pytest
 import torch
 
 from fastmask.data import shapes
-from fastmask.eval.features import extract_features, to_model_input
+from fastmask.engine.schedule import lr_at
+from fastmask.eval.features import extract_features, shapes_labeled_set, to_model_input
 from fastmask.eval.knn import knn_accuracy
 from fastmask.methods import get_method
 from fastmask.methods.views import ViewAugment
 
 IMG = 64
-PRETRAIN, TRAIN, TEST = 2000, 1000, 500
-CASES = {
-    "mae": dict(kwargs=dict(model="vit_tiny_patch16", mask_ratio=0.75, decoder_embed_dim=64, decoder_depth=1,
-                            decoder_num_heads=4),
-                steps=300, batch=64, lr=1e-3, pool="cls", margin=0.05),
-    "extrema": dict(kwargs=dict(model="vit_tiny_patch16", mask_ratio=0.75, masking="multi", num_masks=4,
-                                proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256, momentum=0.99,
-                                drop_path_rate=0.0),
-                    steps=300, batch=64, lr=1e-3, pool="cls", margin=0.05),
-}
+# The mae_tiny recipe at benchmarks/learning.py's batch and 2x its MAE budget (where the benchmark
+# measured +5.6 k-NN points on the mean pool); the margin is 3 standard errors of a difference of
+# two accuracies on the 2000 test images.
+MAE = dict(kwargs=dict(model="vit_tiny_patch16", mask_ratio=0.75, norm_pix=True, decoder_embed_dim=128,
+                       decoder_depth=2, decoder_num_heads=4),
+           steps=4000, batch=64, lr=1e-3, min_scale=0.2, pool="mean", margin=0.03)
 
 
-@pytest.fixture(scope="module")
-def shapes_data():
-    pre, _ = shapes.shapes_set("pretrain", PRETRAIN, shapes.DEFAULT_SIZE)
-    xtr, ytr = shapes.shapes_set("train", TRAIN, shapes.DEFAULT_SIZE)
-    xte, yte = shapes.shapes_set("test", TEST, shapes.DEFAULT_SIZE)
-    return (to_model_input(pre, IMG), to_model_input(xtr, IMG), torch.as_tensor(ytr),
-            to_model_input(xte, IMG),
-            torch.as_tensor(yte))
-
-
-def _knn(encoder, data, pool: str) -> float:
-    _, xtr, ytr, xte, yte = data
-    return knn_accuracy(extract_features(encoder, xtr, pool), ytr, extract_features(encoder, xte, pool), yte,
+def _knn(encoder, data, pool: str, device) -> float:
+    xtr, ytr, xte, yte = data
+    return knn_accuracy(extract_features(encoder, xtr, pool, device=device), ytr,
+                        extract_features(encoder, xte, pool, device=device), yte,
                         k=20, temperature=0.07, num_classes=len(shapes.CLASSES))
 
 
-def _pretrain(method, x: torch.Tensor, steps: int, batch: int, lr: float, seed: int) -> list[float]:
-    aug = ViewAugment(crop_scale=(0.3, 1.0), jitter_p=0.0, gray_p=0.0)  # crop + flip, like the loaders
-    opt = torch.optim.AdamW(method.param_groups(0.05), lr=lr, betas=(0.9, 0.95))
+def _pretrain(method, x: torch.Tensor, case: dict, seed: int, device) -> list[float]:
+    aug = ViewAugment(crop_scale=(case["min_scale"], 1.0), jitter_p=0.0, gray_p=0.0)  # loaders' crop, flip
+    opt = torch.optim.AdamW(method.param_groups(0.05), lr=case["lr"], betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
-    warmup = max(1, steps // 20)
+    steps = case["steps"]
     losses = []
     method.train()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * min(1.0, (step + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * step / steps))
-        idx = torch.randint(0, x.shape[0], (batch,), generator=g)
-        out = method(aug(x[idx], g))
+            group["lr"] = lr_at(step, steps, case["lr"], max(1, steps // 20))
+        idx = torch.randint(0, x.shape[0], (case["batch"],), generator=g)
+        out = method(aug(x[idx], g).to(device))
         opt.zero_grad(set_to_none=True)
         out["loss"].backward()
         opt.step()
@@ -83,18 +80,22 @@ def _pretrain(method, x: torch.Tensor, steps: int, batch: int, lr: float, seed: 
     return losses
 
 
-@pytest.mark.skip(reason="no setting within CI's budget separates from random init (module docstring)")
+@pytest.mark.skipif(os.environ.get("FASTMASK_LEARNING_TESTS") != "1",
+                    reason="opt-in (FASTMASK_LEARNING_TESTS=1): 43 min on 2 CPU cores; no CI-sized run separates")
 @pytest.mark.slow
-@pytest.mark.parametrize("name", list(CASES))
-def test_short_pretraining_beats_random_init(name, shapes_data):
-    case = CASES[name]
+def test_mae_beats_its_random_init_on_held_out_shapes():
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    pre, _ = shapes.shapes_set("pretrain", shapes.PRETRAIN_COUNT, shapes.DEFAULT_SIZE)
+    xtr, ytr, xte, yte, _ = shapes_labeled_set(shapes.DEFAULT_SIZE)
+    data = (to_model_input(xtr, IMG), torch.as_tensor(ytr), to_model_input(xte, IMG), torch.as_tensor(yte))
     torch.manual_seed(0)
-    method = get_method(name)(img_size=IMG, seed=0, **case["kwargs"])
-    before = _knn(method.encoder(), shapes_data, case["pool"])
-    losses = _pretrain(method, shapes_data[0], case["steps"], case["batch"], case["lr"], seed=0)
-    after = _knn(method.encoder(), shapes_data, case["pool"])
+    method = get_method("mae")(img_size=IMG, seed=0, **MAE["kwargs"]).to(device)
+    before = _knn(method.encoder(), data, MAE["pool"], device)
+    losses = _pretrain(method, to_model_input(pre, IMG), MAE, seed=0, device=device)
+    after = _knn(method.encoder(), data, MAE["pool"], device)
+    print(f"MAE {MAE['steps']} steps: k-NN ({MAE['pool']}) {before:.3f} -> {after:.3f}")  # shown with -s / -rA
     assert all(math.isfinite(v) for v in losses)
-    assert before < 0.2, f"{name}: the random-init encoder should be near chance here, got {before:.3f}"
-    assert after >= before + case["margin"], (
-        f"{name}: k-NN after {case['steps']} steps {after:.3f}, random init {before:.3f} "
+    assert before < 0.15, f"the random-init encoder should be near chance here, got {before:.3f}"
+    assert after >= before + MAE["margin"], (
+        f"k-NN after {MAE['steps']} steps {after:.3f}, random init {before:.3f} "
         f"(loss {sum(losses[:10]) / 10:.3f} -> {sum(losses[-10:]) / 10:.3f})")
