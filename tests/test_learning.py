@@ -10,9 +10,10 @@ not a property of the architecture; `benchmarks/learning.py` has the runs of all
 
 Opt-in (`FASTMASK_LEARNING_TESTS=1`), not a CI check: the setting that separates (MAE, 4000 steps,
 the benchmark's scale) took 43 minutes on 2 CPU cores shared with two other runs (it runs on CUDA
-when there is one), and no setting within CI's budget separates, as measured below. Short settings, measured on 2026-11-30 (seed 0, 2000
-pretraining images, k-NN on 1000 / 500 labelled images, cls / mean pool, standard error ~0.015; one
-thread, loaded 2-core machine):
+when there is one), and no setting within CI's budget separates, as measured below.
+
+Short settings, measured on 2026-11-30 (seed 0, 2000 pretraining images, k-NN on 1000 / 500 labelled
+images, cls / mean pool, standard error ~0.015; one thread, loaded 2-core machine):
   MAE      random init 0.110 / 0.102; 300 steps 0.124 / 0.110 (linear probe 0.122 / 0.108, random
            0.116 / 0.122); mask ratio 0.5 at 400 steps 0.120 / 0.116; norm_pix off, or batch 256 at
            lr 2e-3, no better; 800 steps 0.140 / 0.120. About 0.53 CPU-s a step.
@@ -81,7 +82,7 @@ def _pretrain(method, x: torch.Tensor, case: dict, seed: int, device) -> list[fl
 
 
 @pytest.mark.skipif(os.environ.get("FASTMASK_LEARNING_TESTS") != "1",
-                    reason="opt-in (FASTMASK_LEARNING_TESTS=1): 43 min on 2 CPU cores; no CI-sized run separates")
+                    reason="opt-in (FASTMASK_LEARNING_TESTS=1): 43 min on 2 cores; no CI-sized run separates")
 @pytest.mark.slow
 def test_mae_beats_its_random_init_on_held_out_shapes():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -93,7 +94,7 @@ def test_mae_beats_its_random_init_on_held_out_shapes():
     before = _knn(method.encoder(), data, MAE["pool"], device)
     losses = _pretrain(method, to_model_input(pre, IMG), MAE, seed=0, device=device)
     after = _knn(method.encoder(), data, MAE["pool"], device)
-    print(f"MAE {MAE['steps']} steps: k-NN ({MAE['pool']}) {before:.3f} -> {after:.3f}")  # shown with -s / -rA
+    print(f"MAE {MAE['steps']} steps: k-NN ({MAE['pool']}) {before:.3f} -> {after:.3f}")  # seen with -s
     assert all(math.isfinite(v) for v in losses)
     assert before < 0.15, f"the random-init encoder should be near chance here, got {before:.3f}"
     assert after >= before + MAE["margin"], (
