@@ -83,7 +83,7 @@ def _pretrain(method, x: torch.Tensor, case: dict, seed: int, device) -> list[fl
 
 
 @pytest.mark.skipif(os.environ.get("FASTMASK_LEARNING_TESTS") != "1",
-                    reason="opt-in (FASTMASK_LEARNING_TESTS=1): 30-43 min on 2 cores; no CI-sized run separates")
+                    reason="opt-in (FASTMASK_LEARNING_TESTS=1): 30-43 min on 2 cores; no CI-sized setting")
 @pytest.mark.slow
 def test_mae_beats_its_random_init_on_held_out_shapes():
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
