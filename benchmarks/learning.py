@@ -16,10 +16,11 @@ pretraining split) for the trained encoder (`method.encoder()`, the teacher wher
 evaluates it) and for the same method built from the same seed without training (the engine seeds
 the same way, so it is the run's own starting point). Both pools of `forward_features`: the cls
 token and the mean of the patch tokens. Also recorded: the loss at the start and end, wall time,
-images/s, the method's own metrics at the first and last log (MST's teacher_entropy, ADIOS's mask
-areas, ...), the per-dimension std of the L2-normalized features (a collapsed encoder gives ~0), and
-`colour_knn`: k-NN on a nuisance label, the background's hue (`background_hue`), which tells an encoder
-that learned colour (up from random init) from one that learned to ignore it (down).
+images/s, the first and last rows of the run's metrics log (with the method's own metrics: MST's
+teacher_entropy, ADIOS's mask areas, ...), the per-dimension std of the L2-normalized features (a
+collapsed encoder gives ~0), and `colour_knn`: k-NN on a nuisance label, the background's hue
+(`background_hue`), which tells an encoder that learned colour (up from random init) from one that
+learned to ignore it (down).
 
 `--set-baselines` measures the set itself into the JSON's "set" entry: k-NN and linear probe on raw
 pixels and on a random-init ViT-Tiny/16 (these must be low), and a small supervised CNN trained
@@ -248,14 +249,6 @@ def set_baselines(data, img_size: int) -> dict:
     return out
 
 
-# The engine's own fields in metrics.jsonl; the rest are the method's (teacher_entropy, mask areas, ...).
-ENGINE_METRICS = {"step", "epoch", "loss", "lr", "imgs_per_s", "step_s", "mem_gb", "skipped", "tflops"}
-
-
-def _method_metrics(row: dict) -> dict:
-    return {k: v for k, v in row.items() if k not in ENGINE_METRICS}
-
-
 def evaluate(method: str, run: Path, steps: int, data) -> dict:
     from fastmask.eval.load import load_encoder, resolve_config
 
@@ -269,7 +262,7 @@ def evaluate(method: str, run: Path, steps: int, data) -> dict:
             "masking": cfg.masking,
             "steps": metrics[-1]["step"], "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
             "imgs_per_s": sum(r["imgs_per_s"] for r in metrics[1:]) / max(1, len(metrics) - 1),
-            "method_metrics": {"first": _method_metrics(metrics[0]), "last": _method_metrics(metrics[-1])},
+            "log_first": metrics[0], "log_last": metrics[-1],  # the method's own metrics are among them
             "trained": trained_probe, "random_init": random_probe,
             "knn_gain_cls": trained_probe["cls"]["knn"] - random_probe["cls"]["knn"],
             "knn_gain_mean": trained_probe["mean"]["knn"] - random_probe["mean"]["knn"]}
