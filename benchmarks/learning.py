@@ -5,6 +5,7 @@ against the same encoder at its random initialization.
     python benchmarks/learning.py --methods mae,extrema --out ...                          # some (resumable)
     python benchmarks/learning.py --methods mst --steps 300 --work /tmp/learn --out ...    # a shorter budget
     python benchmarks/learning.py --methods extrema --img-size 96 --work /tmp/l96 --out ... # more tokens
+    python benchmarks/learning.py --methods extrema --tag m996 --set method_args.momentum=0.996 --out ...
     python benchmarks/learning.py --methods none --set-baselines --out ...                 # the set itself
     python benchmarks/learning.py --methods none --supervised-vit fastmask --out ...       # the label ceiling
 
@@ -32,9 +33,11 @@ With `timm`, timm's ViT-Tiny/16 in the same loop (is ours a slow learner?).
 
 Budget (one home: BUDGET below): steps x batch x img size, batch and size the same for every
 method, steps chosen so each method takes about ten minutes on a quiet 2-core CPU. Runs live in
-`--work/<method>` and resume
-from their checkpoints; a finished run is only evaluated again. The JSON (`--out`) is rewritten after
-each method and keeps the entries of methods not run this time, so methods can be run one at a time.
+`--work/<method>` and resume from their checkpoints; a finished run is only evaluated again. The
+JSON (`--out`) is rewritten after each method and keeps the entries of methods not run this time, so
+methods can be run one at a time. An ablation, `--tag T --set KEY=VALUE ...` (config overrides on
+top of the budget's, recorded in the result's `overrides`), runs in `--work/<method>-T` and is
+stored under that key, beside the method's own result.
 """
 from __future__ import annotations
 
@@ -68,12 +71,14 @@ SUPERVISED_VIT = {"steps": 1500, "batch_size": 64, "lr": 3e-4, "train_images": 5
                   "probe_at": [250, 500, 1000, 1500]}
 
 
-def run_overrides(method: str, steps: int, img_size: int | None = None) -> list[str]:
+def run_overrides(method: str, steps: int, img_size: int | None = None,
+                  extra: list[str] = ()) -> list[str]:
+    """The budget's config overrides for `method`, then OVERRIDES[method], then `extra` (--set: last wins)."""
     return [f"model={MODEL}", "data.root=null", "data.dataset=shapes",
             f"data.img_size={img_size or BUDGET['img_size']}",
             f"data.batch_size={BUDGET['batch_size']}", f"engine.warmup_steps={max(1, steps // 20)}",
             "engine.log_every=25", f"engine.checkpoint_every={max(50, steps // 8)}", "engine.keep_last=1",
-            *OVERRIDES[method]]
+            *OVERRIDES[method], *extra]
 
 
 def finished_steps(run: Path) -> int:
@@ -83,12 +88,13 @@ def finished_steps(run: Path) -> int:
     return int(read_state(run, tag)["step"]) if tag else 0
 
 
-def pretrain(method: str, run: Path, steps: int, threads: int, img_size: int | None = None) -> float:
+def pretrain(method: str, run: Path, steps: int, threads: int, img_size: int | None = None,
+             extra: list[str] = ()) -> float:
     """Train (or resume) in a child process; -> wall seconds spent now (0 when already done)."""
     if finished_steps(run) >= steps:
         return 0.0
     cmd = [sys.executable, "-m", "fastmask.cli", "pretrain", "--config", f"{method}_tiny", "--steps",
-           str(steps), "--out", str(run), *run_overrides(method, steps, img_size)]
+           str(steps), "--out", str(run), *run_overrides(method, steps, img_size, extra)]
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     print("[learning] " + " ".join(cmd[1:]), flush=True)
     t0 = time.perf_counter()
@@ -249,7 +255,7 @@ def set_baselines(data, img_size: int) -> dict:
     return out
 
 
-def evaluate(method: str, run: Path, steps: int, data) -> dict:
+def evaluate(method: str, run: Path, steps: int, data, extra: list[str] = ()) -> dict:
     from fastmask.eval.load import load_encoder, resolve_config
 
     cfg = resolve_config(run)
@@ -258,7 +264,7 @@ def evaluate(method: str, run: Path, steps: int, data) -> dict:
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     size = cfg.data.img_size
     trained_probe, random_probe = probe(trained, size, data), probe(untrained, size, data)
-    return {"recipe": f"{method}_tiny", "overrides": run_overrides(method, steps, cfg.data.img_size),
+    return {"recipe": f"{method}_tiny", "overrides": run_overrides(method, steps, cfg.data.img_size, extra),
             "masking": cfg.masking,
             "steps": metrics[-1]["step"], "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
             "imgs_per_s": sum(r["imgs_per_s"] for r in metrics[1:]) / max(1, len(metrics) - 1),
@@ -302,6 +308,11 @@ def main(argv: list[str] | None = None) -> int:
                     help="override the budget's steps (every method run now)")
     ap.add_argument("--img-size", type=int, default=None,
                     help="override the budget's image size (the 64 px shapes are resized to it: more tokens)")
+    ap.add_argument("--set", dest="extra", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra config override for every method run now (an ablation), repeatable; "
+                         "recorded in each result's overrides")
+    ap.add_argument("--tag", default="",
+                    help="with --set: results key and run folder <method>-<tag>, beside the method's own")
     # One thread by default: on a shared 2-core machine (load ~6) MAE's engine step took 8.2 s with two
     # spinning OpenMP threads and 1.3 s with one. On a quiet machine, --threads 2 is faster.
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
@@ -312,6 +323,11 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be >= 1")
+    if args.extra and not args.tag:
+        ap.error("--set needs --tag: an ablation must not overwrite the method's own result or run folder")
+    bad = [kv for kv in args.extra if "=" not in kv]
+    if bad:
+        ap.error(f"--set takes KEY=VALUE, got {bad}")
     torch.set_num_threads(args.threads)
 
     from fastmask.eval.features import shapes_labeled_set
@@ -338,13 +354,14 @@ def main(argv: list[str] | None = None) -> int:
                                                                   args.supervised_vit == "timm")}
         write()
     for method in methods:
-        run = args.work / method
+        key = f"{method}-{args.tag}" if args.tag else method
+        run = args.work / key
         steps = args.steps or BUDGET["steps"][method]
-        wall = pretrain(method, run, steps, args.threads, args.img_size)
-        r = evaluate(method, run, steps, data)
-        r["train_wall_s"] = wall if wall else results.get(method, {}).get("train_wall_s")
-        results[method] = r
-        print(f"[learning] {method:9s} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}  "
+        wall = pretrain(method, run, steps, args.threads, args.img_size, args.extra)
+        r = evaluate(method, run, steps, data, args.extra)
+        r["train_wall_s"] = wall if wall else results.get(key, {}).get("train_wall_s")
+        results[key] = r
+        print(f"[learning] {key:9s} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}  "
               f"k-NN cls {r['trained']['cls']['knn']:.3f} (random {r['random_init']['cls']['knn']:.3f})  "
               f"mean {r['trained']['mean']['knn']:.3f} (random {r['random_init']['mean']['knn']:.3f})  "
               f"linear cls {r['trained']['cls']['linear']:.3f} "
