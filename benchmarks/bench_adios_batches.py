@@ -71,9 +71,9 @@ def main() -> int:
               "median_s": {k: statistics.median(v) for k, v in times.items()}, "times_s": times,
               "median_ratio_joint_over_per_view": statistics.median(ratios),
               "device": device_info(device), "versions": versions()}
-    print(f"{a.model} {a.img}px batch {a.batch} N={a.masks} {a.ssl}: per_view {result['median_s']['per_view']:.3f} s, "
-          f"joint {result['median_s']['joint']:.3f} s, joint/per_view (median of per-round ratios) "
-          f"{result['median_ratio_joint_over_per_view']:.3f}")
+    print(f"{a.model} {a.img}px batch {a.batch} N={a.masks} {a.ssl}: per_view "
+          f"{result['median_s']['per_view']:.3f} s, joint {result['median_s']['joint']:.3f} s, "
+          f"joint/per_view (median of per-round ratios) {result['median_ratio_joint_over_per_view']:.3f}")
     if a.out:
         Path(a.out).write_text(json.dumps(result, indent=1))
     return 0

@@ -11,7 +11,8 @@ its share of the copy ceiling measured at the start of the run (a device-to-devi
 64 MiB on a CPU; bytes read + written per second). Bytes are the minimum each op must move, the same count
 for every implementation (each necessary input read once, each output written once, in the dtypes the
 model uses: bf16 activations, an fp32 residual stream, fp32 parameters); each case states its rule
-(`min_bytes_rule`). (On a CPU at small batches the data fits in cache, so shares above 100% happen.) Ratios against the plain PyTorch row come at the end. On a CPU the Triton/CUDA rows are
+(`min_bytes_rule`). (On a CPU at small batches the data fits in cache, so shares above 100% happen.)
+Ratios against the plain PyTorch row come at the end. On a CPU the Triton/CUDA rows are
 recorded as skipped ("no GPU"): interpreter timings mean nothing. GPU runs write JSON to
 benchmarks/results/ by default (`<date>_<device>_ops.json`); pass --out to choose.
 
@@ -51,8 +52,8 @@ MODELS = {
     "vit_h": (14, 1280, 16),
 }
 DECODER_DIM, DECODER_HEADS, MASK_RATIO, IMG = 512, 16, 0.75, 224
-OPS = ("patch_gather", "patch_scatter", "decoder_unshuffle", "norm_pix_loss", "attention", "patch_embed_visible",
-       "add_layer_norm", "bias_gelu")
+OPS = ("patch_gather", "patch_scatter", "decoder_unshuffle", "norm_pix_loss", "attention",
+       "patch_embed_visible", "add_layer_norm", "bias_gelu")
 SDPA_BACKENDS = {"sdpa:cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa:flash": SDPBackend.FLASH_ATTENTION,
                  "sdpa:efficient": SDPBackend.EFFICIENT_ATTENTION, "sdpa:math": SDPBackend.MATH}
 F32 = torch.float32
@@ -181,12 +182,14 @@ def build_cases(device: str, batch: int, dtype: torch.dtype, models=tuple(MODELS
 
         if "patch_gather" in ops:
             cases.append(Case("patch_gather", name, dict(B=B, img=IMG, p=p, K=K), gather,
-                              bytes_fwd=2 * B * K * P * e + B * K * 8, bytes_bwd=B * K * P * e + B * 3 * IMG * IMG * e,
+                              bytes_fwd=2 * B * K * P * e + B * K * 8,
+                              bytes_bwd=B * K * P * e + B * 3 * IMG * IMG * e,
                               min_bytes_rule="fwd: read the K kept patches + ids_keep, write [B, K, P]; "
                                              "bwd: read [B, K, P], write the whole image gradient"))
         if "patch_scatter" in ops:
             cases.append(Case("patch_scatter", name, dict(B=B, L=L, K=K, D=D), scatter,
-                              bytes_fwd=B * (K + L) * D * e + B * L * 8, bytes_bwd=B * (K + L) * D * e + B * L * 8,
+                              bytes_fwd=B * (K + L) * D * e + B * L * 8,
+                              bytes_bwd=B * (K + L) * D * e + B * L * 8,
                               min_bytes_rule="fwd: read [B, K, D] + ids_restore, write [B, L, D]; "
                                              "bwd: read [B, L, D] + ids_restore, write [B, K, D]"))
         if "decoder_unshuffle" in ops:
@@ -199,14 +202,16 @@ def build_cases(device: str, batch: int, dtype: torch.dtype, models=tuple(MODELS
         if "norm_pix_loss" in ops:
             hidden = B * (L - K) * P * e
             cases.append(Case("norm_pix_loss", name, dict(B=B, L=L, P=P), loss,
-                              bytes_fwd=2 * hidden + B * L * 4, bytes_bwd=2 * hidden + B * L * P * e + B * L * 4,
-                              min_bytes_rule="fwd: read pred and image at hidden patches + mask; bwd: the same "
-                                             "reads, write the whole [B, L, P] gradient"))
+                              bytes_fwd=2 * hidden + B * L * 4,
+                              bytes_bwd=2 * hidden + B * L * P * e + B * L * 4,
+                              min_bytes_rule="fwd: read pred and image at hidden patches + mask; bwd: the "
+                                             "same reads, write the whole [B, L, P] gradient"))
         if "attention" in ops:
             for part, N, H, Dh in (("encoder", K + 1, heads, dim // heads),
                                    ("decoder", L + 1, DECODER_HEADS, D // DECODER_HEADS)):
                 f = 4.0 * B * H * N * N * Dh
-                cases.append(Case("attention", f"{name}.{part}", dict(B=B, H=H, N=N, Dh=Dh, qkv="strided views"),
+                cases.append(Case("attention", f"{name}.{part}",
+                                  dict(B=B, H=H, N=N, Dh=Dh, qkv="strided views"),
                                   lambda s, N=N, H=H, Dh=Dh: attn(s, N, H, Dh),
                                   flops_fwd=f, flops_bwd=2.5 * f))  # FlashAttention's count: bwd = 2.5 fwd
         if "patch_embed_visible" in ops:
@@ -401,7 +406,8 @@ def auto_table_entries(result: dict, source: str) -> dict:
             continue
         figure = ", ".join(f"{impl} {ms:.3f} ms" for ms, impl in timed)
         entries[op] = {"order": [impl for _, impl in timed],
-                       "figure": f"{model} {result['meta']['dtype']} batch {result['meta']['batch']} fwd+bwd: {figure}",
+                       "figure": f"{model} {result['meta']['dtype']} batch {result['meta']['batch']} "
+                                 f"fwd+bwd: {figure}",
                        "source": source}
     return entries
 

@@ -2,7 +2,8 @@
 
     python benchmarks/bench_zero_memory.py                      # ViT-L MAE, ZeRO 0 and 3, 2 ranks
     python benchmarks/bench_zero_memory.py --stages 0,1,2,3 --model vit_base_patch16 --ranks 2
-    python benchmarks/bench_zero_memory.py --stages 3 --model vit_huge_patch14 --config mae_vit_huge_patch14 --img-size 56
+    python benchmarks/bench_zero_memory.py --stages 3 --model vit_huge_patch14 --config mae_vit_huge_patch14 \
+        --img-size 56
 
 The driver launches one `torchrun --standalone --nproc_per_node RANKS` per stage (a fresh process
 per stage, so peak RSS belongs to that stage), each building the method as the engine does (at
@@ -91,7 +92,8 @@ def _measure(engine, optimizer) -> dict:
             optim += add(t)
     return {"param_bytes": params, "optim_bytes": optim, "total_state_bytes": params + optim,
             "peak_rss_bytes": _peak_rss(),
-            "num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in engine.module.parameters())}
+            "num_params": sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+                              for p in engine.module.parameters())}
 
 
 def worker(args) -> None:
@@ -108,7 +110,8 @@ def worker(args) -> None:
     from fastmask.methods import build_method
 
     cfg = load_config(args.config, [f"model={args.model}", f"data.img_size={args.img_size}",
-                                    f"data.batch_size={args.batch}", "data.loader=synthetic", "data.synthetic_size=4096",
+                                    f"data.batch_size={args.batch}", "data.loader=synthetic",
+                                    "data.synthetic_size=4096",
                                     f"engine.zero_stage={args.stage}", "engine.precision=fp32"])
     info = dist_info()
     if args.glibc_default:
@@ -153,10 +156,12 @@ def driver(args) -> None:
         stage, glibc_default = int(spec.rstrip("g")), spec.endswith("g")
         res = tmp / f"stage{spec}"
         cmd = [str(torchrun), "--standalone", "--nproc_per_node", str(args.ranks), __file__, "--worker",
-               "--stage", str(stage), "--result", str(res), "--model", args.model, "--img-size", str(args.img_size),
+               "--stage", str(stage), "--result", str(res), "--model", args.model,
+               "--img-size", str(args.img_size),
                "--batch", str(args.batch), "--steps", str(args.steps), "--config", args.config,
                *(["--glibc-default"] if glibc_default else [])]
-        env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
+        env = {k: v for k, v in os.environ.items()
+               if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT")}
         env.setdefault("OMP_NUM_THREADS", "1")
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -165,10 +170,10 @@ def driver(args) -> None:
             results.append({**json.loads(Path(f"{res}.rank{r}").read_text()),
                             "host_malloc": "glibc default" if glibc_default else "as the engine"})
     gib = 2**30
-    print(f"MAE {args.model} ({results[0]['num_params'] / 1e6:.1f} M params), fp32 AdamW, {args.ranks} CPU ranks, "
-          f"img {args.img_size}, batch {args.batch}/rank, {args.steps} steps")
-    print(f"{'stage':>5} {'rank':>4} {'params GiB':>10} {'optim GiB':>10} {'states GiB':>10} {'build RSS GiB':>13} "
-          f"{'peak RSS GiB':>12} {'s/step':>7}")
+    print(f"MAE {args.model} ({results[0]['num_params'] / 1e6:.1f} M params), fp32 AdamW, {args.ranks} CPU "
+          f"ranks, img {args.img_size}, batch {args.batch}/rank, {args.steps} steps")
+    print(f"{'stage':>5} {'rank':>4} {'params GiB':>10} {'optim GiB':>10} {'states GiB':>10} "
+          f"{'build RSS GiB':>13} {'peak RSS GiB':>12} {'s/step':>7}")
     for r in results:
         stage = f"{r['stage']}{'g' if r['host_malloc'] == 'glibc default' else ''}"
         print(f"{stage:>5} {r['rank']:>4} {r['param_bytes'] / gib:>10.3f} {r['optim_bytes'] / gib:>10.3f} "

@@ -85,11 +85,14 @@ def cases(model: str, dims: tuple[int, int, int], B: int, img: int, decoder: tup
              inputs=dict(imgs=imgs, ids_keep=ids_keep, weight=t(D, 3, p, p, scale=0.02), bias=t(D),
                          pos_embed=t(L, D, scale=0.02)), grad=["weight", "bias", "pos_embed"]),
         dict(op="patch_scatter", part="decoder", inputs=dict(tokens=t(B, K, Dd), ids_restore=ids_restore,
-                                                             mask_token=t(Dd)), grad=["tokens", "mask_token"]),
+                                                             mask_token=t(Dd)),
+             grad=["tokens", "mask_token"]),
         dict(op="decoder_unshuffle", part="decoder input",
-             inputs=dict(x=t(B, 1 + K, Dd), ids_restore=ids_restore, mask_token=t(Dd), pos_embed=t(1 + L, Dd)),
+             inputs=dict(x=t(B, 1 + K, Dd), ids_restore=ids_restore, mask_token=t(Dd),
+                         pos_embed=t(1 + L, Dd)),
              grad=["x", "mask_token", "pos_embed"]),
-        dict(op="norm_pix_loss", part="loss", inputs=dict(pred=t(B, L, P), imgs=imgs, mask=mask, patch_size=p),
+        dict(op="norm_pix_loss", part="loss", inputs=dict(pred=t(B, L, P), imgs=imgs, mask=mask,
+                                                          patch_size=p),
              grad=["pred"]),
     ]
     for part, N, width, heads in (("encoder", 1 + K, D, H), ("decoder", 1 + L, Dd, Hd)):
@@ -97,10 +100,11 @@ def cases(model: str, dims: tuple[int, int, int], B: int, img: int, decoder: tup
         out.append(dict(op="attention", part=f"{part} (strided qkv views)", inputs=dict(q=q, k=k, v=v),
                         grad=["q", "k", "v"]))
         x = t(B, N, width)
-        out.append(dict(op="add_layer_norm", part=part, inputs=dict(x=x, residual=t(B, N, width), weight=t(width),
-                                                                    bias=t(width)),
+        out.append(dict(op="add_layer_norm", part=part, inputs=dict(x=x, residual=t(B, N, width),
+                                                                    weight=t(width), bias=t(width)),
                         grad=["x", "residual", "weight", "bias"]))
-        out.append(dict(op="bias_gelu", part=f"{part} mlp", inputs=dict(x=t(B, N, 4 * width), bias=t(4 * width)),
+        out.append(dict(op="bias_gelu", part=f"{part} mlp", inputs=dict(x=t(B, N, 4 * width),
+                                                                        bias=t(4 * width)),
                         grad=["x", "bias"]))
     hd = D // H
     _, k, v = _qkv_views(B, 1 + L, H, hd, dtype, device)
@@ -122,8 +126,10 @@ def adversarial_attention(B: int, H: int, N: int, hd: int, dtype, device) -> lis
     ko[:, :, 0] = 200.0                                              # key 0 dominates every row
     dominant = dict(q=torch.full((B, H, N, hd), 1.0, device=device, dtype=dtype), k=ko.to(dtype),
                     v=torch.randn(B, H, N, hd, device=device).to(dtype))
-    return [dict(op="attention", part=f"adversarial lse: {name}", inputs=inp, grad=["q", "k", "v"], adversarial=True)
-            for name, inp in (("logits ~1e4", big), ("all-equal rows", equal), ("one dominant key", dominant))]
+    return [dict(op="attention", part=f"adversarial lse: {name}", inputs=inp, grad=["q", "k", "v"],
+                 adversarial=True)
+            for name, inp in (("logits ~1e4", big), ("all-equal rows", equal),
+                              ("one dominant key", dominant))]
 
 
 def _sdpa_impls() -> dict[str, Callable]:
@@ -151,7 +157,8 @@ def _run(fn: Callable, inputs: dict, grad: list[str], seed: int = 0):
 
 
 def _upcast(inputs: dict) -> dict:
-    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in inputs.items()}
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in inputs.items()}
 
 
 def _compare(got: torch.Tensor | None, ref: torch.Tensor, atol: float, rtol: float) -> dict[str, Any]:
@@ -173,7 +180,8 @@ def check_case(case: dict, impls: dict[str, Callable], device: torch.device) -> 
 
     op = case["op"]
     ref_out, ref_grads = _run(getattr(ops, op), {**_upcast(case["inputs"]), "backend": "torch"}, case["grad"])
-    dtype = next(v.dtype for v in case["inputs"].values() if isinstance(v, torch.Tensor) and v.is_floating_point())
+    dtype = next(v.dtype for v in case["inputs"].values()
+                 if isinstance(v, torch.Tensor) and v.is_floating_point())
     records = []
     for name, fn in impls.items():
         rec: dict[str, Any] = {"op": op, "model": case["model"], "part": case["part"], "impl": name,
@@ -249,5 +257,5 @@ def run_correctness(device: torch.device, dry_run: bool, batch: int, dtypes: tup
                     "nan_inf_total": r.get("nan_inf_total"), "status": r["status"]}
                    for r in records if r.get("adversarial")]
     return {"records": records, "counts": counts, "adversarial_lse": adversarial,
-            "poisoning": "caching-allocator blocks filled with NaN bytes before each call" if device.type == "cuda"
-            else "none effective (CPU allocator does not cache)"}
+            "poisoning": "caching-allocator blocks filled with NaN bytes before each call"
+            if device.type == "cuda" else "none effective (CPU allocator does not cache)"}

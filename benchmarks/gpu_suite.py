@@ -1,7 +1,9 @@
 """One-shot GPU suite: everything a lent GPU should measure, in one run of under 10 minutes.
 
-    python benchmarks/gpu_suite.py --out DIR                  # on the GPU (H100/H200), from the checkout alone
-    python benchmarks/gpu_suite.py --out DIR --build-csrc     # first build fastmask._C for sm_90 (a few minutes)
+    python benchmarks/gpu_suite.py --out DIR                  # on the GPU (H100/H200), from the checkout
+                                                                alone
+    python benchmarks/gpu_suite.py --out DIR --build-csrc     # first build fastmask._C for sm_90 (a few
+                                                                minutes)
     python benchmarks/gpu_suite.py --out DIR --dry-run        # every stage at tiny shapes on the CPU (CI)
 
 Stages, in order; DIR/gpu_suite.json is rewritten (atomically) when each stage starts and ends, so a run
@@ -55,7 +57,8 @@ COPY_PATTERN = re.compile(r"copy|cast|_to_copy|memcpy|convert|contiguous", re.IG
 
 
 def import_project() -> None:
-    """Make `fastmask` (and `fastmask.kernels`, `bench_ops`, `gpu_correctness`) importable from the checkout."""
+    """Make `fastmask` (and `fastmask.kernels`, `bench_ops`, `gpu_correctness`) importable from the
+    checkout."""
     for path in (str(ROOT), str(ROOT / "benchmarks")):
         if path not in sys.path:
             sys.path.insert(0, path)
@@ -93,17 +96,18 @@ class Plan:
                        copy_bytes=32 * 2 ** 20, matmul_n=256,
                        ops_argv=["--device", "cpu", "--batch", "1", "--models", "vit_b", "--reps", "1",
                                  "--warmup", "0", "--dtype", "float32", "--no-compile"],
-                       step=dict(model="vit_tiny_patch16", img_size=32, batch_size=2, dtype="fp32", device="cpu",
-                                 warmup=1, repeats=2, num_inputs=1, strong_compile=False,
+                       step=dict(model="vit_tiny_patch16", img_size=32, batch_size=2, dtype="fp32",
+                                 device="cpu", warmup=1, repeats=2, num_inputs=1, strong_compile=False,
                                  overrides=("method_args.decoder_embed_dim=32", "method_args.decoder_depth=1",
                                             "method_args.decoder_num_heads=4")),
                        profile_steps=1, fastmask_compile=False)
-        return cls(device="cuda", dtype="bf16", correctness_dtypes=("bfloat16", "float32"), correctness_batch=32,
-                   copy_bytes=2 * 2 ** 30, matmul_n=8192,
+        return cls(device="cuda", dtype="bf16", correctness_dtypes=("bfloat16", "float32"),
+                   correctness_batch=32, copy_bytes=2 * 2 ** 30, matmul_n=8192,
                    ops_argv=["--device", "cuda", "--batch", "256", "--dtype", "bfloat16", "--reps", "20",
                              "--warmup", "5"] + ([] if ops_compile else ["--no-compile"]),
-                   step=dict(model="vit_large_patch16", img_size=224, batch_size=256, dtype="bf16", device="cuda",
-                             warmup=2, repeats=5, num_inputs=2), fastmask_compile=fastmask_compile)
+                   step=dict(model="vit_large_patch16", img_size=224, batch_size=256, dtype="bf16",
+                             device="cuda", warmup=2, repeats=5, num_inputs=2),
+                   fastmask_compile=fastmask_compile)
 
 
 class Suite:
@@ -175,7 +179,8 @@ def stage_build(out: Path, timeout_s: int) -> dict:
 
     if not torch.cuda.is_available() or torch.version.cuda is None:
         raise RuntimeError("--build-csrc needs a CUDA torch and a GPU machine's toolkit")
-    env = {**os.environ, "FASTMASK_BUILD_CUDA": "1", "FASTMASK_CUDA_ARCHS": "90", "MAX_JOBS": str(os.cpu_count())}
+    env = {**os.environ, "FASTMASK_BUILD_CUDA": "1", "FASTMASK_CUDA_ARCHS": "90",
+           "MAX_JOBS": str(os.cpu_count())}
     t0 = time.perf_counter()
     proc = subprocess.run([sys.executable, "setup.py", "build_ext", "--inplace"], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=timeout_s)
@@ -183,7 +188,8 @@ def stage_build(out: Path, timeout_s: int) -> dict:
     (out / "csrc_build.log").write_text(text)
     if proc.returncode != 0:
         raise RuntimeError(f"build failed (rc {proc.returncode}); last lines: {text[-1500:]}")
-    return {"seconds": round(time.perf_counter() - t0, 1), "log": "csrc_build.log", "ptxas": ptxas_table(text)}
+    return {"seconds": round(time.perf_counter() - t0, 1), "log": "csrc_build.log",
+            "ptxas": ptxas_table(text)}
 
 
 # ------------------------------------------------------------------------------------------- env
@@ -220,7 +226,8 @@ def stage_env(plan: Plan) -> dict:
                                                                    "CUDA_VISIBLE_DEVICES")}}
     if device.type == "cuda":
         p = torch.cuda.get_device_properties(device)
-        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}", "sm_count": p.multi_processor_count,
+        info["gpu"] = {"name": p.name, "capability": f"{p.major}.{p.minor}",
+                       "sm_count": p.multi_processor_count,
                        "memory_bytes": p.total_memory, "l2_bytes": getattr(p, "L2_cache_size", None)}
     n = plan.copy_bytes // 4
     src = torch.randn(n, device=device)
@@ -305,7 +312,8 @@ def profile_top(step: Callable, inputs: list, device, steps: int, top: int = 20)
 
     # GPU: the device's own events (kernels, memcpy/memset), so each microsecond counts once; CPU: the ops.
     kind = torch.autograd.DeviceType.CUDA if on_gpu else torch.autograd.DeviceType.CPU
-    averages = [e for e in prof.key_averages() if getattr(e, "device_type", kind) == kind and self_time(e) > 0]
+    averages = [e for e in prof.key_averages() if getattr(e, "device_type", kind) == kind
+                and self_time(e) > 0]
     total = sum(self_time(e) for e in averages) or 1.0
     averages.sort(key=self_time, reverse=True)
     rows = [{"name": e.key[:200], "calls": e.count, "self_us": round(self_time(e), 1),
@@ -329,22 +337,25 @@ def profile_top(step: Callable, inputs: list, device, steps: int, top: int = 20)
     return {"steps": steps, "time_kind": "GPU kernel time" if on_gpu else "self CPU time of ops (no GPU)",
             "total_us": round(total, 1), "top": rows, "copy_cast_share": round(copy_share, 4),
             "copy_cast_pattern": COPY_PATTERN.pattern, "gpu_idle_share": idle,
-            "gpu_idle_definition": "1 - (union of kernel intervals) / (first kernel start to last kernel end)"}
+            "gpu_idle_definition":
+                "1 - (union of kernel intervals) / (first kernel start to last kernel end)"}
 
 
 def stage_step(plan: Plan, matmul_tflops: float | None, seconds_left: Callable[[], float], log) -> dict:
     import torch
 
-    from fastmask.bench.step import (StepBenchArgs, build_fastmask_method, make_fastmask_step, resolve_device_dtype,
-                                     run_step_bench)
+    from fastmask.bench.step import (StepBenchArgs, build_fastmask_method, make_fastmask_step,
+                                     resolve_device_dtype, run_step_bench)
 
     args = StepBenchArgs(**plan.step, fastmask_step="direct", baseline="both")
     result = run_step_bench(args, log=log)
     out = {"side_by_side": result}
     if plan.fastmask_compile and seconds_left() < COMPILED_STEP_S:
-        out["fastmask_compiled_skipped"] = f"time budget: {seconds_left():.0f} s left, it needs ~{COMPILED_STEP_S} s"
+        out["fastmask_compiled_skipped"] = (f"time budget: {seconds_left():.0f} s left, it needs "
+                                            f"~{COMPILED_STEP_S} s")
     elif plan.fastmask_compile:
-        compiled = dataclasses.replace(args, baseline="none", overrides=(*args.overrides, "engine.compile=true"),
+        compiled = dataclasses.replace(args, baseline="none",
+                                       overrides=(*args.overrides, "engine.compile=true"),
                                        strong_compile=False)
         out["fastmask_compiled"] = run_step_bench(compiled, log=log)
     if matmul_tflops:  # MFU against what this GPU's matmul measured, beside the datasheet MFU
@@ -374,9 +385,11 @@ def summary_markdown(data: dict) -> str:
         gpu = env.get("gpu", {})
         v = env["versions"]
         lines += ["", f"Device: {gpu.get('name', 'CPU')} (capability {gpu.get('capability', '-')}, "
-                      f"L2 {gpu.get('l2_bytes')} B); torch {v['torch']}, triton {v.get('triton')}, cuda {v['cuda']}.",
+                      f"L2 {gpu.get('l2_bytes')} B); torch {v['torch']}, triton {v.get('triton')}, cuda "
+                      f"{v['cuda']}.",
                   f"Copy ceiling: {env['copy']['gbps_read_plus_write']:.0f} GB/s (read + write); "
-                  f"matmul {env['matmul']['dtype']} {env['matmul']['n']}^3: {env['matmul']['tflops']:.1f} TFLOP/s."]
+                  f"matmul {env['matmul']['dtype']} {env['matmul']['n']}^3: {env['matmul']['tflops']:.1f} "
+                  "TFLOP/s."]
     corr = st.get("correctness", {}).get("result")
     if corr:
         bad = [r for r in corr["records"] if r["status"] not in ("ok", "declined")]
@@ -386,7 +399,8 @@ def summary_markdown(data: dict) -> str:
                      f" (NaN/inf {r.get('nan_inf_total')})") for r in bad[:40]]
     ops = st.get("ops", {}).get("result")
     if ops:
-        lines += ["", "## Ops (fwd+bwd)", "", "| op | model | impl | ms | GB/s | % copy | TFLOP/s | vs best other |",
+        lines += ["", "## Ops (fwd+bwd)", "",
+                  "| op | model | impl | ms | GB/s | % copy | TFLOP/s | vs best other |",
                   "| --- | --- | --- | --- | --- | --- | --- | --- |"]
         for r in ops["rows"]:
             if r.get("pass_") == "fwd+bwd" and "ms" in r:
@@ -398,7 +412,8 @@ def summary_markdown(data: dict) -> str:
         res = step["side_by_side"]
         a = res["args"]
         lines += ["", f"## Step: {a['model']} {a['img_size']} px, batch {a['batch_size']}, {a['dtype']}", "",
-                  "| path | img/s | TFLOP/s | MFU (datasheet) | peak memory MiB | what |", "| --- | --- | --- | --- | --- | --- |"]
+                  "| path | img/s | TFLOP/s | MFU (datasheet) | peak memory MiB | what |",
+                  "| --- | --- | --- | --- | --- | --- |"]
         paths = dict(res["paths"])
         if "fastmask_compiled" in step:
             paths["fastmask + torch.compile"] = step["fastmask_compiled"]["paths"]["fastmask"]
@@ -406,12 +421,15 @@ def summary_markdown(data: dict) -> str:
             mem, mfu = p["memory"]["peak_bytes"], p["mfu"]
             mfu_s = "" if mfu is None else f"{100 * mfu:.1f}%"
             mem_s = "" if mem is None else f"{mem / 2 ** 20:.0f}"
-            lines.append(f"| {n} | {p['images_per_s']:.1f} | {p['tflops'] or 0:.1f} | {mfu_s} | {mem_s} | {p['what']} |")
-        lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items() if "per_round" in k)]
+            lines.append(f"| {n} | {p['images_per_s']:.1f} | {p['tflops'] or 0:.1f} | {mfu_s} | {mem_s} | "
+                         f"{p['what']} |")
+        lines += ["", "Ratios: " + ", ".join(f"{k} {v:.2f}" for k, v in res["ratios"].items()
+                                             if "per_round" in k)]
         prof = step["profile"]
         lines += ["", f"Profile ({prof['time_kind']}, {prof['steps']} steps): copies/casts "
                       f"{100 * prof['copy_cast_share']:.1f}%, GPU idle "
-                      + ("-" if prof["gpu_idle_share"] is None else f"{100 * prof['gpu_idle_share']:.1f}%"), ""]
+                      + ("-" if prof["gpu_idle_share"] is None
+                         else f"{100 * prof['gpu_idle_share']:.1f}%"), ""]
         lines += [f"{i + 1}. {r['name']} x{r['calls']}: {r['self_us']} us ({100 * r['share']:.1f}%)"
                   for i, r in enumerate(prof["top"])]
     return "\n".join(lines) + "\n"
@@ -429,12 +447,14 @@ def main(argv: list[str] | None = None) -> int:
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
                                  epilog="\n".join(__doc__.splitlines()[2:]))
     ap.add_argument("--out", required=True, help="folder for gpu_suite.json, ops.json, summary.md (created)")
-    ap.add_argument("--dry-run", action="store_true", help="tiny shapes on the CPU: checks that every stage works")
+    ap.add_argument("--dry-run", action="store_true",
+                    help="tiny shapes on the CPU: checks that every stage works")
     ap.add_argument("--build-csrc", action="store_true", help="build the CUDA extension for sm_90 first")
     ap.add_argument("--build-timeout", type=int, default=300, help="seconds the extension build may take")
     ap.add_argument("--stages", default=",".join(s for s in STAGES if s != "build"),
                     help=f"comma-separated subset of {','.join(STAGES)} (build also with --build-csrc)")
-    ap.add_argument("--ops-compile", action="store_true", help="also time torch.compile rows in the ops stage")
+    ap.add_argument("--ops-compile", action="store_true",
+                    help="also time torch.compile rows in the ops stage")
     ap.add_argument("--no-fastmask-compile", dest="fastmask_compile", action="store_false",
                     help="skip the extra step run of fastmask with torch.compile")
     ap.add_argument("--budget-s", type=float, default=540,

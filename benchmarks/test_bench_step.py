@@ -18,14 +18,15 @@ import torch
 
 from fastmask.bench import flops as F
 from fastmask.bench.baseline_official import make_official_step
-from fastmask.bench.step import (AllTokensMAE, StepBenchArgs, build_fastmask_method, build_official, find_mae_model,
-                                 mae_shape, make_fastmask_step, official_dims)
+from fastmask.bench.step import (AllTokensMAE, StepBenchArgs, build_fastmask_method, build_official,
+                                 find_mae_model, mae_shape, make_fastmask_step, official_dims)
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 DTYPE = torch.bfloat16 if CUDA else torch.float32
 # (model, img_size, batch, decoder overrides)
-CASES = ([("vit_base_patch16", 224, 128, ()), ("vit_large_patch16", 224, 128, ()), ("vit_huge_patch14", 224, 64, ())]
+CASES = ([("vit_base_patch16", 224, 128, ()), ("vit_large_patch16", 224, 128, ()),
+          ("vit_huge_patch14", 224, 64, ())]
          if CUDA else
          [("vit_tiny_patch16", 64, 8, ("method_args.decoder_embed_dim=128", "method_args.decoder_depth=2",
                                        "method_args.decoder_num_heads=4"))])

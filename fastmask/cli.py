@@ -25,7 +25,8 @@ SUBCOMMANDS = {
     "bench": ("fastmask.bench.cli", "benchmark training steps, ops or the data loader against baselines"),
     "eval": ("fastmask.eval.cli", "k-NN and linear-probe evaluation of a checkpoint's encoder"),
     "visualize": ("fastmask.eval.visualize", "PNG grids of masks and reconstructions"),
-    "plan": ("fastmask.engine.plan_cli", "memory per GPU, micro-batch, accumulation and throughput per ZeRO stage"),
+    "plan": ("fastmask.engine.plan_cli",
+             "memory per GPU, micro-batch, accumulation and throughput per ZeRO stage"),
     "info": ("fastmask.info", "which backend each op would use on this machine, and why"),
 }
 

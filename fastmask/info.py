@@ -23,8 +23,8 @@ MAE_ATTENTION_SHAPES = [
     ("MAE-H/14 encoder", 256, 16, 65, 80), ("MAE decoder (p16)", 256, 16, 197, 32),
     ("MAE decoder (p14)", 256, 16, 257, 32),
 ]
-OPS = ("patch_gather", "patch_embed_visible", "patch_scatter", "decoder_unshuffle", "norm_pix_loss", "attention",
-       "add_layer_norm", "bias_gelu")
+OPS = ("patch_gather", "patch_embed_visible", "patch_scatter", "decoder_unshuffle", "norm_pix_loss",
+       "attention", "add_layer_norm", "bias_gelu")
 
 
 def _example_inputs(op: str, device: str, dtype: torch.dtype) -> dict:
@@ -41,7 +41,8 @@ def _example_inputs(op: str, device: str, dtype: torch.dtype) -> dict:
         return {"x": t(2, 2, 8), "ids_restore": t(2, 4, dt=torch.int64), "mask_token": t(8, dt=torch.float32),
                 "pos_embed": t(5, 8, dt=torch.float32)}
     if op == "norm_pix_loss":
-        return {"pred": t(2, 4, 768), "imgs": t(2, 3, 32, 32), "mask": t(2, 4), "patch_size": 16, "norm_pix": True}
+        return {"pred": t(2, 4, 768), "imgs": t(2, 3, 32, 32), "mask": t(2, 4), "patch_size": 16,
+                "norm_pix": True}
     if op == "attention":
         return {"q": t(2, 2, 50, 64), "k": t(2, 2, 50, 64), "v": t(2, 2, 50, 64), "scale": None}
     if op in ("add_layer_norm", "bias_gelu"):
@@ -76,7 +77,8 @@ def report() -> dict:
                 q = torch.empty(1, H, N, D, device=dev, dtype=dt)  # batch does not change the choice
                 rows = backends.explain("attention", q=q, k=q, v=q, scale=None)
                 out["attention_picks"].append({
-                    "shape": name, "device": dev, "dtype": str(dt).replace("torch.", ""), "B,H,N,D": [B, H, N, D],
+                    "shape": name, "device": dev, "dtype": str(dt).replace("torch.", ""),
+                    "B,H,N,D": [B, H, N, D],
                     "auto": backends.select("attention", "auto", q=q, k=q, v=q, scale=None).name,
                     "declined": {n: r for n, r in rows if r}})
     return out

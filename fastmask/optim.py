@@ -51,7 +51,8 @@ class OptimizerSettings:
         return cls(tuple(engine.betas), engine.momentum, engine.lars_eta, engine.lars_clip)
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, settings: OptimizerSettings = OptimizerSettings(),
+def build_optimizer(name: str, groups: list[dict], lr: float,
+                    settings: OptimizerSettings = OptimizerSettings(),
                     device: torch.device | str = "cpu") -> torch.optim.Optimizer:
     """groups: torch param groups (their own `weight_decay`) -> the optimizer `name` (see `OPTIMIZERS`).
 
@@ -66,8 +67,8 @@ def build_optimizer(name: str, groups: list[dict], lr: float, settings: Optimize
         try:
             from apex.optimizers import FusedAdam
         except ImportError as err:
-            raise ValueError(f"optimizer=apex_fused_adam but NVIDIA apex is not importable ({err}); it is not on "
-                             "PyPI: build it from NVIDIA's repository, or use adamw") from err
+            raise ValueError(f"optimizer=apex_fused_adam but NVIDIA apex is not importable ({err}); it is "
+                             "not on PyPI: build it from NVIDIA's repository, or use adamw") from err
         return FusedAdam(groups, lr=lr, betas=tuple(settings.betas), eps=1e-8, adam_w_mode=True)
     if name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=settings.momentum)
@@ -96,7 +97,8 @@ class SideOptimizer(nn.Module):
     the parameters their final dtype and device.
     """
 
-    def __init__(self, groups: list[dict[str, Any]], name: str, settings: OptimizerSettings = OptimizerSettings()):
+    def __init__(self, groups: list[dict[str, Any]], name: str,
+                 settings: OptimizerSettings = OptimizerSettings()):
         super().__init__()
         if name not in OPTIMIZERS:
             raise ValueError(f"SideOptimizer: optimizer must be one of {'|'.join(OPTIMIZERS)}, got {name!r}")
@@ -106,9 +108,11 @@ class SideOptimizer(nn.Module):
         self.set_groups(groups)
 
     def set_groups(self, groups: list[dict[str, Any]]) -> None:
-        """Replace the groups (their hyper-parameters, e.g. the engine's weight decay) before the first step."""
+        """Replace the groups (their hyper-parameters, e.g. the engine's weight decay) before the first
+        step."""
         if self._opt is not None:
-            raise RuntimeError("SideOptimizer.set_groups after its optimizer was made (a step or a state load)")
+            raise RuntimeError("SideOptimizer.set_groups after its optimizer was made (a step or a state "
+                               "load)")
         self._groups = [{**g, "params": list(g["params"])} for g in groups]
 
     @property
@@ -118,7 +122,8 @@ class SideOptimizer(nn.Module):
     def _build(self) -> torch.optim.Optimizer:
         if self._opt is None:
             # fp32 parameters are stepped in place; reduced-precision ones through fp32 masters.
-            self._masters = [p.detach().float().clone() if p.dtype != torch.float32 else None for p in self.params]
+            self._masters = [p.detach().float().clone() if p.dtype != torch.float32 else None
+                             for p in self.params]
             targets = iter([p if m is None else m for p, m in zip(self.params, self._masters)])
             device = self.params[0].device if self.params else "cpu"
             self._opt = build_optimizer(self.name, [{**g, "params": [next(targets) for _ in g["params"]]}

@@ -91,7 +91,8 @@ def _ptxas_report(ptx: str, arch: int) -> tuple[int, int, int]:
         with open(src, "w") as f:
             f.write(ptx)
         res = subprocess.run([get_ptxas(arch).path, "-v", "--regAllocOptLevel=2",
-                              f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o", os.path.join(d, "k.o")],
+                              f"--gpu-name={sm_arch_from_capability(arch)}", src, "-o",
+                              os.path.join(d, "k.o")],
                              capture_output=True, text=True, check=True)
     log = res.stdout + res.stderr
     regs = re.search(r"Used (\d+) registers", log)
@@ -168,9 +169,10 @@ def cases(full: bool = False, head_dims: tuple[int, ...] = ()):
             def unshuffle(dt=dt, ids_restore=ids_restore, B=B, L=L, K=K):
                 # as the MAE decoder calls it: dt tokens, fp32 parameters, an fp32 stream out
                 pos = _meta(1, L + 1, DEC_DIM, dtype=f32)[0]
-                ps.patch_scatter_fwd(_meta(B, K + 1, DEC_DIM, dtype=dt), ids_restore, _meta(DEC_DIM, dtype=f32),
-                                     pos, cls=True, out_dtype=f32)
-                ps.patch_scatter_bwd(_meta(B, L + 1, DEC_DIM, dtype=f32), ids_restore, K, cls=True, tok_dtype=dt)
+                ps.patch_scatter_fwd(_meta(B, K + 1, DEC_DIM, dtype=dt), ids_restore,
+                                     _meta(DEC_DIM, dtype=f32), pos, cls=True, out_dtype=f32)
+                ps.patch_scatter_bwd(_meta(B, L + 1, DEC_DIM, dtype=f32), ids_restore, K, cls=True,
+                                     tok_dtype=dt)
 
             def block_ops(m, d, dt=dt):
                 # as the fused chain runs under autocast: branch outputs in dt, the residual stream in fp32
@@ -229,7 +231,8 @@ def check(archs=(90,), full: bool = False, head_dims: tuple[int, ...] = (), kern
                     row = Row(f"sm_{arch}", fn.__name__, f"{label}: {spec}", regs, st, ld,
                               compiled.metadata.shared, compiled.metadata.num_warps)
                     rows.append(row)
-                    log(f"{row.arch:6} {regs:>4} {f'{st}/{ld}':>11} {row.shared:>6}  {row.kernel:34} {row.case}")
+                    log(f"{row.arch:6} {regs:>4} {f'{st}/{ld}':>11} {row.shared:>6}  {row.kernel:34} "
+                        f"{row.case}")
     spilling = [r for r in rows if r.spill_stores or r.spill_loads]
     log(f"{len(rows)} kernel builds, {len(spilling)} with spills")
     return rows

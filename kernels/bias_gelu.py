@@ -1,4 +1,5 @@
-"""Triton kernels for bias + GELU (exact, erf form as timm's nn.GELU) after a bias-free matmul, and its backward.
+"""Triton kernels for bias + GELU (exact, erf form as timm's nn.GELU) after a bias-free matmul, and its
+backward.
 
     y = gelu(x + bias),  gelu(u) = u * Phi(u) = 0.5 u (1 + erf(u / sqrt(2)))
     dx = dy * (Phi(u) + u * phi(u)),  phi(u) = exp(-u^2 / 2) / sqrt(2 pi),  dbias = sum_rows(dx)

@@ -82,7 +82,8 @@ def _norm_pix_loss_bwd_kernel(
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     m, err, vec, e_ok = _load_rows(pred_ptr, imgs_ptr, mask_ptr, rows, n_rows, L, w,
-                                   s_pb, s_pl, s_pe, s_ib, s_ic, s_ih, s_iw, s_mb, s_ml, eps, NORM, C, p, PI, CR)
+                                   s_pb, s_pl, s_pe, s_ib, s_ic, s_ih, s_iw, s_mb, s_ml, eps, NORM, C, p, PI,
+                                   CR)
     coef = tl.load(coef_ptr)
     g = err * (coef * m)[:, None, None]
     ok = (rows < n_rows)[:, None, None] & e_ok[None, :, :]

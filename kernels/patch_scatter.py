@@ -107,7 +107,8 @@ def patch_scatter_fwd(tokens: torch.Tensor, ids_restore: torch.Tensor, mask_toke
     _patch_scatter_fwd_kernel[grid](
         tokens, ids_restore, mask_token, pos if pos is not None else mask_token, out,
         B * (c + L), c + L, KT - c, D, *tokens.stride(), *ids_restore.stride(), mask_token.stride(0),
-        *(pos.stride() if pos is not None else (0, 0)), CLS=c, HAS_POS=pos is not None, BLOCK_R=br, BLOCK_D=bd)
+        *(pos.stride() if pos is not None else (0, 0)), CLS=c, HAS_POS=pos is not None, BLOCK_R=br,
+        BLOCK_D=bd)
     return out
 
 

@@ -50,12 +50,13 @@ def main() -> None:
     except StoppedBySignal as stop:
         record("sigterm", stopped=[stop.signum, stop.step, stop.checkpoint])
     try:
-        pretrain(tiny_config(*base, "data.img_size=64", steps=6), out=run, method_factory=lambda c: TinyMethod(),
-                 progress=False)
+        pretrain(tiny_config(*base, "data.img_size=64", steps=6), out=run,
+                 method_factory=lambda c: TinyMethod(), progress=False)
         record("refused", error=None)
     except ConfigError as err:
         record("refused", error=str(err))
-    result = pretrain(tiny_config(*base, steps=6), out=run, method_factory=lambda c: TinyMethod(), progress=False)
+    result = pretrain(tiny_config(*base, steps=6), out=run, method_factory=lambda c: TinyMethod(),
+                      progress=False)
     record("resumed", resumed_from=result.resumed_from, step=result.step)
 
 

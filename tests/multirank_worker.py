@@ -25,7 +25,8 @@ def _run(out: Path, name: str, stage: str, steps: int, extra: list[str]) -> None
     cfg = tiny_config(f"engine.zero_stage={stage}", "data.batch_size=8", *extra, steps=steps)
     result = pretrain(cfg, out=out / name, method_factory=tiny_factory(), progress=False)
     if int(os.environ["RANK"]) == 0:
-        (out / f"{name}.json").write_text(json.dumps({"losses": result.losses, "resumed_from": result.resumed_from,
+        (out / f"{name}.json").write_text(json.dumps({"losses": result.losses,
+                                                      "resumed_from": result.resumed_from,
                                                       "world_size": int(os.environ["WORLD_SIZE"])}))
 
 

@@ -36,13 +36,13 @@ def test_ablation_cpu_tiny_writes_json(tmp_path, one_thread):
     assert data["versions"]["torch"] == torch.__version__ and data["args"]["dtype"] == "fp32"
     assert data["shapes"]["patches"] == 16 and data["shapes"]["visible"] == 4
     rows = {r["name"]: r for r in data["rows"]}
-    assert list(rows) == ["official", "no_host_sync", "no_grad_norm", "fused_adamw", "fastmask_model", "fused_ops",
-                          "attn_sdpa", "attn_triton", "attn_xformers", "fused_ln_gelu", "compile", "cuda_graphs",
-                          "fastmask", "strong"]
+    assert list(rows) == ["official", "no_host_sync", "no_grad_norm", "fused_adamw", "fastmask_model",
+                          "fused_ops", "attn_sdpa", "attn_triton", "attn_xformers", "fused_ln_gelu",
+                          "compile", "cuda_graphs", "fastmask", "strong"]
 
     measured = [n for n, r in rows.items() if r["status"] == "measured"]
-    assert measured == ["official", "no_host_sync", "no_grad_norm", "fused_adamw", "fastmask_model", "attn_sdpa",
-                        "fastmask"]
+    assert measured == ["official", "no_host_sync", "no_grad_norm", "fused_adamw", "fastmask_model",
+                        "attn_sdpa", "fastmask"]
     official = rows["official"]["step_s_times"]
     for n in measured:
         r = rows[n]
@@ -95,7 +95,8 @@ def test_plan_rows_for_a_gpu_uses_fused_backends():
     rows = {r.name: r for r in plan_rows(torch.device("cuda"), attention="sdpa")}
     assert not rows["fused_ops"].skip and not rows["attn_sdpa"].skip and not rows["cuda_graphs"].skip
     assert set(rows["fused_ops"].ops[op] for op in ablate.FUSED_MEMORY_OPS) <= {"cuda", "triton"}
-    assert rows["fused_ln_gelu"].ops["add_layer_norm"] == "triton" and rows["fused_ln_gelu"].base == "attn_sdpa"
+    assert rows["fused_ln_gelu"].ops["add_layer_norm"] == "triton" \
+        and rows["fused_ln_gelu"].base == "attn_sdpa"
     assert rows["compile"].ops["attention"] == "sdpa"
     assert rows["cuda_graphs"].compile_mode == "reduce-overhead"
     assert rows["official"].ops is None and rows["fastmask_model"].ops["attention"] == "torch"

@@ -13,8 +13,8 @@ import torch.nn.functional as F
 from fastmask.draws import Draws
 from fastmask.masking import build_masker
 from fastmask.masking.adversarial import (AdversarialMasking, apply_pixel_mask, entropy_penalty, grad_reverse,
-                                          mask_areas, masked_copies, occluder_penalty, patch_occupancy, pick_slots,
-                                          sparsity_penalty, token_masking_from_scores)
+                                          mask_areas, masked_copies, occluder_penalty, patch_occupancy,
+                                          pick_slots, sparsity_penalty, token_masking_from_scores)
 from fastmask.methods.adios import ADIOS
 from fastmask.methods.views import IMAGENET_MEAN, IMAGENET_STD, ViewAugment
 from fastmask.models import create_model
@@ -151,7 +151,8 @@ def test_penalties_match_hand_formula():
 
 def test_penalty_over_two_views_sums_each_views_batch_mean():
     """SimSiam-ADIOS occludes both views: the sparsity term is each (view, slot)'s batch mean, summed (not a
-    mean over the 2B stacked rows), the entropy's softmax runs over a sample's 2N areas (ADIOS-s: per view)."""
+    mean over the 2B stacked rows), the entropy's softmax runs over a sample's 2N areas (ADIOS-s: per
+    view)."""
     torch.manual_seed(0)
     masks = torch.rand(6, 3, 4, 4).softmax(1)              # 2 views x 3 images, 3 slots
     a = masks.double().mean(dim=(2, 3))
@@ -161,7 +162,8 @@ def test_penalty_over_two_views_sums_each_views_batch_mean():
     neg_h = lambda x: (x.softmax(1) * x.log_softmax(1)).sum()  # noqa: E731
     pen, areas = occluder_penalty(masks, 0.5, 0.2, views=2)
     torch.testing.assert_close(areas, torch.cat([v1, v2], 1).float())
-    torch.testing.assert_close(pen.double(), sparsity - 0.2 * neg_h(torch.cat([v1, v2], 1)), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(pen.double(), sparsity - 0.2 * neg_h(torch.cat([v1, v2], 1)), rtol=1e-5,
+                               atol=1e-6)
     pen_s, _ = occluder_penalty(masks, 0.5, 0.2, views=2, joint_entropy=False)
     torch.testing.assert_close(pen_s.double(), sparsity - 0.2 * (neg_h(v1) + neg_h(v2)), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(pen, pen_s) and not torch.allclose(pen, occluder_penalty(masks, 0.5, 0.2)[0])
@@ -231,7 +233,8 @@ def test_view_augment_identity_and_randomness():
     g = torch.Generator().manual_seed(0)
     v1, v2 = aug.two_views(x, g)
     assert v1.shape == x.shape and (v1 - v2).abs().mean() > 0.05
-    torch.testing.assert_close(aug(x, torch.Generator().manual_seed(3)), aug(x, torch.Generator().manual_seed(3)))
+    torch.testing.assert_close(aug(x, torch.Generator().manual_seed(3)),
+                               aug(x, torch.Generator().manual_seed(3)))
     with pytest.raises(ValueError, match="crop_scale"):
         ViewAugment(crop_scale=(0.0, 1.0))
 
@@ -274,8 +277,8 @@ def test_alternating_phases_train_disjoint_parameters():
 
 
 def test_simultaneous_occluder_gradient_is_reversed_ssl_plus_penalty():
-    """Manual check of the one-pass game: the occluder's gradient equals d(penalty)/dphi - d(ssl)/dphi, with the
-    SSL loss recomputed from the same views and masks."""
+    """Manual check of the one-pass game: the occluder's gradient equals d(penalty)/dphi - d(ssl)/dphi, with
+    the SSL loss recomputed from the same views and masks."""
     torch.manual_seed(0)
     m = ADIOS("vit_tiny_patch16", 32, _args("simclr", "simultaneous", "vit"))
     x = _rand_imgs(6, 32)
@@ -304,7 +307,8 @@ def test_param_groups_lr_scale_and_config_errors():
     # The official static_lr: the SimSiam predictor keeps the base lr (an unscheduled group).
     pred = [g for g in groups if g.get("name") == "predictor"]
     assert {id(p) for g in pred for p in g["params"]} == {id(p) for p in m.predictor.parameters()}
-    assert all(g["scheduled"] is False for g in pred) and all("scheduled" not in g for g in groups if g not in pred)
+    assert all(g["scheduled"] is False for g in pred) \
+        and all("scheduled" not in g for g in groups if g not in pred)
     # Weight decay on >= 2-D tensors only (LARS: pos_embed and cls_token too, as the official timm ViT).
     decayed = {id(p) for g in groups if g["weight_decay"] for p in g["params"]}
     assert id(m.online.backbone.pos_embed) in decayed and id(m.online.backbone.norm.weight) not in decayed
@@ -368,7 +372,8 @@ def test_config_recipes_build_and_zero3_alternating_refused(tmp_path):
 
     cfg = load_config("adios_tiny")
     m = build_method(cfg)
-    assert isinstance(m, ADIOS) and m.args.mode == "alternating" and ADIOS.supported_zero_stages(m.args) == (0, 1, 2)
+    assert isinstance(m, ADIOS) and m.args.mode == "alternating" \
+        and ADIOS.supported_zero_stages(m.args) == (0, 1, 2)
     for recipe, ssl, opt in (("adios_resnet18", "simclr", "lars"), ("adios_vit_tiny", "byol", "lars"),
                              ("adios_simsiam_resnet18", "simsiam", "lars")):
         r = load_config(recipe)
@@ -389,7 +394,8 @@ def test_visualize_panels():
     m = ADIOS("vit_tiny_patch16", 32, _args("simclr", "simultaneous", "vit", num_masks=3))
     panels = m.visualize(_rand_imgs(2, 32))
     assert list(panels)[:3] == ["original", "mask 0", "hide 0"] and len(panels) == 7
-    torch.testing.assert_close(sum(panels[f"mask {k}"] for k in range(3)), torch.ones(2, 32, 32), atol=1e-5, rtol=0)
+    torch.testing.assert_close(sum(panels[f"mask {k}"] for k in range(3)), torch.ones(2, 32, 32), atol=1e-5,
+                               rtol=0)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -414,7 +420,8 @@ def _train(photos, model, ssl, mode, steps=20, **kw):
     m = ADIOS(model, 32, _args(ssl, mode, model, **kw), seed=0)
     # lr 3e-4: at 1e-3 the ViT's clean SimCLR loss rose on 4 of 4 seeds within 20 steps (too hot for batch 8);
     # at 3e-4 every objective x backbone falls on seeds 0-3.
-    opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": 0.0} for g in m.param_groups(0.0)], lr=3e-4)
+    opt = torch.optim.AdamW([{"params": g["params"], "weight_decay": 0.0} for g in m.param_groups(0.0)],
+                            lr=3e-4)
     # Fixed evaluation views, several pairs: one pair's clean loss moves by ~0.2 with the draw alone.
     views = [m.augment.two_views(photos[:32], torch.Generator().manual_seed(123 + i)) for i in range(4)]
     before = sum(_clean_loss(m, v1, v2) for v1, v2 in views) / len(views)
@@ -463,12 +470,13 @@ def test_adios_s_trains(photos, model, ssl, mode):
 
 
 # ---------------------------------------------------------------------------------------------- engine
-ENGINE_RUN = ["method=adios", "model=resnet18", "masking=adversarial", "data.loader=torch", "data.img_size=32",
-              "data.batch_size=4", "data.num_workers=0", "engine.log_every=1", "engine.optimizer=sgd",
-              "engine.lr=0.05", "engine.warmup_steps=1", "engine.weight_decay=1e-4", "method_args.ssl=simclr",
-              "method_args.num_masks=2", "method_args.mask_fbase=8", "method_args.unet_norm=gn",
-              "method_args.mask_lr=0.2", "method_args.proj_hidden_dim=32", "method_args.proj_output_dim=16",
-              "method_args.small_stem=false", "method_args.backbone_args={width: 8}"]
+ENGINE_RUN = ["method=adios", "model=resnet18", "masking=adversarial", "data.loader=torch",
+              "data.img_size=32", "data.batch_size=4", "data.num_workers=0", "engine.log_every=1",
+              "engine.optimizer=sgd", "engine.lr=0.05", "engine.warmup_steps=1", "engine.weight_decay=1e-4",
+              "method_args.ssl=simclr", "method_args.num_masks=2", "method_args.mask_fbase=8",
+              "method_args.unet_norm=gn", "method_args.mask_lr=0.2", "method_args.proj_hidden_dim=32",
+              "method_args.proj_output_dim=16", "method_args.small_stem=false",
+              "method_args.backbone_args={width: 8}"]
 
 
 def _run(out, *overrides):
@@ -484,7 +492,8 @@ def _run(out, *overrides):
         made.append(m)
         return m
 
-    result = pretrain(load_config(None, [*ENGINE_RUN, *overrides]), out=out, progress=False, method_factory=factory)
+    result = pretrain(load_config(None, [*ENGINE_RUN, *overrides]), out=out, progress=False,
+                      method_factory=factory)
     assert inputs and all(views == [(4, 3, 32, 32)] * 2 for views in inputs)  # the loader cut both views
     return result, made[0]
 

@@ -60,7 +60,8 @@ def test_rule_puts_cuda_before_triton_for_gather_and_loss(fresh, tmp_path, monke
 
 
 def test_measured_entry_decides_and_says_so(fresh, tmp_path, monkeypatch):
-    entry = {"order": ["torch", "triton"], "figure": "vit_l bf16 batch 256 fwd+bwd: torch 1.0 ms, triton 2.0 ms",
+    entry = {"order": ["torch", "triton"],
+             "figure": "vit_l bf16 batch 256 fwd+bwd: torch 1.0 ms, triton 2.0 ms",
              "source": "2027-01-01_h100_ops.json"}
     _table(tmp_path, monkeypatch, {"sm_90": {"patch_gather": entry}, "sm_80": {"norm_pix_loss": entry}})
     inputs = _gather_inputs()
@@ -88,7 +89,8 @@ def test_bench_ops_writes_what_auto_reads(fresh, tmp_path, monkeypatch):
     spec.loader.exec_module(bench_ops)
     rows = [dict(op="patch_gather", model=m, impl=impl, pass_="fwd+bwd", ms=ms)
             for m, impl, ms in (("vit_b", "triton", 0.1), ("vit_b", "cuda", 0.3), ("vit_l", "triton", 0.4),
-                                ("vit_l", "cuda", 0.2), ("vit_l", "torch", 0.9), ("vit_l", "torch.compile", 0.5))]
+                                ("vit_l", "cuda", 0.2), ("vit_l", "torch", 0.9),
+                                ("vit_l", "torch.compile", 0.5))]
     rows.append(dict(op="patch_gather", model="vit_l", impl="triton", pass_="fwd", ms=0.01))
     result = {"rows": rows, "meta": {"dtype": "bfloat16", "batch": 256}}
     entries = bench_ops.auto_table_entries(result, "run.json")

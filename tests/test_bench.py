@@ -119,7 +119,8 @@ def test_official_train_step_lowers_loss_with_the_default_optimizer():
 def test_official_lr_is_warmup_then_half_cosine():
     lrs = [official_lr(i, 20, 1.0, warmup_its=5, min_lr=0.1) for i in range(21)]
     assert lrs[0] == 0 and lrs[1] == pytest.approx(0.2) and lrs[5] == pytest.approx(1.0)
-    assert lrs[20] == pytest.approx(0.1) and lrs[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
+    assert lrs[20] == pytest.approx(0.1) \
+        and lrs[12] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 7 / 15)))
     assert all(a >= b for a, b in zip(lrs[5:], lrs[6:]))
 
 
@@ -151,9 +152,11 @@ def test_strong_model_computes_the_official_loss_and_its_step_has_no_host_sync()
     assert uses_sdpa(model)
     model.load_state_dict(official.state_dict(), strict=True)  # the same names: weights move unchanged
     imgs, noise = torch.randn(3, 3, 32, 32), torch.rand(3, 16)
-    torch.testing.assert_close(model(imgs, 0.75, noise)[0], official(imgs, 0.75, noise)[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(model(imgs, 0.75, noise)[0], official(imgs, 0.75, noise)[0], rtol=1e-5,
+                               atol=1e-6)
 
-    step = make_strong_step(model, torch.float32, compile=False)  # inductor's CPU compile: minutes (bench only)
+    # inductor's CPU compile: minutes (bench only)
+    step = make_strong_step(model, torch.float32, compile=False)
     assert step.optimizer.defaults["fused"] is True and step.compiled is None
     losses = [step(imgs, noise) for _ in range(3)]
     with HostSyncRecorder() as rec:
@@ -167,7 +170,8 @@ ADIOS_SMALL = ["method_args.ssl=simsiam", "method_args.num_masks=2", "method_arg
                "method_args.backbone_args={width: 16}", "engine.optimizer=sgd"]
 
 
-@pytest.mark.parametrize("recipe,extra", [("mae_tiny", ["method_args.decoder_depth=1"]), ("adios_tiny", ADIOS_SMALL)])
+@pytest.mark.parametrize("recipe,extra", [("mae_tiny", ["method_args.decoder_depth=1"]),
+                                          ("adios_tiny", ADIOS_SMALL)])
 def test_engine_step_equals_pretrain_on_the_same_images(recipe, extra):
     """The bench's fastmask path is `fastmask pretrain`'s step: same weights, masks, lr and losses."""
     from fastmask.bench.engine_step import make_engine_step
@@ -175,8 +179,8 @@ def test_engine_step_equals_pretrain_on_the_same_images(recipe, extra):
     from fastmask.engine.trainer import pretrain
     from fastmask.methods import build_method
 
-    cfg = load_config(recipe, ["data.img_size=32", "data.batch_size=4", "data.loader=synthetic", "engine.steps=4",
-                               "engine.warmup_steps=2", "engine.log_every=4", *extra])
+    cfg = load_config(recipe, ["data.img_size=32", "data.batch_size=4", "data.loader=synthetic",
+                               "engine.steps=4", "engine.warmup_steps=2", "engine.log_every=4", *extra])
     seen = {"imgs": [], "keys": [], "loss": []}
 
     def factory(c):
@@ -241,7 +245,8 @@ def test_bench_cli_writes_json_with_every_path(tmp_path):
     from fastmask.cli import main
 
     # The strong baseline uncompiled: inductor's CPU compile takes minutes (the bench's default compiles).
-    assert main(_bench_argv(tmp_path, "--ablation", "--no-strong-compile", "--plot", str(tmp_path / "step.png"))) == 0
+    assert main(_bench_argv(tmp_path, "--ablation", "--no-strong-compile", "--plot",
+                            str(tmp_path / "step.png"))) == 0
     r = json.loads((tmp_path / "step.json").read_text())
     assert set(r["paths"]) == {"fastmask", "official", "strong", "fastmask_all_tokens", "official_all_tokens"}
     assert r["skipped"] == {}
@@ -266,7 +271,8 @@ def test_bench_cli_writes_json_with_every_path(tmp_path):
             statistics.median(b / f for b, f in rounds))
     assert ratios["all_tokens_over_visible_official"] == pytest.approx(
         paths["official_all_tokens"]["step_s_median"] / paths["official"]["step_s_median"])
-    assert "all_tokens_over_visible_fastmask" in ratios and "speedup_fastmask_vs_official_all_tokens" in ratios
+    assert "all_tokens_over_visible_fastmask" in ratios \
+        and "speedup_fastmask_vs_official_all_tokens" in ratios
     # The all-token encoder holds more activations than the visible-only one, on both implementations.
     for impl in ("fastmask", "official"):
         assert paths[impl + "_all_tokens"]["saved_activation_bytes"] > paths[impl]["saved_activation_bytes"]
@@ -281,7 +287,8 @@ def test_bench_cli_writes_json_with_every_path(tmp_path):
 def test_bench_cli_peak_gives_mfu_and_no_baseline(tmp_path):
     from fastmask.cli import main
 
-    assert main(_bench_argv(tmp_path, "--baseline", "none", "--fastmask-step", "direct", "--peak-tflops", "1.5")) == 0
+    assert main(_bench_argv(tmp_path, "--baseline", "none", "--fastmask-step", "direct", "--peak-tflops",
+                            "1.5")) == 0
     r = json.loads((tmp_path / "step.json").read_text())
     assert set(r["paths"]) == {"fastmask"} and r["ratios"] == {}
     p = r["paths"]["fastmask"]

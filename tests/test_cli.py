@@ -55,7 +55,8 @@ def test_default_run_learns_and_resumes(tmp_path):
     """The default recipe (MAE ViT-Tiny, embedded photos, CPU fp32) at batch 16: 20 steps, stopped at 10
     and resumed by running the same command again."""
     out = tmp_path / "run"
-    first = _fastmask("--steps", "20", "--out", str(out), "data.batch_size=16", "engine.stop_at=10", cwd=tmp_path)
+    first = _fastmask("--steps", "20", "--out", str(out), "data.batch_size=16", "engine.stop_at=10",
+                      cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "done: step 10/20" in first.stdout
     second = _fastmask("--steps", "20", "--out", str(out), "data.batch_size=16", "--export",
@@ -103,7 +104,8 @@ def test_overrides_are_taken_anywhere_on_the_line(capsys):
     assert cfg["data"]["batch_size"] == 3 and cfg["engine"]["steps"] == 6
     assert cfg["engine"]["lr"] == 0.001 and cfg["engine"]["warmup_steps"] == 10
     # The same for the eval-side commands (--set and bare key=value mix, in line order).
-    rc = main(["visualize", "--random-init", "--set", "model=vit_tiny_patch16", "--out", "x.png", "model=vit_nope"])
+    rc = main(["visualize", "--random-init", "--set", "model=vit_tiny_patch16", "--out", "x.png",
+               "model=vit_nope"])
     assert rc == 2 and "unknown ViT model 'vit_nope'" in _one_error_line(capsys, "visualize")
     # A token that is no key=value is still argparse's error.
     with pytest.raises(SystemExit) as e:
@@ -214,4 +216,5 @@ def test_info_lists_every_registered_op(capsys):
     assert set(info.OPS) == set(backends._REGISTRY)  # patch_embed_visible was missing
     assert main(["info", "--json"]) == 0
     rep = json.loads(capsys.readouterr().out)
-    assert set(rep["ops"]) == set(info.OPS) and rep["ops"]["patch_embed_visible"]["cpu/float32"]["auto"] == "torch"
+    assert set(rep["ops"]) == set(info.OPS) \
+        and rep["ops"]["patch_embed_visible"]["cpu/float32"]["auto"] == "torch"

@@ -1,4 +1,5 @@
-"""Config: shipped recipes, overrides, validation errors, the lr schedule and the generated DeepSpeed config."""
+"""Config: shipped recipes, overrides, validation errors, the lr schedule and the generated DeepSpeed
+config."""
 import math
 
 import pytest
@@ -23,18 +24,21 @@ def test_paper_recipes(name, model):
     cfg = load_config(name)
     e = cfg.engine
     assert (cfg.method, cfg.model, cfg.mask_ratio, cfg.data.img_size) == ("mae", model, 0.75, 224)
-    assert (e.blr, e.betas, e.weight_decay, e.warmup_epochs, e.epochs, e.min_lr) == (1.5e-4, (0.9, 0.95), 0.05, 40, 800, 0.0)
+    assert (e.blr, e.betas, e.weight_decay, e.warmup_epochs, e.epochs, e.min_lr) == (1.5e-4, (0.9, 0.95),
+                                                                                     0.05, 40, 800, 0.0)
     assert cfg.data.batch_size == 64 and cfg.data.min_scale == 0.2 and e.lr is None and e.clip_grad is None
-    assert cfg.method_args == {"norm_pix": True, "decoder_embed_dim": 512, "decoder_depth": 8, "decoder_num_heads": 16,
-                               "decay_tokens": True}  # the official optimizer groups decay cls and mask tokens
+    assert cfg.method_args == {"norm_pix": True, "decoder_embed_dim": 512, "decoder_depth": 8,
+                               "decoder_num_heads": 16,
+                               # the official optimizer groups decay cls and mask tokens
+                               "decay_tokens": True}
     assert resolve_precision(e.precision, torch.device("cuda")) == "bf16"
     # 64 per GPU x 64 GPUs: the paper's lr.
     assert math.isclose(scaled_lr(e.blr, 64 * 64), 2.4e-3)
 
 
 def test_overrides_and_types():
-    cfg = load_config("mae_tiny", ["model=vit_small_patch16", "engine.zero_stage=2", "engine.betas=[0.9,0.99]",
-                                   "data.root=/x", "engine.clip_grad=1"])
+    cfg = load_config("mae_tiny", ["model=vit_small_patch16", "engine.zero_stage=2",
+                                   "engine.betas=[0.9,0.99]", "data.root=/x", "engine.clip_grad=1"])
     assert cfg.model == "vit_small_patch16" and cfg.engine.zero_stage == 2
     assert cfg.engine.betas == (0.9, 0.99) and cfg.data.root == "/x" and cfg.engine.clip_grad == 1.0
 
@@ -90,11 +94,12 @@ def test_lr_schedule_shape():
 @pytest.mark.parametrize("stage", [0, 1, 2, 3])
 @pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
 def test_ds_config(stage, precision):
-    cfg = load_config("mae_tiny", [f"engine.zero_stage={stage}", "engine.grad_accum=3", "engine.clip_grad=1.5",
-                                   "data.batch_size=5"])
+    cfg = load_config("mae_tiny", [f"engine.zero_stage={stage}", "engine.grad_accum=3",
+                                   "engine.clip_grad=1.5", "data.batch_size=5"])
     ds = build_ds_config(cfg, 4, precision, torch.device("cuda"))
     assert ds["zero_optimization"]["stage"] == stage
-    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (5, 3, 60)
+    assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"],
+            ds["train_batch_size"]) == (5, 3, 60)
     assert ds["gradient_clipping"] == 1.5
     assert ds["bf16"]["enabled"] == (precision == "bf16") and ds["fp16"]["enabled"] == (precision == "fp16")
     if precision == "fp16":
@@ -116,11 +121,13 @@ def test_method_override_without_config_starts_from_that_methods_tiny_recipe():
         assert default_recipe(["engine.steps=3", f"method={m}"]) == f"{m}_tiny"
         cfg = load_config(default_recipe([f"method={m}"]), [f"method={m}"])
         assert cfg.method == m
-    assert default_recipe(["method=unknown"]) == DEFAULT_RECIPE  # then the method name fails where it is built
+    # then the method name fails where it is built
+    assert default_recipe(["method=unknown"]) == DEFAULT_RECIPE
 
 
 def test_unknown_optimizer_is_a_config_error():
-    with pytest.raises(ConfigError, match=r"engine.optimizer must be adamw\|apex_fused_adam\|sgd\|lars, got 'adam'"):
+    with pytest.raises(ConfigError,
+                       match=r"engine.optimizer must be adamw\|apex_fused_adam\|sgd\|lars, got 'adam'"):
         load_config("mae_tiny", ["engine.optimizer=adam"])
     assert load_config("mae_tiny", ["engine.optimizer=sgd"]).engine.optimizer == "sgd"
 

@@ -19,8 +19,10 @@ from fastmask.data.embedded import write_image_folder
 from fastmask.data.files import CorruptImageError, list_image_files
 from fastmask.engine.config import DataConfig
 
-HAVE_DALI = importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
-needs_dali = pytest.mark.skipif(not HAVE_DALI, reason="nvidia.dali is not importable (pip install fastmask[dali])")
+HAVE_DALI = importlib.util.find_spec("nvidia") is not None \
+    and importlib.util.find_spec("nvidia.dali") is not None
+needs_dali = pytest.mark.skipif(not HAVE_DALI,
+                                reason="nvidia.dali is not importable (pip install fastmask[dali])")
 pytestmark = pytest.mark.dali
 
 MEAN = torch.tensor([0.485, 0.456, 0.406])
@@ -85,7 +87,8 @@ def test_shapes_dtype_and_normalized_range(root):
     assert (per_c.min(1).values >= lo - 1e-4).all() and (per_c.max(1).values <= hi + 1e-4).all()
     # Per-channel statistics of the normalized crops agree with those of the decoded files.
     from PIL import Image
-    pix = np.concatenate([np.asarray(Image.open(f).convert("RGB")).reshape(-1, 3) / 255.0 for f in loader.files])
+    pix = np.concatenate([np.asarray(Image.open(f).convert("RGB")).reshape(-1, 3) / 255.0
+                          for f in loader.files])
     want_mean = (torch.from_numpy(pix.mean(0)).float() - MEAN) / STD
     want_std = torch.from_numpy(pix.std(0)).float() / STD
     torch.testing.assert_close(per_c.mean(1), want_mean, atol=0.15, rtol=0)
@@ -145,8 +148,8 @@ def test_random_crops_land_where_drawn(root):
             ref = [im.resize((33, 33), Image.BICUBIC, box=box) for box in
                    ((x0, y0, x0 + w, y0 + h), (y0, x0, y0 + h, x0 + w))]  # as drawn; axes swapped
         for out, r in zip((errs, swapped), ref):
-            x = (torch.from_numpy(np.asarray(r).copy()).permute(2, 0, 1).float() / 255 - MEAN[:, None, None]) \
-                / STD[:, None, None]
+            x = (torch.from_numpy(np.asarray(r).copy()).permute(2, 0, 1).float() / 255
+                 - MEAN[:, None, None]) / STD[:, None, None]
             out.append((got[k] - (x.flip(-1) if flips[k] else x)).abs().mean().item())
     errs, swapped = np.array(errs), np.array(swapped)
     assert errs.max() < 0.03, errs  # DALI and PIL agree to ~0.005 here; a wrong window is > 0.1

@@ -1,4 +1,5 @@
-"""Loaders: the protocol, determinism and exact restart, disjoint rank shards, corrupt files, synthetic data."""
+"""Loaders: the protocol, determinism and exact restart, disjoint rank shards, corrupt files, synthetic
+data."""
 import itertools
 import warnings
 

@@ -81,7 +81,8 @@ def test_from_generator_is_reproducible():
     assert mix64(1, 2) != mix64(2, 1) and mix64(1, 2) == mix64(1, 2)
 
 
-@pytest.mark.parametrize("name,kw", [("random", {}), ("block", {"min_num_patches": 4}), ("multi", {"num_masks": 2})])
+@pytest.mark.parametrize("name,kw", [("random", {}), ("block", {"min_num_patches": 4}),
+                                     ("multi", {"num_masks": 2})])
 def test_masks_are_the_same_whatever_the_batch_split(name, kw):
     masker = build_masker(name, mask_ratio=0.75 if name != "multi" else 0.5, **kw)
     keys = torch.arange(1000, 1012, dtype=torch.int64)

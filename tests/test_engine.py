@@ -34,7 +34,8 @@ def test_run_logs_checkpoints_and_learns(tmp_path):
     rows = _metrics(out)
     assert [r["step"] for r in rows] == [2, 4, 6, 8, 10, 12, 14, 16]
     for r in rows:
-        assert {"step", "epoch", "loss", "lr", "imgs_per_s", "mem_gb", "tflops", "hidden", "skipped"} <= set(r)
+        assert {"step", "epoch", "loss", "lr", "imgs_per_s", "mem_gb", "tflops", "hidden",
+                "skipped"} <= set(r)
         assert r["imgs_per_s"] > 0 and r["hidden"] == pytest.approx(0.5, abs=0.1)
         assert r["lr"] == pytest.approx(lr_at(r["step"] - 1, 16, 0.003, 2, 0.0))
     assert rows[-1]["loss"] < 0.8 * rows[0]["loss"]
@@ -56,8 +57,8 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, overrides):
     # noise=0.1: the method draws from torch's global RNG, so the RNG states must be restored too.
     make = tiny_factory(noise=0.1)
     full = pretrain(tiny_config(*overrides, steps=8), out=tmp_path / "a", method_factory=make, progress=False)
-    half = pretrain(tiny_config(*overrides, "engine.stop_at=4", steps=8), out=tmp_path / "b", method_factory=make,
-                    progress=False)
+    half = pretrain(tiny_config(*overrides, "engine.stop_at=4", steps=8), out=tmp_path / "b",
+                    method_factory=make, progress=False)
     assert half.step == 4 and ckpt.latest_tag(tmp_path / "b") == "step_00000004"
     rest = pretrain(tiny_config(*overrides, steps=8), out=tmp_path / "b", method_factory=make, progress=False)
     assert rest.resumed_from == 4 and rest.step == 8
@@ -158,7 +159,8 @@ def test_activation_checkpointing_and_bf16_on_cpu():
         return made[-1]
 
     result = pretrain(tiny_config("engine.activation_checkpointing=true", "engine.precision=bf16",
-                                  "engine.zero_stage=1", steps=3), out=None, method_factory=make, progress=False)
+                                  "engine.zero_stage=1", steps=3), out=None, method_factory=make,
+                      progress=False)
     assert made[0].grad_checkpointing is True and made[0].steps_seen == 3
     assert next(made[0].parameters()).dtype == torch.bfloat16
     assert all(torch.isfinite(torch.tensor(loss)) for _, loss in result.losses)

@@ -4,7 +4,8 @@ import torch
 
 from fastmask.engine import checkpoint as ckpt
 from fastmask.engine.config import load_config
-from fastmask.engine.export import consolidated_state_dict, encoder_state_dict, export_encoder, load_pretrained
+from fastmask.engine.export import (consolidated_state_dict, encoder_state_dict, export_encoder,
+                                    load_pretrained)
 from fastmask.engine.trainer import pretrain
 from fastmask.methods import build_method
 
@@ -36,7 +37,8 @@ def test_export_encoder_from_a_run_loads_into_timm(mae_runs, tmp_path):
     root = mae_runs[0]
     path = export_encoder(root / "full", tmp_path / "encoder.pth")
     state = torch.load(path, weights_only=True)
-    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, global_pool="token", img_size=32)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=0, global_pool="token",
+                              img_size=32)
     model.load_state_dict(state, strict=True)
     # The same features as the trained method's encoder (fp32 master weights of the ZeRO-1 run).
     method = build_method(load_config(str(root / "full" / "config.yaml")))

@@ -18,7 +18,8 @@ from fastmask.eval.load import CheckpointError, load_encoder, read_state_dict, r
 def test_knn_weighted_vote_by_hand():
     # Train points on the unit circle; the test point at angle 0.
     ang = torch.tensor([0.1, 0.2, 1.4, 1.5, 1.6])
-    train = torch.stack([ang.cos(), ang.sin()], 1) * torch.tensor([[3.0], [0.5], [2.0], [1.0], [7.0]])  # norms vary
+    # norms vary
+    train = torch.stack([ang.cos(), ang.sin()], 1) * torch.tensor([[3.0], [0.5], [2.0], [1.0], [7.0]])
     labels = torch.tensor([0, 0, 1, 1, 1])
     test = torch.tensor([[1.0, 0.0]])
     # k = 5: class 1 has three votes, but each weighs exp(cos/T) with cos ~ 0.17, 0.07, -0.03 against
@@ -134,12 +135,15 @@ def test_eval_of_engine_run_folder(tmp_path):
     assert main(["pretrain", "--config", "mae_tiny", "--steps", "24", "--out", str(run), "data.img_size=32",
                  "engine.checkpoint_every=0", "engine.log_every=8"]) == 0
     out = tmp_path / "eval.json"
-    assert main(["eval", "--checkpoint", str(run), "--data", "digits", "--probe-epochs", "20", "--out", str(out)]) == 0
+    assert main(["eval", "--checkpoint", str(run), "--data", "digits", "--probe-epochs", "20", "--out",
+                 str(out)]) == 0
     r = json.loads(out.read_text())
-    assert r["model"] == "vit_tiny_patch16" and r["img_size"] == 32 and r["data"].startswith("embedded digits")
+    assert r["model"] == "vit_tiny_patch16" and r["img_size"] == 32 \
+        and r["data"].startswith("embedded digits")
     enc, _ = load_encoder(run)
     state = consolidated_state_dict(run)
-    torch.testing.assert_close(enc.state_dict()["blocks.0.attn.qkv.weight"], state["blocks.0.attn.qkv.weight"])
+    torch.testing.assert_close(enc.state_dict()["blocks.0.attn.qkv.weight"],
+                               state["blocks.0.attn.qkv.weight"])
     from fastmask.eval.cli import load_labeled
 
     xtr, ytr, xte, yte, _, _ = load_labeled("digits", 0.2)
@@ -147,7 +151,8 @@ def test_eval_of_engine_run_folder(tmp_path):
     ytr, yte = torch.as_tensor(ytr), torch.as_tensor(yte)
     assert r["knn_top1"] == knn_accuracy(ftr, ytr, fte, yte, k=20, temperature=0.07, num_classes=10)
     assert r["linear_top1"] == linear_probe_accuracy(ftr, ytr, fte, yte, 10, ProbeArgs(epochs=20))
-    assert main(["visualize", "--checkpoint", str(run), "--images", "2", "--out", str(tmp_path / "g.png")]) == 0
+    assert main(["visualize", "--checkpoint", str(run), "--images", "2", "--out",
+                 str(tmp_path / "g.png")]) == 0
 
 
 def test_load_encoder_errors_and_encoder_only_files(tmp_path):
@@ -176,7 +181,8 @@ def test_load_encoder_errors_and_encoder_only_files(tmp_path):
         torch.testing.assert_close(loaded.forward_features(x), enc.eval().forward_features(x))
     # Weights that do not fit the config say so.
     torch.save(create_model("vit_small_patch16", img_size=32).state_dict(), folder / "encoder.pth")
-    with pytest.raises(CheckpointError, match=r"do not fit.*shape mismatches .*cls_token: \(1, 1, 384\) vs \(1, 1, 192\)"):
+    with pytest.raises(CheckpointError,
+                       match=r"do not fit.*shape mismatches .*cls_token: \(1, 1, 384\) vs \(1, 1, 192\)"):
         load_encoder(folder)
 
 
@@ -246,10 +252,12 @@ def bad_inputs(tmp_path_factory):
     (["visualize", "--random-init", "--set", "method=nope", "--out", "{d}/g.png"], "unknown method 'nope'"),
     (["visualize", "--random-init", "--set", "model=vit_nope", "--out", "{d}/g.png"], "unknown ViT model"),
     (["eval", "--random-init", "--data", "{d}/missing"], "--data {d}/missing is not a folder"),
-    (["eval", "--random-init", "--k", "0", "--test-fraction", "1"], "--k must be >= 1, got 0; --test-fraction"),
+    (["eval", "--random-init", "--k", "0", "--test-fraction", "1"],
+     "--k must be >= 1, got 0; --test-fraction"),
     (["eval", "--random-init", "--out", "{d}/file/r.json"], "is a file, not a folder"),
     (["visualize", "--random-init", "--out", "{d}/empty"], "is a folder"),
-    (["visualize", "--random-init", "--images", "0", "--out", "{d}/g.png"], "--images and --scale must be >= 1"),
+    (["visualize", "--random-init", "--images", "0", "--out", "{d}/g.png"],
+     "--images and --scale must be >= 1"),
     (["eval", "--random-init", "--device", "tpu:x"], "is not a device"),
 ])
 def test_eval_and_visualize_input_errors_are_one_line(argv, needle, bad_inputs, capsys):
@@ -272,7 +280,8 @@ def test_eval_prints_the_random_init_baseline_beside_every_result(tmp_path, caps
     from fastmask.models import create_model
 
     root = write_image_folder(tmp_path / "digits", labeled=True, count=100)
-    common = ["--data", str(root), "--data-size", "32", "--k", "5", "--probe-epochs", "3", "--batch-size", "50"]
+    common = ["--data", str(root), "--data-size", "32", "--k", "5", "--probe-epochs", "3", "--batch-size",
+              "50"]
     assert main(["eval", "--random-init", *sum((["--set", o] for o in TINY_OVERRIDES), []), *common,
                  "--out", str(tmp_path / "r0.json")]) == 0
     r0 = json.loads((tmp_path / "r0.json").read_text())

@@ -34,7 +34,8 @@ def poison(monkeypatch):
 
 @pytest.mark.parametrize("device", _devices())
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("shape,with_residual", [((7, 48), True), ((1, 80), False), ((2, 5, 33), True), ((3, 1, 192), False)])
+@pytest.mark.parametrize("shape,with_residual", [((7, 48), True), ((1, 80), False), ((2, 5, 33), True),
+                                                 ((3, 1, 192), False)])
 def test_add_layer_norm_matches_reference(device, dtype, shape, with_residual):
     g = torch.Generator().manual_seed(hash((shape, with_residual)) % 1000)
     mk = lambda *s: torch.randn(*s, generator=g).to(device=device, dtype=dtype).requires_grad_()
@@ -168,7 +169,8 @@ def test_named_backend_that_cannot_run_says_why():
     with pytest.raises(backends.BackendUnavailable, match="bias_gelu: backend 'triton'.*dtype torch.float64"):
         bias_gelu(x, torch.zeros(8, dtype=torch.float64), backend="triton")
     # auto never fails: it falls back to the reference
-    torch.testing.assert_close(bias_gelu(x, torch.zeros(8, dtype=torch.float64)), bias_gelu_reference(x, torch.zeros(8, dtype=torch.float64)))
+    torch.testing.assert_close(bias_gelu(x, torch.zeros(8, dtype=torch.float64)),
+                               bias_gelu_reference(x, torch.zeros(8, dtype=torch.float64)))
 
 
 def test_bad_shapes_are_clear_errors():

@@ -42,8 +42,10 @@ def test_dry_run_passes_every_stage_and_writes_the_schema(tmp_path):
     assert set(corr["counts"]) <= {"ok", "declined"} and corr["counts"]["ok"] >= 40, corr["counts"]
     ops_seen = {(r["op"], r["impl"]) for r in corr["records"] if r["status"] == "ok"}
     assert {("attention", "sdpa:math"), ("patch_scatter", "torch"), ("bias_gelu", "torch")} <= ops_seen
-    assert len(corr["adversarial_lse"]) >= 3 and all(r["nan_inf_total"] in (0, None) for r in corr["adversarial_lse"])
-    strided = next(r for r in corr["records"] if r["part"].startswith("encoder (strided") and r["impl"] == "torch")
+    assert len(corr["adversarial_lse"]) >= 3 and all(r["nan_inf_total"] in (0, None)
+                                                     for r in corr["adversarial_lse"])
+    strided = next(r for r in corr["records"]
+                   if r["part"].startswith("encoder (strided") and r["impl"] == "torch")
     assert strided["grads"]["q"]["ok"] and strided["outputs"][0]["max_abs_err"] < 1e-4
 
     ops_rows = [r for r in data["stages"]["ops"]["result"]["rows"] if "ms" in r]
@@ -57,7 +59,8 @@ def test_dry_run_passes_every_stage_and_writes_the_schema(tmp_path):
     assert "WITHOUT DeepSpeed" in paths["fastmask"]["what"] and "NOT compiled" in paths["strong"]["what"]
     assert "speedup_fastmask_vs_strong_per_round_median" in step["side_by_side"]["ratios"]
     prof = step["profile"]
-    assert 1 <= len(prof["top"]) <= 20 and 0 <= prof["copy_cast_share"] <= 1 and prof["gpu_idle_share"] is None
+    assert 1 <= len(prof["top"]) <= 20 and 0 <= prof["copy_cast_share"] <= 1 \
+        and prof["gpu_idle_share"] is None
     summary = (tmp_path / "summary.md").read_text()
     assert "## Correctness" in summary and "## Ops" in summary and "## Step" in summary
 
@@ -76,7 +79,8 @@ def test_a_failing_stage_is_recorded_and_the_json_is_on_disk_while_a_stage_runs(
     suite.run("second", lambda: {"x": 1}, log=lambda s: None)
     data = json.loads(suite.path.read_text())
     assert seen["during"] == "running"
-    assert data["stages"]["first"]["status"] == "failed" and "ValueError: boom" in data["stages"]["first"]["error"]
+    assert data["stages"]["first"]["status"] == "failed" \
+        and "ValueError: boom" in data["stages"]["first"]["error"]
     assert data["stages"]["second"] == {**data["stages"]["second"], "status": "ok", "result": {"x": 1}}
     assert not list(tmp_path.glob("*.tmp"))  # written atomically: no half-written file left behind
 
@@ -90,7 +94,8 @@ ptxas info    : Used 40 registers, used 0 barriers, 384 bytes cmem[0]
 ptxas info    : Compiling entry function '_Z4lossPf' for 'sm_90'
 ptxas info    : Used 96 registers, used 1 barriers"""
     assert gs.ptxas_table(log) == [
-        {"kernel": "_Z13gather_kernelPKfPf", "arch": "sm_90", "spill_stores": 8, "spill_loads": 12, "registers": 40},
+        {"kernel": "_Z13gather_kernelPKfPf", "arch": "sm_90", "spill_stores": 8, "spill_loads": 12,
+         "registers": 40},
         {"kernel": "_Z4lossPf", "arch": "sm_90", "registers": 96}]
     rows = [dict(op="a", model="m", impl="torch", pass_="fwd", ms=2.0, **{"GB/s": 100.0}),
             dict(op="a", model="m", impl="triton", pass_="fwd", ms=1.0, **{"GB/s": 200.0}),

@@ -28,7 +28,8 @@ def checks_off(monkeypatch):
 
 @pytest.mark.skipif("cpu" not in tb._DEVICES, reason="triton on CPU needs TRITON_INTERPRET=1")
 def test_broken_permutation_leaves_gradient_rows_unwritten(checks_off, monkeypatch):
-    """Why the contract matters: token 1 is never named, so its gradient row is never written (NaN-poisoned)."""
+    """Why the contract matters: token 1 is never named, so its gradient row is never written
+    (NaN-poisoned)."""
     monkeypatch.setenv("FASTMASK_POISON_OUTPUTS", "1")
     tokens = torch.randn(1, 2, 8, requires_grad=True)
     out = ops.patch_scatter(tokens, torch.tensor([[0, 0, 2, 3]]), torch.randn(8), backend="triton")

@@ -1,7 +1,8 @@
 """Loss parity: `fastmask pretrain`'s default DeepSpeed step against the independent official MAE step.
 
 fastmask runs `pretrain()` itself (the DeepSpeed engine, ZeRO-0, fp32, CPU, backend auto, fused AdamW,
-warmup + cosine lr) on a tiny MAE (ViT-Tiny widths cut to 2 encoder blocks, 64 px: 16 patches, 4 visible; decoder 1 block)
+warmup + cosine lr) on a tiny MAE (ViT-Tiny widths cut to 2 encoder blocks, 64 px: 16 patches, 4 visible;
+decoder 1 block)
 over the embedded photo set. A recorder around the method keeps each step's images, masks and loss.
 The official step (`fastmask.bench.baseline_official`: its own model code, eager attention, loss on
 all patches then masked, torch's default AdamW, the official lr schedule written from
@@ -86,14 +87,16 @@ def runs():
 
         mae = build_method(cfg)
         torch.manual_seed(123)  # a different init on purpose: the state dict must replace all of it
-        official = OfficialMAE(img_size=64, patch_size=mae.patch_size, embed_dim=mae.embed_dim, depth=ENCODER_DEPTH,
-                               num_heads=mae.blocks[0].attn.num_heads, decoder_embed_dim=mae.decoder_embed_dim,
+        official = OfficialMAE(img_size=64, patch_size=mae.patch_size, embed_dim=mae.embed_dim,
+                               depth=ENCODER_DEPTH, num_heads=mae.blocks[0].attn.num_heads,
+                               decoder_embed_dim=mae.decoder_embed_dim,
                                decoder_depth=1, decoder_num_heads=mae.decoder_blocks[0].attn.num_heads)
         official.load_state_dict(made["initial"], strict=True)
         e = cfg.engine
-        step = make_official_step(official, torch.float32, cfg.mask_ratio, lr=e.lr, weight_decay=e.weight_decay,
-                                  betas=tuple(e.betas),
-                                  lr_schedule=lambda it: official_lr(it, STEPS, e.lr, e.warmup_steps, e.min_lr))
+        step = make_official_step(official, torch.float32, cfg.mask_ratio, lr=e.lr,
+                                  weight_decay=e.weight_decay, betas=tuple(e.betas),
+                                  lr_schedule=lambda it: official_lr(it, STEPS, e.lr, e.warmup_steps,
+                                                                     e.min_lr))
         # ids_restore[i] is patch i's place in the shuffle: argsorting it gives back the recorded shuffle
         # (ids_keep first, in its order), so the official random_masking keeps exactly these patches.
         theirs = [step(imgs, noise=m.ids_restore.float()) for imgs, m in zip(rec.imgs, rec.masks)]
@@ -121,11 +124,11 @@ def test_golden_losses_pin_the_checked_run(runs):
         test_engine_step_matches_official_mae_for_50_steps(runs)  # only numbers the parity check passed
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
         GOLDEN.write_text(json.dumps({
-            "what": "first per-step losses of the run tests/test_loss_parity.py checks against the official MAE "
-                    "step (fastmask pretrain, DeepSpeed ZeRO-0, fp32, CPU, one thread); regenerate with "
+            "what": "first per-step losses of the run tests/test_loss_parity.py checks against the official "
+                    "MAE step (fastmask pretrain, DeepSpeed ZeRO-0, fp32, CPU, one thread); regenerate with "
                     "FASTMASK_REGEN_GOLDEN=1 pytest tests/test_loss_parity.py",
-            "recipe": "mae_tiny", "overrides": OVERRIDES, "encoder_depth": ENCODER_DEPTH, "steps": GOLDEN_STEPS,
-            "torch": torch.__version__, "losses": ours}, indent=2) + "\n")
+            "recipe": "mae_tiny", "overrides": OVERRIDES, "encoder_depth": ENCODER_DEPTH,
+            "steps": GOLDEN_STEPS, "torch": torch.__version__, "losses": ours}, indent=2) + "\n")
     golden = json.loads(GOLDEN.read_text())
     assert golden["overrides"] == OVERRIDES and golden["encoder_depth"] == ENCODER_DEPTH
     torch.testing.assert_close(torch.tensor(ours, dtype=torch.float64),

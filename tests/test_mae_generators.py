@@ -33,8 +33,8 @@ def test_attention_masks_hide_the_encoders_lowest_attention_patches():
     from fastmask.models.attention_probe import forward_with_cls_attention
 
     torch.manual_seed(0)
-    mae = MAE(model="vit_tiny_patch16", img_size=64, mask_ratio=0.75, masking="attention", decoder_embed_dim=32,
-              decoder_depth=1, decoder_num_heads=2, backend="torch")
+    mae = MAE(model="vit_tiny_patch16", img_size=64, mask_ratio=0.75, masking="attention",
+              decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=2, backend="torch")
     imgs = torch.randn(2, 3, 64, 64)
     seen = {}
     draw = mae.draw_masks

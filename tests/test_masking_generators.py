@@ -125,7 +125,8 @@ def test_attention_exact_with_candidates_random_within_low_set():
 def test_attention_bernoulli_mst_form():
     B, L = 64, 196
     scores = torch.rand(B, L, generator=_gen(10))
-    m = AttentionGuidedMasking(mode="bernoulli", candidate_ratio=0.5, prob=0.3)(B, L, generator=_gen(11), scores=scores)
+    m = AttentionGuidedMasking(mode="bernoulli", candidate_ratio=0.5, prob=0.3)(B, L, generator=_gen(11),
+                                                                                scores=scores)
     assert m.ids_keep is None and m.ids_restore is None
     rank = torch.argsort(torch.argsort(scores, 1), 1)
     assert m.mask[rank >= 98].sum() == 0

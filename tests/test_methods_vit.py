@@ -72,13 +72,15 @@ def _train(method, data, steps=STEPS, lr=1e-3, seed=0):
 def _assert_learns(losses, std, dim, drop=0.05):
     first, last = sum(losses[:4]) / 4, sum(losses[-4:]) / 4
     assert last < first * (1 - drop), f"loss did not fall: first {first:.4f} last {last:.4f} ({losses})"
-    assert std > 0.35 / dim ** 0.5, f"embeddings collapsed: per-dim std {std:.5f} (x sqrt(D) = {std * dim ** 0.5:.3f})"
+    assert std > 0.35 / dim ** 0.5, \
+        f"embeddings collapsed: per-dim std {std:.5f} (x sqrt(D) = {std * dim ** 0.5:.3f})"
 
 
 @pytest.mark.slow
 def test_extrema_learns_without_collapse(data):
     m = get_method("extrema")(model=MICRO, img_size=IMG, mask_ratio=0.75, masking="multi", num_masks=4,
-                              proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256, momentum=0.99, drop_path_rate=0.0)
+                              proj_hidden_dim=256, proj_dim=64, pred_hidden_dim=256, momentum=0.99,
+                              drop_path_rate=0.0)
     losses, metrics, std = _train(m, data)
     _assert_learns(losses, std, DIM)
     assert metrics[0]["visible_ratio"] == pytest.approx(0.25)
@@ -87,13 +89,14 @@ def test_extrema_learns_without_collapse(data):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kw", [dict(similarity="infonce", target="stopgrad", level="token", negatives="batch"),
+@pytest.mark.parametrize("kw", [dict(similarity="infonce", target="stopgrad", level="token",
+                                     negatives="batch"),
                                 dict(similarity="infonce", target="ema", level="image", masking="block"),
                                 dict(similarity="pixel", masking="attention"),
                                 dict(similarity="infonce", target="shared", negatives="image"),
                                 dict(similarity="rmae", target="stopgrad")],
-                         ids=["cmae-token-stopgrad", "cmae-image-ema-block", "pixel-attention", "cmae-shared-image-neg",
-                              "rmae-stopgrad"])
+                         ids=["cmae-token-stopgrad", "cmae-image-ema-block", "pixel-attention",
+                              "cmae-shared-image-neg", "rmae-stopgrad"])
 def test_relaxmim_learns_without_collapse(data, kw):
     kw = dict(kw)
     masking = kw.pop("masking", "random")
@@ -142,7 +145,8 @@ def test_mst_learns_without_collapse(data):
 
 _SMALL = {
     "extrema": dict(num_masks=3, proj_hidden_dim=32, proj_dim=16, pred_hidden_dim=32, drop_path_rate=0.0),
-    "relaxmim": dict(proj_hidden_dim=32, proj_dim=16, decoder_embed_dim=32, decoder_depth=1, decoder_num_heads=4),
+    "relaxmim": dict(proj_hidden_dim=32, proj_dim=16, decoder_embed_dim=32, decoder_depth=1,
+                     decoder_num_heads=4),
     "mst": dict(out_dim=32, head_hidden_dim=32, bottleneck_dim=8, decoder_width=8, drop_path_rate=0.0,
                 local_crops_number=2, local_crop_size=16, freeze_last_layer=0),
 }
@@ -167,8 +171,8 @@ def test_method_pairs_with_generator(name, masking):
 @pytest.mark.parametrize("name", ["extrema", "relaxmim", "mst"])
 def test_method_state_roundtrip_resumes_draws(name):
     masking = {"extrema": "multi", "relaxmim": "random", "mst": "attention"}[name]
-    make = lambda seed: get_method(name)(model=MICRO, img_size=IMG, mask_ratio=0.75, masking=masking, seed=seed,
-                                         **_SMALL[name])
+    make = lambda seed: get_method(name)(model=MICRO, img_size=IMG, mask_ratio=0.75, masking=masking,
+                                         seed=seed, **_SMALL[name])
     x = torch.randn(4, 3, IMG, IMG)
     a = make(0)
     a(x)

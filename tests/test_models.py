@@ -61,7 +61,8 @@ def test_every_registered_model_builds(name):
 
 
 def test_registered_sizes_at_224_match_mae():
-    expected = {"vit_base_patch16": 85_798_656, "vit_large_patch16": 303_301_632, "vit_huge_patch14": 630_764_800}
+    expected = {"vit_base_patch16": 85_798_656, "vit_large_patch16": 303_301_632,
+                "vit_huge_patch14": 630_764_800}
     for name, count in expected.items():
         with torch.device("meta"):
             model = create_model(name)
@@ -202,7 +203,8 @@ def official_mae_shapes(D, depth, Dd, ddepth, p, L, C=3, mlp_ratio=4):
     for i in range(depth):
         shapes.update(block(f"blocks.{i}", D))
     shapes.update({"norm.weight": (D,), "norm.bias": (D,), "mask_token": (1, 1, Dd),
-                   "decoder_pos_embed": (1, L + 1, Dd), "decoder_embed.weight": (Dd, D), "decoder_embed.bias": (Dd,)})
+                   "decoder_pos_embed": (1, L + 1, Dd), "decoder_embed.weight": (Dd, D),
+                   "decoder_embed.bias": (Dd,)})
     for i in range(ddepth):
         shapes.update(block(f"decoder_blocks.{i}", Dd))
     shapes.update({"decoder_norm.weight": (Dd,), "decoder_norm.bias": (Dd,),
@@ -212,7 +214,8 @@ def official_mae_shapes(D, depth, Dd, ddepth, p, L, C=3, mlp_ratio=4):
 
 def _official_state_dict(seed=0):
     g = _gen(seed)
-    return {k: torch.randn(*s, generator=g) * 0.05 for k, s in official_mae_shapes(192, 12, 64, 2, 16, 4).items()}
+    return {k: torch.randn(*s, generator=g) * 0.05
+            for k, s in official_mae_shapes(192, 12, 64, 2, 16, 4).items()}
 
 
 def test_official_mae_layout_at_full_size():
@@ -263,7 +266,8 @@ class _OfficialMAE(torch.nn.Module):
         self.patch_embed = PatchEmbed(img, p, 3, D)
         self.cls_token = torch.nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = torch.nn.Parameter(torch.zeros(sd["pos_embed"].shape))
-        self.blocks = torch.nn.ModuleList([Block(D, heads, 4.0, qkv_bias=True, norm_layer=norm) for _ in range(depth)])
+        self.blocks = torch.nn.ModuleList([Block(D, heads, 4.0, qkv_bias=True, norm_layer=norm)
+                                           for _ in range(depth)])
         self.norm = norm(D)
         self.decoder_embed = torch.nn.Linear(D, Dd)
         self.mask_token = torch.nn.Parameter(torch.zeros(1, 1, Dd))
@@ -349,7 +353,8 @@ def test_vit_base_state_dict_loads_into_timm():
     theirs.load_state_dict(ours.state_dict(), strict=True)
     imgs = torch.randn(1, 3, 224, 224, generator=_gen(4))
     with torch.no_grad():
-        torch.testing.assert_close(ours.forward_features(imgs), theirs.forward_features(imgs), atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(ours.forward_features(imgs), theirs.forward_features(imgs), atol=1e-4,
+                                   rtol=1e-4)
 
 
 def test_mae_encoder_view_loads_into_timm_and_shares_weights():
@@ -362,13 +367,15 @@ def test_mae_encoder_view_loads_into_timm_and_shares_weights():
     theirs.load_state_dict(enc.state_dict(), strict=True)
     imgs = _imgs(2, seed=9)
     with torch.no_grad():
-        torch.testing.assert_close(enc.forward_features(imgs), theirs.forward_features(imgs), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(enc.forward_features(imgs), theirs.forward_features(imgs), atol=1e-5,
+                                   rtol=1e-5)
 
 
 def test_standalone_decoder_matches_model_decoder():
     mae = MaskedAutoencoderViT.from_name("vit_tiny_patch16", img_size=32, **TINY_DEC).eval()
     dec = MAEDecoder((2, 2), 16, 3, 192, **TINY_DEC).eval()
-    dec.load_state_dict({k: v for k, v in mae.state_dict().items() if k.startswith(("decoder", "mask_token"))},
+    dec.load_state_dict({k: v for k, v in mae.state_dict().items()
+                         if k.startswith(("decoder", "mask_token"))},
                         strict=True)
     latent = torch.randn(2, 2, 192, generator=_gen(8))
     ids_restore = torch.tensor([[2, 0, 3, 1], [0, 3, 2, 1]])
@@ -377,7 +384,8 @@ def test_standalone_decoder_matches_model_decoder():
 
 
 # ------------------------------------------------------------------ masking
-@pytest.mark.parametrize("B,grid,ratio", [(1, (14, 14), 0.75), (5, (14, 14), 0.9), (3, (3, 5), 0.5), (4, 7, 0.3)])
+@pytest.mark.parametrize("B,grid,ratio", [(1, (14, 14), 0.75), (5, (14, 14), 0.9), (3, (3, 5), 0.5),
+                                          (4, 7, 0.3)])
 def test_random_masking_keeps_the_ratio_exactly(B, grid, ratio):
     L = grid if isinstance(grid, int) else grid[0] * grid[1]
     K = int(L * (1 - ratio))
@@ -500,8 +508,9 @@ def test_mae_recipes_use_the_official_decay_groups(recipe):
     cfg = load_config(recipe)
     assert cfg.method_args["decay_tokens"] is True
     # the recipe's method_args on a ViT-Tiny at 32 px: the groups' rule does not depend on the size
-    mae = build_method(load_config(recipe, ["model=vit_tiny_patch16", "data.img_size=32", "method_args.decoder_depth=1",
-                                            "method_args.decoder_embed_dim=32", "method_args.decoder_num_heads=2"]))
+    mae = build_method(load_config(recipe, ["model=vit_tiny_patch16", "data.img_size=32",
+                                            "method_args.decoder_depth=1", "method_args.decoder_embed_dim=32",
+                                            "method_args.decoder_num_heads=2"]))
     names = {id(p): n for n, p in mae.named_parameters()}
     ours = [{names[id(p)] for p in g["params"]} for g in mae.param_groups(0.05)]
     official = [set(), set()]
@@ -539,7 +548,8 @@ def test_mae_bf16_target_comes_from_fp32_pixels(mode):
 
     torch.testing.assert_close(loss, expected(imgs), atol=1e-5, rtol=1e-5)
     # the same check against the target from the bf16-rounded pixels fails by far
-    assert abs(loss - expected(imgs.to(torch.bfloat16))) > 1e-4, float(loss - expected(imgs.to(torch.bfloat16)))
+    assert abs(loss - expected(imgs.to(torch.bfloat16))) > 1e-4, \
+        float(loss - expected(imgs.to(torch.bfloat16)))
 
 
 def test_engine_hands_mae_fp32_images_under_bf16():

@@ -70,7 +70,8 @@ def test_two_rank_stop_and_resume_is_exact(runs, stage):
     full = _losses(runs / f"z{stage}_full.json")
     first = json.loads((runs / f"z{stage}.json").read_text())
     assert first["resumed_from"] == STEPS // 2
-    resumed = [json.loads(line)["loss"] for line in (runs / f"z{stage}" / "metrics.jsonl").read_text().splitlines()]
+    resumed = [json.loads(line)["loss"]
+               for line in (runs / f"z{stage}" / "metrics.jsonl").read_text().splitlines()]
     assert resumed == full
 
 

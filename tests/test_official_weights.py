@@ -52,7 +52,8 @@ def test_encoder_only_file_initializes_every_encoder_and_names_the_fresh_part(en
     state = official_encoder_state()
     assert set(state) == set(create_model("vit_tiny_patch16", img_size=32).state_dict())  # official names
     mae = _method()
-    decoder_before = {k: v.clone() for k, v in mae.state_dict().items() if k not in state and torch.is_tensor(v)}
+    decoder_before = {k: v.clone() for k, v in mae.state_dict().items()
+                      if k not in state and torch.is_tensor(v)}
     lines: list[str] = []
     fresh = load_pretrained(mae, encoder_file, log=lines.append)
     after = mae.state_dict()

@@ -16,7 +16,8 @@ from fastmask.optim import OptimizerSettings, SideOptimizer, build_optimizer
 
 def _params(seed=0, dtype=torch.float32):
     g = torch.Generator().manual_seed(seed)
-    return [nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in ((6, 5), (3, 2, 2), (5,), (4,))]  # group order
+    # group order
+    return [nn.Parameter(torch.randn(*s, generator=g).to(dtype)) for s in ((6, 5), (3, 2, 2), (5,), (4,))]
 
 
 def _groups(params, wd=0.1):
@@ -31,7 +32,8 @@ def _grads(seed, params):
 
 def test_lars_is_solo_learns_lars_wrapper_over_sgd():
     """build_optimizer('lars') with 1-D tensors in a weight-decay-0 group equals solo-learn's LARSWrapper(SGD
-    momentum 0.9, eta, clip=True, exclude_bias_n_norm=True) written out by hand, over steps with changing lr."""
+    momentum 0.9, eta, clip=True, exclude_bias_n_norm=True) written out by hand, over steps with changing
+    lr."""
     pytest.importorskip("timm")
     ours, ref = _params(), _params()
     opt = build_optimizer("lars", _groups(ours), 0.5, OptimizerSettings(momentum=0.9, lars_eta=0.02))
@@ -61,7 +63,8 @@ def test_optimizer_names_and_their_errors(monkeypatch):
     assert type(build_optimizer("sgd", _groups(params), 0.1)).__name__ == "SGD"
     assert build_optimizer("sgd", _groups(params), 0.1).defaults["momentum"] == 0.9
     assert type(build_optimizer("adamw", _groups(params), 0.1)).__name__ == "AdamW"
-    with pytest.raises(ValueError, match="optimizer must be one of adamw|apex_fused_adam|sgd|lars, got 'adam'"):
+    with pytest.raises(ValueError,
+                       match="optimizer must be one of adamw|apex_fused_adam|sgd|lars, got 'adam'"):
         build_optimizer("adam", _groups(params), 0.1)
     with pytest.raises(ValueError, match="needs a CUDA device"):
         build_optimizer("apex_fused_adam", _groups(params), 0.1)
@@ -124,7 +127,8 @@ def test_side_optimizer_steps_scaled_lr_and_clears_grads():
 def test_side_optimizer_bf16_masters_and_exact_resume():
     """bf16 parameters (as DeepSpeed's bf16 mode casts the whole module) are stepped through fp32 masters:
     the trajectory is the fp32 one, rounded; the state (optimizer + masters) round-trips through
-    get/set_extra_state, so a resumed optimizer continues exactly; weights written from outside are adopted."""
+    get/set_extra_state, so a resumed optimizer continues exactly; weights written from outside are
+    adopted."""
     f32, b16 = _params(), _params(dtype=torch.bfloat16)
     with torch.no_grad():
         for a, b in zip(f32, b16):

@@ -63,8 +63,8 @@ class OfficialUNet(nn.Module):
     """src/utils/unet.py (GENESIS), out_chnls=-1."""
     TABLES = {4: lambda c: ([3, c, 2 * c, 2 * c], [c, 2 * c, 2 * c, 2 * c], [4 * c, 4 * c, 4 * c, 2 * c],
                             [2 * c, 2 * c, c, c]),
-              5: lambda c: ([3, c, c, 2 * c, 2 * c], [c, c, 2 * c, 2 * c, 2 * c], [4 * c, 4 * c, 4 * c, 2 * c, 2 * c],
-                            [2 * c, 2 * c, c, c, c])}
+              5: lambda c: ([3, c, c, 2 * c, 2 * c], [c, c, 2 * c, 2 * c, 2 * c],
+                            [4 * c, 4 * c, 4 * c, 2 * c, 2 * c], [2 * c, 2 * c, c, c, c])}
 
     def __init__(self, num_blocks, img_size, c, norm):
         super().__init__()
@@ -72,7 +72,8 @@ class OfficialUNet(nn.Module):
 
         def block(i, o):
             if norm == "in":
-                return nn.Sequential(nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.InstanceNorm2d(o, affine=True), nn.ReLU())
+                return nn.Sequential(nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.InstanceNorm2d(o, affine=True),
+                                     nn.ReLU())
             if norm == "gn":
                 return nn.Sequential(nn.Conv2d(i, o, 3, 1, 1, bias=False), nn.GroupNorm(8, o), nn.ReLU())
             return nn.Sequential(nn.Conv2d(i, o, 3, 1, 1), nn.ReLU())
@@ -81,8 +82,8 @@ class OfficialUNet(nn.Module):
         self.up = nn.ModuleList(block(i, o) for i, o in zip(dec_in, dec_out))
         self.s = img_size // 2 ** (num_blocks - 1)
         flat = 2 * c * self.s ** 2
-        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
-                                 nn.Linear(128, flat), nn.ReLU())
+        self.mlp = nn.Sequential(nn.Flatten(), nn.Linear(flat, 128), nn.ReLU(), nn.Linear(128, 128),
+                                 nn.ReLU(), nn.Linear(128, flat), nn.ReLU())
 
     def forward(self, x):
         x_down, skip = [x], []
@@ -105,12 +106,14 @@ def official_heads(ssl, dim, hid, out, pred):
     if ssl == "simclr":
         return nn.Sequential(nn.Linear(dim, hid), nn.ReLU(), nn.Linear(hid, out)), None
     if ssl == "byol":
-        mlp = lambda i, h, o: nn.Sequential(nn.Linear(i, h), nn.BatchNorm1d(h), nn.ReLU(), nn.Linear(h, o))  # noqa: E731
+        mlp = lambda i, h, o: nn.Sequential(nn.Linear(i, h), nn.BatchNorm1d(h), nn.ReLU(),  # noqa: E731
+                                            nn.Linear(h, o))
         return mlp(dim, hid, out), mlp(out, pred, out)
     proj = nn.Sequential(nn.Linear(dim, hid, bias=False), nn.BatchNorm1d(hid), nn.ReLU(),
                          nn.Linear(hid, hid, bias=False), nn.BatchNorm1d(hid), nn.ReLU(),
                          nn.Linear(hid, out), nn.BatchNorm1d(out, affine=False))
-    predictor = nn.Sequential(nn.Linear(out, pred, bias=False), nn.BatchNorm1d(pred), nn.ReLU(), nn.Linear(pred, out))
+    predictor = nn.Sequential(nn.Linear(out, pred, bias=False), nn.BatchNorm1d(pred), nn.ReLU(),
+                              nn.Linear(pred, out))
     return proj, predictor
 
 
@@ -157,7 +160,8 @@ class Official(nn.Module):
         lin = [x for x in m.online.projector.mlp if isinstance(x, nn.Linear)]
         pred = [x for x in m.predictor.mlp if isinstance(x, nn.Linear)] if m.predictor is not None else None
         self.projector, self.predictor = official_heads(a.ssl, lin[0].in_features, lin[0].out_features,
-                                                        lin[-1].out_features, pred[0].out_features if pred else 0)
+                                                        lin[-1].out_features,
+                                                        pred[0].out_features if pred else 0)
         _copy_by_position(self.projector, m.online.projector.mlp, self.pairs, "online.projector.mlp")
         if self.predictor is not None:
             _copy_by_position(self.predictor, m.predictor.mlp, self.pairs, "predictor.mlp")
@@ -220,7 +224,8 @@ class Official(nn.Module):
             else:
                 mask_orig, mask_transformed = per_view
                 z1, z2 = proj(enc(x_orig)), proj(enc(x_transformed))
-                z1_mask, z2_mask = proj(enc(x_orig * (1 - mask_orig))), proj(enc(x_transformed * (1 - mask_transformed)))
+                z1_mask, z2_mask = proj(enc(x_orig * (1 - mask_orig))), \
+                    proj(enc(x_transformed * (1 - mask_transformed)))
                 p1, p2 = self.predictor(z1), self.predictor(z2)
                 p1_mask, p2_mask = self.predictor(z1_mask), self.predictor(z2_mask)
                 terms = [simsiam_loss_func(p1_mask, z2), simsiam_loss_func(p2_mask, z1)]
@@ -244,7 +249,8 @@ class Official(nn.Module):
             else:  # ADIOS-s: the penalty over all N slots of each occluded view
                 for mk in masks:
                     area = mk.sum([-1, -2]) / self.S ** 2
-                    similarity = similarity - sparsity(area, a.alpha_sparsity) + a.alpha_entropy * entropy(area)
+                    similarity = similarity - sparsity(area, a.alpha_sparsity) \
+                        + a.alpha_entropy * entropy(area)
         return similarity
 
 
@@ -405,7 +411,8 @@ def test_resnet_small_stem_and_per_view_batchnorm_match_the_official_code():
     assert (joint - official).norm() > 0.05 * official.norm()
 
 
-# ============================================================================ the alternating scheme through the engine
+# ============================================================================ the alternating scheme through
+# the engine
 def _engine_run(mode, steps=2):
     """ADIOS-SimSiam (ViT, BatchNorm heads) trained by the engine (DeepSpeed, fp32, LARS) for `steps`
     steps -> (the initial method, the trained method, the views of each step, the lr of each step)."""
@@ -416,10 +423,12 @@ def _engine_run(mode, steps=2):
         "method=adios", "model=vit_tiny_patch16", "masking=adversarial", "data.loader=synthetic",
         "data.img_size=32", "data.batch_size=4", "data.num_workers=0", f"engine.steps={steps}",
         "engine.warmup_steps=0", "engine.lr=0.2", "engine.optimizer=lars", "engine.weight_decay=1e-4",
-        "engine.log_every=1", "method_args.ssl=simsiam", f"method_args.mode={mode}", "method_args.num_masks=2",
+        "engine.log_every=1", "method_args.ssl=simsiam", f"method_args.mode={mode}",
+        "method_args.num_masks=2",
         "method_args.mask_fbase=8", "method_args.unet_norm=gn", "method_args.proj_hidden_dim=64",
         "method_args.proj_output_dim=32", "method_args.pred_hidden_dim=48", "method_args.mask_lr=0.5",
-        "method_args.alpha_sparsity=0.5", "method_args.alpha_entropy=0.3", "method_args.backbone_args={depth: 2}"])
+        "method_args.alpha_sparsity=0.5", "method_args.alpha_entropy=0.3",
+        "method_args.backbone_args={depth: 2}"])
     made, lrs = {}, []
 
     def factory(cfg):

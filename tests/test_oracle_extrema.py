@@ -31,7 +31,8 @@ MODEL = "test_oracle_vit_micro"
 if MODEL not in MODELS:
     @register_model(name=MODEL)
     def _micro(**kw):
-        return VisionTransformer(**{"patch_size": P, "embed_dim": D, "depth": DEPTH, "num_heads": HEADS, **kw})
+        return VisionTransformer(**{"patch_size": P, "embed_dim": D, "depth": DEPTH, "num_heads": HEADS,
+                                    **kw})
 
 
 # ---------------------------------------------------------------------------------------------- oracle
@@ -149,11 +150,13 @@ class _OracleExtreMA(nn.Module):
 
 def _oracle_name(name: str) -> str:
     """fastmask's ExtreMA parameter name -> the oracle's (official) one."""
-    for ours, theirs in (("student.encoder.vit.", "base_encoder."), ("teacher.encoder.vit.", "momentum_encoder."),
+    for ours, theirs in (("student.encoder.vit.", "base_encoder."),
+                         ("teacher.encoder.vit.", "momentum_encoder."),
                          ("student.encoder.ca_blocks.", "base_encoder.blocks_token."),
                          ("teacher.encoder.ca_blocks.", "momentum_encoder.blocks_token."),
                          ("student.projector.mlp.", "base_encoder.head."),
-                         ("teacher.projector.mlp.", "momentum_encoder.head."), ("predictor.mlp.", "predictor.")):
+                         ("teacher.projector.mlp.", "momentum_encoder.head."),
+                         ("predictor.mlp.", "predictor.")):
         if name.startswith(ours):
             return theirs + name[len(ours):]
     raise KeyError(name)
@@ -199,8 +202,8 @@ class _FixedViews:
 def _method(seed: int):
     torch.manual_seed(seed)
     m = get_method("extrema")(model=MODEL, img_size=IMG, mask_ratio=RATIO, masking="multi",
-                              num_masks=M, proj_hidden_dim=PROJ_HIDDEN, proj_dim=PROJ, pred_hidden_dim=PRED_HIDDEN,
-                              momentum=0.99, drop_path_rate=0.0, color_aug=True)
+                              num_masks=M, proj_hidden_dim=PROJ_HIDDEN, proj_dim=PROJ,
+                              pred_hidden_dim=PRED_HIDDEN, momentum=0.99, drop_path_rate=0.0, color_aug=True)
     g = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():  # every weight random and away from its init; the teacher differs from the student
         for _, t in m.named_parameters():
@@ -214,7 +217,8 @@ def test_multi_masking_is_the_disjoint_split_of_one_noise_draw():
     from fastmask.masking import build_masker
 
     keys = torch.tensor([3, 1_000_003, 77])
-    masks = build_masker("multi", mask_ratio=RATIO, num_masks=M)(B, (IMG // P, IMG // P), draws=Draws(keys, seed=5))
+    masks = build_masker("multi", mask_ratio=RATIO, num_masks=M)(B, (IMG // P, IMG // P),
+                                                                 draws=Draws(keys, seed=5))
     keep = _disjoint_keep(Draws(keys, seed=5).uniform(L))  # the same per-image noise, one row per image
     assert torch.equal(masks.ids_keep, torch.cat(keep, 0))
     torch.testing.assert_close(masks.mask, _as_masks(keep).mask)
@@ -231,7 +235,8 @@ def test_extrema_step_matches_oracle(seed):
     keep = _disjoint_keep(torch.rand(B, L, generator=g))
     m.augment = _FixedViews(x1, x2)
 
-    out = m(torch.randn(B, 3, IMG, IMG, generator=g), masks=_as_masks(keep))  # the images only reach the views
+    # the images only reach the views
+    out = m(torch.randn(B, 3, IMG, IMG, generator=g), masks=_as_masks(keep))
     out["loss"].backward()
     ref = oracle(x1, x2, keep)
     ref.backward()
@@ -240,7 +245,8 @@ def test_extrema_step_matches_oracle(seed):
 
     theirs = dict(oracle.named_parameters())
     trained = [(n, p) for n, p in m.named_parameters() if p.requires_grad]
-    assert len(trained) == sum(1 for n, p in theirs.items() if p.requires_grad and not n.startswith("momentum_"))
+    assert len(trained) == sum(1 for n, p in theirs.items()
+                               if p.requires_grad and not n.startswith("momentum_"))
     for name, p in trained:
         ref_grad = theirs[_oracle_name(name)].grad
         if name.endswith("cls_token") or "blocks" in name or "patch_embed" in name:
@@ -252,7 +258,8 @@ def test_extrema_step_matches_oracle(seed):
     step, total = 3, 10
     mom = 1 - (1 - 0.99) * (math.cos(math.pi * step / total) + 1) / 2
     student = {n: p.detach().clone() for n, p in oracle.base_encoder.named_parameters()}
-    expected = {n: mom * p.detach() + (1 - mom) * student[n] for n, p in oracle.momentum_encoder.named_parameters()}
+    expected = {n: mom * p.detach() + (1 - mom) * student[n]
+                for n, p in oracle.momentum_encoder.named_parameters()}
     m.on_step_end(step, total)
     for name, p in m.named_parameters():
         if name.startswith("teacher."):

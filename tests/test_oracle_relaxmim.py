@@ -32,7 +32,8 @@ B, RATIO, TAU = 4, 0.75, 0.2
 if MODEL not in MODELS:
     @register_model(name=MODEL)
     def _oracle_vit(**kw):
-        return VisionTransformer(**{"patch_size": P, "embed_dim": D, "depth": DEPTH, "num_heads": HEADS, **kw})
+        return VisionTransformer(**{"patch_size": P, "embed_dim": D, "depth": DEPTH, "num_heads": HEADS,
+                                    **kw})
 
 LN = partial(nn.LayerNorm, eps=1e-6)  # MAE's and timm ViT's LayerNorm
 
@@ -48,7 +49,8 @@ class _Encoder(nn.Module):
         self.patch_embed = PatchEmbed(IMG, P, 3, D)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, D))
         self.pos_embed = nn.Parameter(torch.zeros(1, L + 1, D), requires_grad=False)  # fixed, as MAE
-        self.blocks = nn.ModuleList([Block(D, HEADS, 4.0, qkv_bias=True, norm_layer=LN) for _ in range(DEPTH)])
+        self.blocks = nn.ModuleList([Block(D, HEADS, 4.0, qkv_bias=True, norm_layer=LN)
+                                     for _ in range(DEPTH)])
         self.norm = LN(D)
 
     def forward(self, imgs, ids_keep=None):
@@ -72,7 +74,8 @@ class _Decoder(nn.Module):
         self.decoder_embed = nn.Linear(D, Dd)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, L + 1, Dd), requires_grad=False)
-        self.decoder_blocks = nn.ModuleList([Block(Dd, DEC["decoder_num_heads"], 4.0, qkv_bias=True, norm_layer=LN)
+        self.decoder_blocks = nn.ModuleList([Block(Dd, DEC["decoder_num_heads"], 4.0, qkv_bias=True,
+                                                   norm_layer=LN)
                                              for _ in range(DEC["decoder_depth"])])
         self.decoder_norm = LN(Dd)
         self.decoder_pred = nn.Linear(Dd, out)
@@ -153,7 +156,8 @@ def _oracle_loss(kw, online, teacher, imgs, ids_keep, ids_restore, mask):
         loss = _masked_mean((masked - full) ** 2, mask)
         if target != "shared":  # the auto-encoding term always trains the online networks on the full image
             full = online.decoder(online.backbone(imgs), in_order)
-        return loss + kw.get("ae_weight", 1.0) * _masked_mean((full - _target(imgs)) ** 2, torch.ones_like(mask))
+        return loss + kw.get("ae_weight", 1.0) * _masked_mean((full - _target(imgs)) ** 2,
+                                                              torch.ones_like(mask))
     if kw.get("level", "token") == "image":
         return _info_nce(online.head(masked.mean(1)), [keys] * imgs.shape[0], range(imgs.shape[0]))
     queries, key_sets, positives = [], [], []
@@ -181,7 +185,8 @@ def _masks(seed):
 
 
 CASES = {
-    "cmae-token-batch-stopgrad": dict(similarity="infonce", level="token", negatives="batch", target="stopgrad"),
+    "cmae-token-batch-stopgrad": dict(similarity="infonce", level="token", negatives="batch",
+                                      target="stopgrad"),
     "cmae-token-image-shared": dict(similarity="infonce", level="token", negatives="image", target="shared"),
     "cmae-image-ema": dict(similarity="infonce", level="image", target="ema"),
     "rmae-stopgrad": dict(similarity="rmae", target="stopgrad"),
@@ -195,12 +200,14 @@ CASES = {
 def test_relaxmim_loss_and_gradients_match_the_oracle(name):
     kw = CASES[name]
     torch.manual_seed(0)
-    m = get_method("relaxmim")(model=MODEL, img_size=IMG, mask_ratio=RATIO, temperature=TAU, **DEC, **HEAD, **kw)
+    m = get_method("relaxmim")(model=MODEL, img_size=IMG, mask_ratio=RATIO, temperature=TAU, **DEC, **HEAD,
+                               **kw)
     g = torch.Generator().manual_seed(1)
     with torch.no_grad():  # perturb every weight (LayerNorms, biases, tokens, pos embeds included); the
         for n, p in m.named_parameters():  # teacher gets its own perturbation, so its use is visible
             p.add_(0.05 * torch.randn(p.shape, generator=g))
-    state = {k: v for k, v in m.state_dict().items() if not k.startswith("teacher.") and "_extra_state" not in k}
+    state = {k: v for k, v in m.state_dict().items()
+             if not k.startswith("teacher.") and "_extra_state" not in k}
     online = _Oracle(kw["similarity"], state)
     teacher = None
     if kw.get("target") == "ema" and kw["similarity"] != "pixel":
@@ -249,8 +256,8 @@ def test_rmae_step_has_no_host_sync(target, monkeypatch):
 @pytest.mark.parametrize("similarity", ["infonce", "rmae", "pixel"])
 def test_bf16_weights_take_fp32_images(similarity):
     """What the engine hands RelaxMIM under bf16 (`keeps_fp32_images`): bf16 weights, fp32 images."""
-    m = get_method("relaxmim")(model=MODEL, img_size=IMG, similarity=similarity, target="ema", masking="attention",
-                               **DEC, **HEAD).to(torch.bfloat16)
+    m = get_method("relaxmim")(model=MODEL, img_size=IMG, similarity=similarity, target="ema",
+                               masking="attention", **DEC, **HEAD).to(torch.bfloat16)
     out = m(torch.randn(B, 3, IMG, IMG))
     out["loss"].backward()
     assert out["loss"].dtype == torch.float32 and torch.isfinite(out["loss"])

@@ -65,7 +65,8 @@ def test_ema_on_partitions_equals_the_whole_ema_sliced(dtype, world):
     ema_update_(want, student, 0.9)
     ema_update_(want, student, 0.8)
     for rank in range(world):
-        s, t = partition_(copy.deepcopy(student), rank, world), partition_(copy.deepcopy(teacher), rank, world)
+        s, t = partition_(copy.deepcopy(student), rank, world), \
+            partition_(copy.deepcopy(teacher), rank, world)
         ema_update_(t, s, 0.9)
         ema_update_(t, s, 0.8)
         for (n, got), w in zip(t.named_parameters(), want.parameters()):
@@ -101,8 +102,10 @@ def test_make_teacher_with_build_copies_the_student_and_leaves_the_rng_alone():
     before = torch.get_rng_state()
     teacher = make_teacher(student, Student)
     assert torch.equal(torch.get_rng_state(), before)
-    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(), student.state_dict().values()))
-    assert not any(p.requires_grad for p in teacher.parameters()) and all(p.requires_grad for p in student.parameters())
+    assert all(torch.equal(a, b) for a, b in zip(teacher.state_dict().values(),
+                                                 student.state_dict().values()))
+    assert not any(p.requires_grad for p in teacher.parameters()) \
+        and all(p.requires_grad for p in student.parameters())
     with pytest.raises(ValueError, match="pass build="):
         make_teacher(partition_(copy.deepcopy(student), 0, 2))
 

@@ -135,15 +135,16 @@ def test_model_state_bytes_match_a_deepspeed_zero0_step(recipe, precision, monke
     from fastmask.optim import OptimizerSettings, build_optimizer
 
     for k in RENDEZVOUS_VARS:  # restored after the test: a later subprocess must not inherit our port
-        monkeypatch.setenv(k, os.environ.get(k, "")) if k in os.environ else monkeypatch.delenv(k, raising=False)
+        monkeypatch.setenv(k, os.environ.get(k, "")) if k in os.environ \
+            else monkeypatch.delenv(k, raising=False)
     cfg = load_config(recipe, ["data.img_size=64", "data.batch_size=2", f"engine.precision={precision}"])
     info = dist_info()
     init_distributed(info)
     torch.manual_seed(0)
     method = build_method(cfg)
     counts = count_params(method)
-    optimizer = build_optimizer("adamw", method.param_groups(0.05), 1e-3, OptimizerSettings(betas=(0.9, 0.95)),
-                                info.device)
+    optimizer = build_optimizer("adamw", method.param_groups(0.05), 1e-3,
+                                OptimizerSettings(betas=(0.9, 0.95)), info.device)
     engine, *_ = deepspeed.initialize(model=method, optimizer=optimizer,
                                       config=build_ds_config(cfg, 1, precision, info.device))
     imgs = torch.randn(2, 3, 64, 64).to(DTYPES[precision])
@@ -162,7 +163,8 @@ def test_model_state_bytes_match_a_deepspeed_zero0_step(recipe, precision, monke
     method.on_step_end(1, 10)  # EMA teachers: the fp32 shadow appears on the first update under bf16
     shadow = _storages(t for m in method.modules() for v in vars(m).values() if isinstance(v, list)
                        for t in v if isinstance(t, torch.Tensor))
-    optim = {k: v for k, v in _storages(_tensors_in(engine.optimizer)).items() if k not in params and k not in grads}
+    optim = {k: v for k, v in _storages(_tensors_in(engine.optimizer)).items()
+             if k not in params and k not in grads}
 
     plan = model_states(counts, stage=0, world=1, precision=precision)
     measured = {"params": sum(params.values()) + sum(shadow.values()), "grads": sum(grads.values()),
@@ -170,7 +172,8 @@ def test_model_state_bytes_match_a_deepspeed_zero0_step(recipe, precision, monke
     for part, got in measured.items():
         assert plan[part] == pytest.approx(got, rel=0.10), (part, plan[part], got)
     if recipe == "extrema_tiny":
-        assert counts.ema_teacher > 0 and plan["teacher_fp32_shadow"] == pytest.approx(sum(shadow.values()), rel=0.01)
+        assert counts.ema_teacher > 0 \
+            and plan["teacher_fp32_shadow"] == pytest.approx(sum(shadow.values()), rel=0.01)
 
 
 def test_zero2_and_zero3_states_agree_with_deepspeeds_estimators():
@@ -196,7 +199,8 @@ def test_zero2_and_zero3_states_agree_with_deepspeeds_estimators():
         for opt, par in [(False, False), (True, False), (True, True)]:
             _, ds, _ = estimate_zero3_model_states_mem_needs(total, largest, per_node, nodes, cpu_offload=opt,
                                                              cpu_offload_params=par)
-            ours = gpu_bytes(3, N, offload_optimizer="cpu" if opt else "none", offload_params="cpu" if par else "none")
+            ours = gpu_bytes(3, N, offload_optimizer="cpu" if opt else "none",
+                             offload_params="cpu" if par else "none")
             # DeepSpeed 0.19 keeps a 16-bit gradient partition on the GPU at stage 3 (without optimizer
             # offload) that its estimator leaves out; the plan counts it.
             left_out = 0 if opt else 2 * total / N
@@ -238,7 +242,8 @@ def test_plan_cli_json_rows(capsys):
             assert r["micro_batch"] * r["grad_accum"] == 64 and r["micro_batch"] <= r["max_micro_batch"]
             assert r["total"] <= 0.9 * 0.02 * 2**30
     # what the stages and checkpointing are for
-    assert rows[3, True]["params"] + rows[3, True]["optimizer"] < rows[1, True]["params"] + rows[1, True]["optimizer"]
+    assert rows[3, True]["params"] + rows[3, True]["optimizer"] \
+        < rows[1, True]["params"] + rows[1, True]["optimizer"]
     assert rows[3, True]["max_micro_batch"] > rows[3, False]["max_micro_batch"]
     assert rows[3, True]["activation_bytes_per_image"] < rows[3, False]["activation_bytes_per_image"]
     assert rows[3, False]["grad_accum"] > 1 and rows[3, True]["comm_bytes"] > rows[2, True]["comm_bytes"]
@@ -260,9 +265,11 @@ def test_plan_cli_table(capsys):
     (["--config", "no_such_recipe"], "unknown config 'no_such_recipe'"),
     (["--config", "mae_tiny", "--gpu-memory", "0.001"], "does not fit on 0.001 GiB GPUs"),
     (["--config", "extrema_tiny", "--checkpointing", "on"], "has no set_grad_checkpointing"),
-    (["--config", "mae_tiny", "--stage", "2", "--offload-params", "cpu"], "--offload-params needs ZeRO stage 3"),
+    (["--config", "mae_tiny", "--stage", "2", "--offload-params", "cpu"],
+     "--offload-params needs ZeRO stage 3"),
 ])
 def test_plan_cli_bad_input_is_one_line_and_status_2(capsys, argv, message):
     rc, out, err = _plan_cli(capsys, *argv)
     assert rc == 2 and out == ""
-    assert len(err.strip().splitlines()) == 1 and err.startswith("fastmask plan: error:") and message in err, err
+    assert len(err.strip().splitlines()) == 1 and err.startswith("fastmask plan: error:") \
+        and message in err, err

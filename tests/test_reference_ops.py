@@ -22,7 +22,8 @@ def _tol(op: str, dtype: torch.dtype) -> tuple[float, float]:
 
 
 def _gen(*key) -> torch.Generator:
-    return torch.Generator().manual_seed(sum((i + 1) * 7919 * abs(hash(k)) for i, k in enumerate(key)) % (2 ** 31))
+    return torch.Generator().manual_seed(sum((i + 1) * 7919 * abs(hash(k))
+                                             for i, k in enumerate(key)) % (2 ** 31))
 
 
 def _randn(g, *shape, dtype=torch.float32):
@@ -101,7 +102,8 @@ def naive_attention(q, k, v, scale=None):
 
 def _close(actual, expected, op, dtype, what):
     atol, rtol = _tol(op, dtype)
-    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol, msg=lambda m: f"{what}: {m}")
+    torch.testing.assert_close(actual.double(), expected.double(), atol=atol, rtol=rtol,
+                               msg=lambda m: f"{what}: {m}")
 
 
 # ------------------------------------------------------------------ patchify / unpatchify / gather
@@ -195,7 +197,8 @@ def test_patch_embed_visible(B, C, H, W, p, D, with_bias, with_pos, dtype):
     (expected * up.double()).sum().backward()
     for name, a, e in zip(("imgs", "weight", "bias", "pos"), leaves, leaves64):
         gscale = max(1.0, float(e.grad.abs().max()))
-        torch.testing.assert_close(a.grad.double(), e.grad, atol=atol * gscale, rtol=rtol, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a.grad.double(), e.grad, atol=atol * gscale, rtol=rtol,
+                                   msg=lambda m: f"grad {name}: {m}")
 
 
 # ------------------------------------------------------------------ scatter
@@ -224,7 +227,8 @@ def test_patch_scatter(B, L, K, D, dtype):
                                atol=atol * max(1.0, float(m64_grad.abs().max())))
 
 
-@pytest.mark.parametrize("x_dtype,param_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.float32),
+@pytest.mark.parametrize("x_dtype,param_dtype", [(torch.float32, torch.float32),
+                                                 (torch.bfloat16, torch.float32),
                                                   (torch.bfloat16, torch.bfloat16)])
 @pytest.mark.parametrize("B,L,K,D", [(1, 4, 1, 8), (3, 49, 12, 33), (2, 5, 5, 3)])
 def test_decoder_unshuffle(B, L, K, D, x_dtype, param_dtype):
@@ -241,14 +245,17 @@ def test_decoder_unshuffle(B, L, K, D, x_dtype, param_dtype):
     x64, m64, p64 = (t.detach().double().requires_grad_() for t in (x, mask_token, pos))
     body = naive_scatter(x64[:, 1:], ids_keep, L, m64)
     expected = torch.cat([x64[:, :1], body], dim=1) + p64
-    torch.testing.assert_close(out.double(), expected, atol=0, rtol=1e-2 if out.dtype == torch.bfloat16 else 1e-6)
+    torch.testing.assert_close(out.double(), expected, atol=0,
+                               rtol=1e-2 if out.dtype == torch.bfloat16 else 1e-6)
     up = _randn(g, B, 1 + L, D)
     (out.float() * up).sum().backward()
     (expected * up.double()).sum().backward()
-    atol, rtol = _tol("decoder_unshuffle", torch.bfloat16 if torch.bfloat16 in (x_dtype, param_dtype) else x_dtype)
+    atol, rtol = _tol("decoder_unshuffle", torch.bfloat16 if torch.bfloat16 in (x_dtype, param_dtype)
+                      else x_dtype)
     for name, a, e in (("x", x, x64), ("mask_token", mask_token, m64), ("pos", pos, p64)):
         eg = e.grad if e.grad is not None else torch.zeros_like(e)
-        torch.testing.assert_close(a.grad.double(), eg, rtol=rtol, atol=atol * max(1.0, float(eg.abs().max())),
+        torch.testing.assert_close(a.grad.double(), eg, rtol=rtol,
+                                   atol=atol * max(1.0, float(eg.abs().max())),
                                    msg=lambda m: f"grad {name}: {m}")
 
 
@@ -314,7 +321,8 @@ def test_gradcheck_patch_scatter():
     ids_restore = torch.argsort(_perms(g, 2, 7), dim=1)
     tokens = _randn(g, 2, 3, 5, dtype=torch.float64).requires_grad_()
     mask_token = _randn(g, 5, dtype=torch.float64).requires_grad_()
-    assert torch.autograd.gradcheck(lambda t, m: reference.patch_scatter(t, ids_restore, m), (tokens, mask_token))
+    assert torch.autograd.gradcheck(lambda t, m: reference.patch_scatter(t, ids_restore, m),
+                                    (tokens, mask_token))
 
 
 def test_gradcheck_decoder_unshuffle():
@@ -344,7 +352,8 @@ def test_gradcheck_norm_pix_loss(norm_pix):
     imgs = _randn(g, 2, 2, 4, 6, dtype=torch.float64).requires_grad_()
     pred = _randn(g, 2, 6, 8, dtype=torch.float64).requires_grad_()
     mask = torch.tensor([[1.0, 0, 1, 1, 0, 0], [0, 1, 1, 0, 0, 1]], dtype=torch.float64)
-    assert torch.autograd.gradcheck(lambda a, b: reference.norm_pix_loss(a, b, mask, 2, norm_pix), (pred, imgs))
+    assert torch.autograd.gradcheck(lambda a, b: reference.norm_pix_loss(a, b, mask, 2, norm_pix),
+                                    (pred, imgs))
 
 
 def test_gradcheck_attention():
@@ -360,46 +369,69 @@ def _imgs(*shape):
 
 BAD_GATHER = [
     (lambda: ops.patch_gather(_imgs(3, 8, 8), torch.zeros(1, 2, dtype=torch.long), 4), r"\[B, C, H, W\]"),
-    (lambda: ops.patch_gather(_imgs(1, 3, 10, 8), torch.zeros(1, 2, dtype=torch.long), 4), r"10x8 is not divisible by patch size 4"),
-    (lambda: ops.patch_gather(_imgs(2, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), 4), r"ids_keep must be \[B=2"),
+    (lambda: ops.patch_gather(_imgs(1, 3, 10, 8), torch.zeros(1, 2, dtype=torch.long), 4),
+     r"10x8 is not divisible by patch size 4"),
+    (lambda: ops.patch_gather(_imgs(2, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), 4),
+     r"ids_keep must be \[B=2"),
     (lambda: ops.patch_gather(_imgs(1, 3, 8, 8), torch.zeros(1, 2), 4), r"ids_keep must be int64 or int32"),
     (lambda: ops.patch_gather(_imgs(1, 3, 8, 8), torch.zeros(1, 5, dtype=torch.long), 4), r"keeps 5 patches"),
-    (lambda: ops.patch_gather(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), 0), r"patch_size must be a positive int"),
+    (lambda: ops.patch_gather(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), 0),
+     r"patch_size must be a positive int"),
 ]
 BAD_SCATTER = [
-    (lambda: ops.patch_scatter(torch.randn(4, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(8)), r"tokens must be \[B, K, D\]"),
-    (lambda: ops.patch_scatter(torch.randn(1, 2, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(7)), r"mask_token must have D=8"),
-    (lambda: ops.patch_scatter(torch.randn(1, 5, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(8)), r"L=4 places for K=5"),
-    (lambda: ops.patch_scatter(torch.randn(2, 2, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(8)), r"ids_restore must be \[B=2"),
+    (lambda: ops.patch_scatter(torch.randn(4, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(8)),
+     r"tokens must be \[B, K, D\]"),
+    (lambda: ops.patch_scatter(torch.randn(1, 2, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(7)),
+     r"mask_token must have D=8"),
+    (lambda: ops.patch_scatter(torch.randn(1, 5, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(8)),
+     r"L=4 places for K=5"),
+    (lambda: ops.patch_scatter(torch.randn(2, 2, 8), torch.zeros(1, 4, dtype=torch.long), torch.randn(8)),
+     r"ids_restore must be \[B=2"),
 ]
 BAD_UNSHUFFLE = [
-    (lambda: ops.decoder_unshuffle(torch.randn(1, 3, 8), torch.arange(4)[None], torch.randn(8), torch.randn(4, 8)),
+    (lambda: ops.decoder_unshuffle(torch.randn(1, 3, 8), torch.arange(4)[None], torch.randn(8),
+                                   torch.randn(4, 8)),
      r"pos_embed must be \[1\+L, D\]"),
-    (lambda: ops.decoder_unshuffle(torch.randn(1, 6, 8), torch.arange(4)[None], torch.randn(8), torch.randn(5, 8)),
+    (lambda: ops.decoder_unshuffle(torch.randn(1, 6, 8), torch.arange(4)[None], torch.randn(8),
+                                   torch.randn(5, 8)),
      r"L=4 places for K=5"),
-    (lambda: ops.decoder_unshuffle(torch.randn(2, 8), torch.arange(4)[None], torch.randn(8), torch.randn(5, 8)),
+    (lambda: ops.decoder_unshuffle(torch.randn(2, 8), torch.arange(4)[None], torch.randn(8),
+                                   torch.randn(5, 8)),
      r"x must be \[B, 1\+K, D\]"),
 ]
 BAD_LOSS = [
-    (lambda: ops.norm_pix_loss(torch.randn(1, 4, 48), _imgs(1, 3, 8, 8), torch.ones(1, 3), 4), r"mask must be \[B, L\]"),
-    (lambda: ops.norm_pix_loss(torch.randn(1, 4, 47), _imgs(1, 3, 8, 8), torch.ones(1, 4), 4), r"pred must be \[B, L, p\*p\*C\]"),
-    (lambda: ops.norm_pix_loss(torch.randn(1, 4, 48), _imgs(1, 3, 9, 8), torch.ones(1, 4), 4), r"9x8 is not divisible by patch size 4"),
+    (lambda: ops.norm_pix_loss(torch.randn(1, 4, 48), _imgs(1, 3, 8, 8), torch.ones(1, 3), 4),
+     r"mask must be \[B, L\]"),
+    (lambda: ops.norm_pix_loss(torch.randn(1, 4, 47), _imgs(1, 3, 8, 8), torch.ones(1, 4), 4),
+     r"pred must be \[B, L, p\*p\*C\]"),
+    (lambda: ops.norm_pix_loss(torch.randn(1, 4, 48), _imgs(1, 3, 9, 8), torch.ones(1, 4), 4),
+     r"9x8 is not divisible by patch size 4"),
 ]
 BAD_EMBED = [
-    (lambda: ops.patch_embed_visible(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4)), r"conv weight \[D, C, p, p\]"),
-    (lambda: ops.patch_embed_visible(_imgs(1, 3, 9, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4)), r"9x8 is not divisible by patch size 4"),
-    (lambda: ops.patch_embed_visible(_imgs(1, 1, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4)), r"1 channels, weight expects 3"),
-    (lambda: ops.patch_embed_visible(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4), torch.randn(5)), r"bias must be \[D=4\]"),
-    (lambda: ops.patch_embed_visible(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long), torch.randn(4, 3, 4, 4), None, torch.randn(5, 4)), r"pos_embed must be \[L, D\]"),
+    (lambda: ops.patch_embed_visible(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long),
+                                     torch.randn(4, 3, 4)), r"conv weight \[D, C, p, p\]"),
+    (lambda: ops.patch_embed_visible(_imgs(1, 3, 9, 8), torch.zeros(1, 2, dtype=torch.long),
+                                     torch.randn(4, 3, 4, 4)), r"9x8 is not divisible by patch size 4"),
+    (lambda: ops.patch_embed_visible(_imgs(1, 1, 8, 8), torch.zeros(1, 2, dtype=torch.long),
+                                     torch.randn(4, 3, 4, 4)), r"1 channels, weight expects 3"),
+    (lambda: ops.patch_embed_visible(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long),
+                                     torch.randn(4, 3, 4, 4), torch.randn(5)), r"bias must be \[D=4\]"),
+    (lambda: ops.patch_embed_visible(_imgs(1, 3, 8, 8), torch.zeros(1, 2, dtype=torch.long),
+                                     torch.randn(4, 3, 4, 4), None, torch.randn(5, 4)),
+     r"pos_embed must be \[L, D\]"),
 ]
 BAD_ATTN = [
-    (lambda: ops.attention(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)), r"\[B, heads, N, head_dim\]"),
-    (lambda: ops.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)), r"shape mismatch"),
-    (lambda: ops.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8).double(), torch.randn(1, 2, 5, 8)), r"dtypes differ"),
+    (lambda: ops.attention(torch.randn(2, 5, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)),
+     r"\[B, heads, N, head_dim\]"),
+    (lambda: ops.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 4), torch.randn(1, 2, 5, 4)),
+     r"shape mismatch"),
+    (lambda: ops.attention(torch.randn(1, 2, 5, 8), torch.randn(1, 2, 5, 8).double(),
+                           torch.randn(1, 2, 5, 8)), r"dtypes differ"),
 ]
 
 
-@pytest.mark.parametrize("call,match", BAD_GATHER + BAD_SCATTER + BAD_UNSHUFFLE + BAD_LOSS + BAD_ATTN + BAD_EMBED)
+@pytest.mark.parametrize("call,match", BAD_GATHER + BAD_SCATTER + BAD_UNSHUFFLE + BAD_LOSS + BAD_ATTN
+                         + BAD_EMBED)
 def test_bad_inputs_raise_value_error(call, match):
     with pytest.raises(ValueError, match=match):
         call()

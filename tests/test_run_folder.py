@@ -58,7 +58,8 @@ def test_manual_rollback_resumes_the_newest_complete_checkpoint_and_deletes_noth
     _tiny(out, "engine.checkpoint_every=1", "engine.stop_at=5", steps=8)
     first_rows = (out / "metrics.jsonl").read_text().splitlines()
     assert _tags(out / "checkpoints") == ["step_00000004", "step_00000005"]
-    shutil.rmtree(out / "checkpoints" / "step_00000005")  # the rollback: `latest` names a missing folder
+    # the rollback: `latest` names a missing folder
+    shutil.rmtree(out / "checkpoints" / "step_00000005")
     capsys.readouterr()
     rest = _tiny(out, "engine.checkpoint_every=1", steps=8)
     err = capsys.readouterr().err
@@ -127,7 +128,8 @@ def test_a_second_run_on_a_locked_folder_is_refused_naming_the_holder(tmp_path, 
         assert "\n" not in err
     assert sorted(p.name for p in out.iterdir()) == [".lock"]  # nothing written
     # A holder killed without any clean-up (os._exit) leaves its record, but no lock.
-    code = f"import os; from fastmask.engine.runlock import RunLock; RunLock({str(out)!r}).acquire(); os._exit(9)"
+    code = (f"import os; from fastmask.engine.runlock import RunLock; RunLock({str(out)!r}).acquire(); "
+            "os._exit(9)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 9
     assert json.loads((out / ".lock").read_text())["pid"] != os.getpid()
     assert _tiny(out, steps=2).step == 2
@@ -175,8 +177,8 @@ def test_resume_with_a_changed_config_refuses_before_writing_and_records_accepte
     assert rest.resumed_from == 4 and rest.step == 8
     assert ("config changes accepted on resume at step 4: data.batch_size 8 -> 4, engine.steps 4 -> 8, "
             "mask_ratio 0.75 -> 0.6") in err
-    assert ("lr schedule changed: the run had finished its 4-step schedule; warmup + cosine is re-stretched over "
-            "8 steps") in err
+    assert ("lr schedule changed: the run had finished its 4-step schedule; warmup + cosine is re-stretched "
+            "over 8 steps") in err
     events = [r for r in _lines(out / "metrics.jsonl") if "event" in r]
     assert len(events) == 1 and events[0]["step"] == 4 and events[0]["changes"] == {
         "data.batch_size": [8, 4], "engine.steps": [4, 8], "mask_ratio": [0.75, 0.6]}
@@ -201,7 +203,8 @@ def test_exploded_weights_are_not_good_and_resuming_with_a_small_lr_trains(tmp_p
     assert "checkpoints/latest names step_0000000" in captured.err and "which is not good" in captured.err
     rows = _rows(out)
     assert [r["step"] for r in rows] == [1, 2, 3, 4, 5] and all(r["loss"] < 2 for r in rows)
-    assert list((out / "archive").glob("*-after-step-1/checkpoints/step_00000002"))  # moved aside, not deleted
+    # moved aside, not deleted
+    assert list((out / "archive").glob("*-after-step-1/checkpoints/step_00000002"))
     # The item 6 on the real method: a deeper decoder or another image size is refused in one line.
     yaml_before = (out / "config.yaml").read_text()
     assert main([*args, "method_args.decoder_depth=3", "data.img_size=64"]) == 2
@@ -211,8 +214,8 @@ def test_exploded_weights_are_not_good_and_resuming_with_a_small_lr_trains(tmp_p
 
 
 def _clean_env() -> dict:
-    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
-                                                            "MASTER_PORT")}
+    return {k: v for k, v in os.environ.items()
+            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
 
 
 @pytest.mark.slow
@@ -237,8 +240,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_143_while_a_second_run_is_refused(
             proc.wait()
     assert proc.returncode == 128 + signal.SIGTERM, stderr[-3000:]
     last = stderr.strip().splitlines()[-1]
-    m = re.fullmatch(r"fastmask pretrain: stopped by SIGTERM after step (\d+): checkpoint (\S+) saved; run the "
-                     r"same command to resume", last)
+    m = re.fullmatch(r"fastmask pretrain: stopped by SIGTERM after step (\d+): checkpoint (\S+) saved; run "
+                     r"the same command to resume", last)
     assert m, last
     step = int(m.group(1))
     assert step >= 2 and m.group(2) == str(out / "checkpoints" / f"step_{step:08d}")
@@ -278,7 +281,8 @@ def test_two_ranks_agree_on_a_signal_only_one_received_and_on_a_refusal(tmp_path
             for phase in ("sigterm", "refused", "resumed") for r in (0, 1)}
     run = tmp_path / "run"
     for r in (0, 1):
-        assert seen["sigterm", r]["stopped"] == [signal.SIGTERM, 3, str(run / "checkpoints" / "step_00000003")]
+        assert seen["sigterm", r]["stopped"] == [signal.SIGTERM, 3,
+                                                 str(run / "checkpoints" / "step_00000003")]
         assert "data.img_size 32 -> 64" in seen["refused", r]["error"]
         assert seen["resumed", r] == {"resumed_from": 3, "step": 6}
     assert seen["refused", 0] == seen["refused", 1]

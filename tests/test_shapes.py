@@ -61,8 +61,8 @@ def test_loader_reads_the_unlabelled_split_as_data_dataset_shapes(tmp_path, monk
 
     monkeypatch.setenv("FASTMASK_CACHE", str(tmp_path))
     monkeypatch.setattr(shapes, "PRETRAIN_COUNT", 24)
-    cfg = DataConfig(loader="torch", dataset="shapes", img_size=32, batch_size=8, num_workers=0, min_scale=1.0,
-                     hflip=False)
+    cfg = DataConfig(loader="torch", dataset="shapes", img_size=32, batch_size=8, num_workers=0,
+                     min_scale=1.0, hflip=False)
     loader = build_loader(cfg, seed=0)
     assert loader.num_samples == 24 and loader.batches_per_epoch == 3
     root = next(tmp_path.glob("shapes-pretrain-24x64-*"))

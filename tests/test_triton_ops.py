@@ -240,7 +240,8 @@ def _attention_case(device, dtype, case, scale):
         for name, mine, lp, r in zip(("out", "dq", "dk", "dv"), mine_all, low_all, ref_all):
             err = (mine.float() - r.detach()).abs().max().item()
             base = (lp.float() - r.detach()).abs().max().item()
-            assert err <= 2 * base + 1e-5, f"{name}: error {err:.3g} > 2 x eager torch's {dtype} error {base:.3g}"
+            assert err <= 2 * base + 1e-5, \
+                f"{name}: error {err:.3g} > 2 x eager torch's {dtype} error {base:.3g}"
 
 
 def _attention_low_precision(q, k, v, scale):
@@ -350,9 +351,11 @@ def _opcheck_cases(device):
         (tb.patch_gather_bwd_triton, (_randn(g, 2, 2, 48, device=device), ids_keep, 3, 8, 8, 4)),
         (tb.patch_scatter_fwd_triton, (tokens.requires_grad_(), ids_restore, mtok.requires_grad_())),
         (tb.patch_scatter_bwd_triton, (_randn(g, 2, 4, 16, device=device), ids_restore, 2)),
-        (tb.decoder_unshuffle_fwd_triton, (_randn(g, 2, 3, 16, device=device, dtype=torch.bfloat16).requires_grad_(),
+        (tb.decoder_unshuffle_fwd_triton, (_randn(g, 2, 3, 16, device=device,
+                                                  dtype=torch.bfloat16).requires_grad_(),
                                            ids_restore, mtok, _randn(g, 5, 16, device=device))),
-        (tb.decoder_unshuffle_bwd_triton, (_randn(g, 2, 5, 16, device=device), ids_restore, 2, torch.bfloat16)),
+        (tb.decoder_unshuffle_bwd_triton, (_randn(g, 2, 5, 16, device=device), ids_restore, 2,
+                                           torch.bfloat16)),
         (tb.norm_pix_loss_fwd_triton, (pred.requires_grad_(), imgs.detach(), mask, 4, True)),
         (tb.norm_pix_loss_bwd_triton, (torch.tensor(1.5, device=device), pred.detach(), imgs.detach(), mask,
                                        4, False)),

@@ -85,7 +85,8 @@ def test_visualize_cli_writes_png_of_expected_size(tmp_path):
     torch.save({"model": method.state_dict()}, run / "model.pt")
     (run / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(to_dict(cfg)))))
     out = tmp_path / "grid.png"
-    assert main(["visualize", "--checkpoint", str(run), "--images", "3", "--scale", "2", "--out", str(out)]) == 0
+    assert main(["visualize", "--checkpoint", str(run), "--images", "3", "--scale", "2", "--out",
+                 str(out)]) == 0
     im = Image.open(out)
     assert im.size == grid_size(3, 4, 48, 2)
     # Real pictures: the original column is not flat.
@@ -105,9 +106,11 @@ def test_visualize_cli_writes_png_of_expected_size(tmp_path):
 
 @pytest.mark.parametrize("recipe,overrides,size,columns", [
     ("mae_tiny", ["data.img_size=32"], 32, 4),                                   # original, masked, recon x2
-    ("extrema_tiny", ["data.img_size=64", "method_args.num_masks=3"], 64, 2 + 3),   # + class attention, 3 masks
+    # + class attention, 3 masks
+    ("extrema_tiny", ["data.img_size=64", "method_args.num_masks=3"], 64, 2 + 3),
     ("relaxmim_tiny", ["data.img_size=32"], 32, 4),                              # + mask, masked, similarity
-    ("relaxmim_tiny", ["data.img_size=32", "method_args.similarity=pixel"], 32, 5),  # + mask, masked, recon x2
+    # + mask, masked, recon x2
+    ("relaxmim_tiny", ["data.img_size=32", "method_args.similarity=pixel"], 32, 5),
     ("mst_tiny", ["data.img_size=32", "method_args.out_dim=64"], 32, 5),
     ("adios_tiny", [], 32, 1 + 2 * 2),                                           # per slot: mask, hidden view
 ])

@@ -61,8 +61,9 @@ def runs(tmp_path_factory):
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
     env["OMP_NUM_THREADS"] = "1"
-    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2", str(HERE / "zero_methods_worker.py"),
-                           str(out)], env=env, capture_output=True, text=True, timeout=900)
+    proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
+                           str(HERE / "zero_methods_worker.py"), str(out)],
+                          env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     return out
 
@@ -167,7 +168,8 @@ def test_zero3_stop_and_resume_is_exact(runs, case):
 def test_zero3_checkpoint_resumes_on_one_rank_with_teacher_and_buffers_exact(runs):
     out = runs / "mst_resume_to1"
     result, method = _one_rank("mst", 3, out, f"engine.stop_at={W.STEPS // 2}")  # restores, trains nothing
-    assert result.resumed_from == W.STEPS // 2 and (out / "checkpoints" / "step_00000002" / "universal").is_dir()
+    assert result.resumed_from == W.STEPS // 2 \
+        and (out / "checkpoints" / "step_00000002" / "universal").is_dir()
     _, want = _load(runs, "mst_resume_first")
     state = _state(method)
     _assert_states_close(state, want, rtol=0, atol=0)
@@ -184,7 +186,8 @@ def test_method_refuses_a_zero_stage_before_anything_is_built(monkeypatch):
     from fastmask.methods.adios import ADIOS
 
     monkeypatch.setattr(ADIOS, "__init__", lambda *a, **k: pytest.fail("built before the refusal"))
-    with pytest.raises(ConfigError, match=r"method adios cannot train at engine.zero_stage=3: mode=alternating"):
+    with pytest.raises(ConfigError,
+                       match=r"method adios cannot train at engine.zero_stage=3: mode=alternating"):
         pretrain(load_config("adios_tiny", ["engine.zero_stage=3"]), out=None)
 
 
@@ -212,18 +215,22 @@ def test_offload_maps_to_deepspeeds_config():
     zero = build_ds_config(cfg, 8, "bf16", torch.device("cuda", 0))["zero_optimization"]
     assert zero["offload_optimizer"] == {"device": "cpu", "pin_memory": True}
     assert zero["offload_param"] == {"device": "nvme", "pin_memory": True, "nvme_path": "/nvme/x"}
-    plain = build_ds_config(load_config("mae_tiny", ["engine.zero_stage=3"]), 8, "bf16", torch.device("cuda", 0))
-    assert "offload_param" not in plain["zero_optimization"] and "offload_optimizer" not in plain["zero_optimization"]
+    plain = build_ds_config(load_config("mae_tiny", ["engine.zero_stage=3"]), 8, "bf16",
+                            torch.device("cuda", 0))
+    assert "offload_param" not in plain["zero_optimization"] \
+        and "offload_optimizer" not in plain["zero_optimization"]
 
 
-@pytest.mark.parametrize("saved,now,ok", [((3, 2), (3, 1), True), ((2, 2), (1, 4), True), ((3, 2), (2, 2), False),
-                                          ((1, 2), (3, 2), False), ((0, 1), (2, 2), False), ((0, 1), (0, 2), None)])
+@pytest.mark.parametrize("saved,now,ok", [((3, 2), (3, 1), True), ((2, 2), (1, 4), True),
+                                          ((3, 2), (2, 2), False), ((1, 2), (3, 2), False),
+                                          ((0, 1), (2, 2), False), ((0, 1), (0, 2), None)])
 def test_resume_across_layouts_converts_or_refuses(saved, now, ok):
     from fastmask.engine.trainer import _needs_universal
 
     state = {"zero_stage": saved[0], "world_size": saved[1]}
     if ok is False:
-        with pytest.raises(ConfigError, match="resuming converts only within stage 0, within stages 1-2 and within"):
+        with pytest.raises(ConfigError,
+                           match="resuming converts only within stage 0, within stages 1-2 and within"):
             _needs_universal(state, now[1], now[0], Path("ckpt"))
     else:
         assert _needs_universal(state, now[1], now[0], Path("ckpt")) is bool(ok)
@@ -232,5 +239,6 @@ def test_resume_across_layouts_converts_or_refuses(saved, now, ok):
 def test_lars_is_refused_where_deepspeed_hands_it_flat_partitions():
     from fastmask.engine.trainer import pretrain
 
-    with pytest.raises(ConfigError, match="engine.optimizer=lars takes a trust ratio per parameter, but ZeRO stage 1"):
+    with pytest.raises(ConfigError,
+                       match="engine.optimizer=lars takes a trust ratio per parameter, but ZeRO stage 1"):
         pretrain(load_config("mae_tiny", ["engine.zero_stage=1", "engine.optimizer=lars"]), out=None)

@@ -34,8 +34,8 @@ if MICRO not in MODELS:
         return VisionTransformer(**{"patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, **kw})
 
 _COMMON = ["data.img_size=32", "data.batch_size=4", "data.num_workers=0", "data.loader=torch",
-           f"engine.steps={STEPS}", "engine.log_every=1", "engine.warmup_steps=1", "engine.checkpoint_every=0",
-           "engine.precision=fp32"]
+           f"engine.steps={STEPS}", "engine.log_every=1", "engine.warmup_steps=1",
+           "engine.checkpoint_every=0", "engine.precision=fp32"]
 # case -> (recipe, overrides): tiny heads, one decoder block, EMA momentum 0.5 so the teachers move visibly.
 CASES = {
     "mae": ("mae_tiny", ["model=vit_micro_patch16", "method_args.decoder_depth=1",
@@ -44,17 +44,21 @@ CASES = {
                                  "method_args.proj_hidden_dim=64", "method_args.proj_dim=32",
                                  "method_args.pred_hidden_dim=64", "method_args.momentum=0.5"]),
     "relaxmim_stopgrad": ("relaxmim_tiny", [f"model={MICRO}", "method_args.decoder_depth=1",
-                                            "method_args.decoder_embed_dim=32", "method_args.decoder_num_heads=4",
+                                            "method_args.decoder_embed_dim=32",
+                                            "method_args.decoder_num_heads=4",
                                             "method_args.proj_hidden_dim=64", "method_args.proj_dim=32",
                                             "method_args.negatives=image"]),  # batch negatives: per rank
     "mst": ("mst_tiny", [f"model={MICRO}", "method_args.out_dim=64", "method_args.head_hidden_dim=32",
-                         "method_args.bottleneck_dim=16", "method_args.decoder_width=16", "method_args.momentum=0.5"]),
+                         "method_args.bottleneck_dim=16", "method_args.decoder_width=16",
+                         "method_args.momentum=0.5"]),
 }
 CASES["relaxmim_ema"] = (CASES["relaxmim_stopgrad"][0],
-                         [*CASES["relaxmim_stopgrad"][1], "method_args.target=ema", "method_args.momentum=0.5"])
-_ADIOS = [f"model={MICRO}", "method_args.num_masks=2", "method_args.mask_fbase=8", "method_args.proj_hidden_dim=64",
-          "method_args.proj_output_dim=32", "method_args.pred_hidden_dim=64", "method_args.momentum_base=0.5",
-          "method_args.mask_lr=null", "engine.lr=0.001", "data.min_scale=1.0",
+                         [*CASES["relaxmim_stopgrad"][1], "method_args.target=ema",
+                          "method_args.momentum=0.5"])
+_ADIOS = [f"model={MICRO}", "method_args.num_masks=2", "method_args.mask_fbase=8",
+          "method_args.proj_hidden_dim=64", "method_args.proj_output_dim=32",
+          "method_args.pred_hidden_dim=64", "method_args.momentum_base=0.5", "method_args.mask_lr=null",
+          "engine.lr=0.001", "data.min_scale=1.0",
           "engine.optimizer=adamw"]  # the recipe's LARS is refused at stages 1-3 (flat partitions)
 CASES["adios_byol_simultaneous"] = ("adios_vit_tiny", [*_ADIOS, "method_args.mode=simultaneous"])
 CASES["adios_byol_alternating"] = ("adios_vit_tiny", [*_ADIOS, "method_args.mode=alternating"])
@@ -66,7 +70,8 @@ RUNS += [("extrema_z2", "extrema", 2, []), ("mst_z1", "mst", 1, []),
 # ZeRO-3 runs stopped after STEPS // 2 steps (OUT/<case>_resume_first.*), copied for a resume on one
 # rank (OUT/<case>_resume_to1), then resumed on both ranks (OUT/<case>_resume.*).
 RESUMED = ("extrema", "mst")
-# MAE started from an official-format weights file (engine.init_from, OUT/mae_official.pth: MAE built with seed 123).
+# MAE started from an official-format weights file (engine.init_from, OUT/mae_official.pth: MAE built with
+# seed 123).
 INIT_FROM = [("mae_init_z0", 0), ("mae_init_z3", 3)]
 
 
@@ -77,7 +82,8 @@ def config(case: str, stage: int, *extra: str):
 
 
 def _run(out: Path, name: str, cfg, tag: str = "") -> None:
-    """Train run `name` (resuming when OUT/name holds a checkpoint); rank 0 writes OUT/name+tag .json and .pt."""
+    """Train run `name` (resuming when OUT/name holds a checkpoint); rank 0 writes OUT/name+tag .json and
+    .pt."""
     from fastmask.engine.trainer import pretrain
     from fastmask.engine.zero import gathered
     from fastmask.methods import build_method
@@ -97,7 +103,8 @@ def _run(out: Path, name: str, cfg, tag: str = "") -> None:
         state = {k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in method.state_dict().items()}
     if int(os.environ["RANK"]) == 0:
         torch.save(state, out / f"{name}{tag}.pt")
-        (out / f"{name}{tag}.json").write_text(json.dumps({"losses": result.losses, "resumed_from": result.resumed_from,
+        (out / f"{name}{tag}.json").write_text(json.dumps({"losses": result.losses,
+                                                           "resumed_from": result.resumed_from,
                                                            "seconds": time.perf_counter() - t0}))
 
 
@@ -120,7 +127,8 @@ def main() -> None:
     for case in RESUMED:
         name = f"{case}_resume"
         _run(out, name, config(case, 3, f"engine.stop_at={STEPS // 2}"), tag="_first")
-        if int(os.environ["RANK"]) == 0:  # the half-way checkpoint, for a resume on one rank (the test's process)
+        # the half-way checkpoint, for a resume on one rank (the test's process)
+        if int(os.environ["RANK"]) == 0:
             shutil.copytree(out / name, out / f"{name}_to1")
         torch.distributed.barrier()
         _run(out, name, config(case, 3))  # resumes from the checkpoint the first run left

@@ -67,8 +67,10 @@ from .step import (DTYPE_NAMES, DTYPES, StepBenchArgs, build_fastmask_method, bu
 from .timing import measure_peak_memory, time_interleaved
 
 # The ops of the MAE step, in the order they run; every per-op choice names all of them.
-# (The decoder's unshuffle runs `decoder_unshuffle`, which fuses patch_scatter's gather with the position add.)
-OPS = ("patch_embed_visible", "attention", "add_layer_norm", "bias_gelu", "decoder_unshuffle", "norm_pix_loss")
+# (The decoder's unshuffle runs `decoder_unshuffle`, which fuses patch_scatter's gather with the position
+# add.)
+OPS = ("patch_embed_visible", "attention", "add_layer_norm", "bias_gelu", "decoder_unshuffle",
+       "norm_pix_loss")
 FUSED_MEMORY_OPS = ("patch_embed_visible", "decoder_unshuffle", "norm_pix_loss")
 CHAIN_OPS = ("add_layer_norm", "bias_gelu")
 ATTENTION_BACKENDS = ("sdpa", "triton", "xformers")

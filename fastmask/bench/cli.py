@@ -9,7 +9,8 @@ With `--loader ...` the data-loader benchmark runs instead, with `--ablate ...` 
     fastmask bench --model vit_large_patch16 --batch-size 256 --dtype bf16 --baseline strong --plot step.png
     fastmask bench --loader [loader options...]      # everything after --loader goes to fastmask.bench.loader
     fastmask bench --ablate [ablation options...]    # the optimization ablation (fastmask.bench.ablate)
-    fastmask bench --integration timm|hf [options...]  # timm / HF model, unpatched vs patched (bench.integration)
+    fastmask bench --integration timm|hf [options...]  # timm / HF model, unpatched vs patched
+                                                         (bench.integration)
 
 Defaults live in `fastmask.bench.step.StepBenchArgs`. Op benchmarks: `pytest benchmarks/`.
 """

@@ -43,7 +43,8 @@ def add_loader_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--img-size", type=int, default=224, help="output side S")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--threads", type=int, default=cpus, help="DALI threads (data.dali_threads)")
-    parser.add_argument("--workers", type=int, default=cpus, help="torch DataLoader workers (data.num_workers)")
+    parser.add_argument("--workers", type=int, default=cpus,
+                        help="torch DataLoader workers (data.num_workers)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--min-scale", type=float, default=0.2)
     parser.add_argument("--warmup", type=int, default=2, help="untimed batches per repeat")
@@ -93,7 +94,8 @@ def _versions() -> dict:
 def _device_info(device) -> dict:
     import torch
 
-    info = {"device": str(device), "cpu": platform.processor() or platform.machine(), "cpu_count": os.cpu_count()}
+    info = {"device": str(device), "cpu": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count()}
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)
     return info
@@ -136,7 +138,8 @@ def run_loader_bench(args: argparse.Namespace) -> dict:
         problems.append("--warmup and --workers must be >= 0")
     if problems:
         raise ValueError("loader bench: " + "; ".join(problems))
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device)
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto"
+                          else args.device)
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
     if args.root is None and args.count is None:
@@ -150,7 +153,8 @@ def run_loader_bench(args: argparse.Namespace) -> dict:
                               dali_threads=args.threads)
         t0 = time.perf_counter()
         loaders[name] = build_loader(data_cfg, 0, 1, seed=args.seed, device=device)
-        results[name] = {"setup_s": time.perf_counter() - t0, "config": asdict(data_cfg), "runs_images_per_s": []}
+        results[name] = {"setup_s": time.perf_counter() - t0, "config": asdict(data_cfg),
+                         "runs_images_per_s": []}
         need = args.warmup + args.batches
         if loaders[name].batches_per_epoch < need:
             raise ValueError(f"{name}: an epoch has {loaders[name].batches_per_epoch} batches of "
@@ -178,7 +182,8 @@ def run_loader_bench(args: argparse.Namespace) -> dict:
 
     print(f"loader bench on {device} ({out.get('gpu', out['cpu'])}, {os.cpu_count()} CPUs): "
           f"{root}, out [{args.batch_size}, 3, {args.img_size}, {args.img_size}]")
-    print(f"{'loader':<8}{'images/s':>12}{'min':>10}{'max':>10}{'ms/batch':>11}{'setup s':>10}  workers/threads")
+    print(f"{'loader':<8}{'images/s':>12}{'min':>10}{'max':>10}{'ms/batch':>11}{'setup s':>10}  "
+          "workers/threads")
     for name, r in results.items():
         par = args.threads if name == "dali" else args.workers
         print(f"{name:<8}{r['images_per_s']:>12.1f}{min(r['runs_images_per_s']):>10.1f}"
@@ -194,7 +199,8 @@ def run_loader_bench(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m fastmask.bench.loader", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m fastmask.bench.loader",
+                                     description=__doc__.splitlines()[0])
     add_loader_arguments(parser)
     run_loader_bench(parser.parse_args(argv))
     return 0

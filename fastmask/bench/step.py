@@ -211,11 +211,13 @@ def make_fastmask_step(module: nn.Module, dtype: torch.dtype, device: torch.devi
 
     The engine's optimizer (`fastmask.optim.build_optimizer`: torch AdamW, fused) over
     `module.param_groups`; the forward under autocast for bf16/fp16 (GradScaler for fp16);
-    `post_step(lr)` and `on_step_end` after each step. The ablation's rows and the GPU suite (no DeepSpeed there) use it.
+    `post_step(lr)` and `on_step_end` after each step. The ablation's rows and the GPU suite (no
+    DeepSpeed there) use it.
     """
     from fastmask.optim import OptimizerSettings, build_optimizer
 
-    opt = build_optimizer("adamw", module.param_groups(weight_decay), lr, OptimizerSettings(betas=betas), device)
+    opt = build_optimizer("adamw", module.param_groups(weight_decay), lr, OptimizerSettings(betas=betas),
+                          device)
     amp = dtype != torch.float32
     scaler = torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
     counter = {"step": 0}

@@ -95,7 +95,8 @@ class Loader(Protocol):
 
 
 def dali_available() -> bool:
-    return importlib.util.find_spec("nvidia") is not None and importlib.util.find_spec("nvidia.dali") is not None
+    return importlib.util.find_spec("nvidia") is not None \
+        and importlib.util.find_spec("nvidia.dali") is not None
 
 
 def resolve_loader_name(name: str, device: torch.device | str) -> str:

@@ -34,9 +34,10 @@ What is decided in numpy rather than by DALI's random operators, and why:
 
 Reproducibility: given (files, seed, epoch, rank, world_size, batch_size) the file order, crops and
 flips are exact (a sample's crop and flip given (files, seed, epoch) alone), and `epoch(e, start=k)`
-yields exactly the batches k, k+1, ... of `epoch(e)` (pixels bit-identical on CPU, tested). On GPU the nvJPEG/hardware decoder gives pixels that differ
-slightly from the CPU decoder's; repeat runs on the same GPU and DALI version are expected to match
-but are not tested here. Changing B x world_size changes the order.
+yields exactly the batches k, k+1, ... of `epoch(e)` (pixels bit-identical on CPU, tested). On GPU
+the nvJPEG/hardware decoder gives pixels that differ slightly from the CPU decoder's; repeat runs on
+the same GPU and DALI version are expected to match but are not tested here. Changing B x world_size
+changes the order.
 
 Corrupt files are found before the first batch by `fastmask.data.files.image_files` (skip with a
 warning naming them, or fail, per `data.on_corrupt`). Should DALI still fail on a batch (a file

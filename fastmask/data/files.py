@@ -64,7 +64,8 @@ def embedded_root(dataset: str = "photos") -> Path:
     elif dataset == "shapes":
         from fastmask.data import shapes
 
-        root = cache_dir() / f"shapes-pretrain-{shapes.PRETRAIN_COUNT}x{shapes.DEFAULT_SIZE}-v{shapes.VERSION}"
+        root = cache_dir() / (f"shapes-pretrain-{shapes.PRETRAIN_COUNT}x{shapes.DEFAULT_SIZE}"
+                              f"-v{shapes.VERSION}")
         write = shapes.write_shapes_folder
     else:
         raise ValueError(f"unknown embedded dataset {dataset!r}; valid: {', '.join(EMBEDDED_SETS)}")
@@ -84,7 +85,8 @@ def embedded_root(dataset: str = "photos") -> Path:
 
 
 def list_image_files(root: str | Path | None, dataset: str = "photos") -> list[str]:
-    """-> sorted absolute paths of the images under `root` (folder or .txt list; None = embedded `dataset`)."""
+    """-> sorted absolute paths of the images under `root` (folder or .txt list; None = embedded
+    `dataset`)."""
     if root is None:
         root = embedded_root(dataset)
     path = Path(root).expanduser()
@@ -179,7 +181,8 @@ def validate_files(files: list[str], threads: int = 0, cache_key: str | None = N
                 cpath.parent.mkdir(parents=True, exist_ok=True)
                 tmp = cpath.with_suffix(f".tmp{os.getpid()}")
                 # Columns, not one record per file: ImageNet's 1.28M files load in seconds.
-                tmp.write_text(json.dumps({"version": _CACHE_VERSION, "files": files, "mtime_ns": mtime.tolist(),
+                tmp.write_text(json.dumps({"version": _CACHE_VERSION, "files": files,
+                                           "mtime_ns": mtime.tolist(),
                                            "bytes": nbytes.tolist(), "width": sizes[:, 0].tolist(),
                                            "height": sizes[:, 1].tolist(),
                                            "errors": {str(i): e for i, e in errors.items()}}))

@@ -28,7 +28,8 @@ class SyntheticLoader:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank}")
         B, S = data_cfg.batch_size, data_cfg.img_size
         if B < 1 or S < 8:
-            raise ValueError(f"synthetic loader needs data.batch_size >= 1 and data.img_size >= 8, got {B}, {S}")
+            raise ValueError(f"synthetic loader needs data.batch_size >= 1 and data.img_size >= 8, got {B}, "
+                             f"{S}")
         self.cfg, self.rank, self.world_size, self.seed = data_cfg, rank, world_size, seed
         self.device = torch.device(device)
         self.batches_per_epoch = data_cfg.synthetic_size // (B * world_size)

@@ -8,7 +8,8 @@ Layout under the run folder DIR:
         engine_state.json                    step, epoch, batch position, world size, precision,
                                              the `health` verdict (`fastmask.engine.health`), ...
         rng_rank{r}.pt                       python / numpy / torch / cuda RNG states of rank r
-        frozen_rank{r}.pt                    frozen parameters (teachers), EMA shadows, buffers (`frozen_state`)
+        frozen_rank{r}.pt                    frozen parameters (teachers), EMA shadows, buffers
+                                             (`frozen_state`)
         config.yaml                          the resolved config of the run
     DIR/checkpoints/.staging/                a checkpoint being written (never read by resume)
 
@@ -177,7 +178,8 @@ def load(engine, folder: str | Path, rank: int, load_optimizer: bool = True, uni
                                      load_lr_scheduler_states=False, load_module_strict=True)
     if path is None:
         raise RuntimeError(f"DeepSpeed could not load checkpoint {root / tag}")
-    frozen_state.load(engine.module, root / tag, rank)  # teachers, shadows, buffers: at any stage and world size
+    # teachers, shadows, buffers: at any stage and world size
+    frozen_state.load(engine.module, root / tag, rank)
     rng_file = root / tag / f"rng_rank{rank}.pt"
     if rng_file.is_file():
         set_rng_state(torch.load(rng_file, weights_only=False))

@@ -51,8 +51,10 @@ def yaml_load(text: str) -> Any:
 @dataclass
 class DataConfig:
     loader: str = "auto"            # auto | torch | dali | synthetic (auto: dali where installed, else torch)
-    root: str | None = None         # image folder (class subfolders) or file list; None = the embedded `dataset`
-    dataset: str = "photos"         # embedded set read when root is None: photos | shapes (fastmask.data.shapes)
+    root: str | None = None         # image folder (class subfolders) or file list; None = the embedded
+                                    # `dataset`
+    dataset: str = "photos"         # embedded set read when root is None: photos | shapes
+                                    # (fastmask.data.shapes)
     img_size: int = 224
     batch_size: int = 64            # per rank, per micro-step
     num_workers: int = 2
@@ -66,9 +68,11 @@ class DataConfig:
 @dataclass
 class EngineConfig:
     zero_stage: int = 0
-    zero_bucket_size: int = 50_000_000       # elements per ZeRO reduce/all-gather bucket (and ZeRO-3 prefetch)
+    zero_bucket_size: int = 50_000_000       # elements per ZeRO reduce/all-gather bucket (and ZeRO-3
+                                             # prefetch)
     zero3_max_live_parameters: int = 100_000_000  # ZeRO-3: gathered parameters kept live at most (memory cap)
-    offload_optimizer: str = "none"  # none | cpu | nvme: DeepSpeed's optimizer-state offload (ZeRO >= 1, accelerator)
+    offload_optimizer: str = "none"  # none | cpu | nvme: DeepSpeed's optimizer-state offload (ZeRO >= 1,
+                                     # accelerator)
     offload_params: str = "none"     # none | cpu | nvme: parameter-partition offload (ZeRO-3, accelerator)
     offload_nvme_path: str | None = None  # a folder on a local NVMe drive, for either nvme offload
     precision: str = "auto"         # auto (bf16 on GPU, fp32 on CPU) | fp32 | bf16 | fp16
@@ -96,12 +100,15 @@ class EngineConfig:
     keep_last: int = 2
     compile: bool = False
     activation_checkpointing: bool = False
-    cuda_graphs: bool = False       # capture forward+backward as CUDA graphs (torch.compile "reduce-overhead")
+    cuda_graphs: bool = False       # capture forward+backward as CUDA graphs (torch.compile
+                                    # "reduce-overhead")
     on_nonfinite: str = "stop"      # stop | skip
     backend: str = "auto"           # fastmask.ops backend for every fused op
     resume: str = "auto"            # auto (resume when the run folder holds a checkpoint) | always | never
-    resume_from: int | str | None = None  # resume this checkpoint: a step of the run folder, or a checkpoint folder
-    init_from: str | None = None    # weights to start from: an official MAE .pth or a fastmask checkpoint folder
+    resume_from: int | str | None = None  # resume this checkpoint: a step of the run folder, or a checkpoint
+                                          # folder
+    init_from: str | None = None    # weights to start from: an official MAE .pth or a fastmask checkpoint
+                                    # folder
     fp16_initial_scale_power: int = 16  # fp16 dynamic loss scale starts at 2**this
 
 
@@ -118,7 +125,8 @@ class Config:
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("fastmask.configs").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[:-5] for p in resources.files("fastmask.configs").iterdir()
+                  if p.name.endswith(".yaml"))
 
 
 def _read_recipe(name: str) -> dict:
@@ -147,7 +155,8 @@ def _read_recipe(name: str) -> dict:
 def _deep_merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "method_args" else v
+        out[k] = _deep_merge(out[k], v) \
+            if isinstance(v, dict) and isinstance(out.get(k), dict) and k != "method_args" else v
     if "method_args" in a and "method_args" in b:
         out["method_args"] = {**a["method_args"], **b["method_args"]}
     return out
@@ -299,8 +308,8 @@ def validate(cfg: Config) -> None:
     if cfg.engine.optimizer not in OPTIMIZERS:
         problems.append(f"engine.optimizer must be {'|'.join(OPTIMIZERS)}, got {cfg.engine.optimizer!r}")
     if not 0.0 <= cfg.engine.momentum < 1.0 or cfg.engine.lars_eta <= 0:
-        problems.append(f"engine.momentum must be in [0, 1) and engine.lars_eta > 0, got {cfg.engine.momentum}, "
-                        f"{cfg.engine.lars_eta}")
+        problems.append("engine.momentum must be in [0, 1) and engine.lars_eta > 0, got "
+                        f"{cfg.engine.momentum}, {cfg.engine.lars_eta}")
     if cfg.engine.on_nonfinite not in ("stop", "skip"):
         problems.append(f"engine.on_nonfinite must be stop|skip, got {cfg.engine.on_nonfinite!r}")
     if cfg.engine.resume not in ("auto", "always", "never"):

@@ -29,16 +29,19 @@ RULES: dict[str, str] = {
     "data.dali_threads": IGNORED, "data.synthetic_size": CHANGED,
     # zero_stage: within stages 1-2 and within stage 3 DeepSpeed's universal format converts; the trainer
     # refuses the rest (`_needs_universal`). Offload moves states between memories, the math stays.
-    "engine.zero_stage": CHANGED, "engine.zero_bucket_size": IGNORED, "engine.zero3_max_live_parameters": IGNORED,
-    "engine.offload_optimizer": IGNORED, "engine.offload_params": IGNORED, "engine.offload_nvme_path": IGNORED,
+    "engine.zero_stage": CHANGED, "engine.zero_bucket_size": IGNORED,
+    "engine.zero3_max_live_parameters": IGNORED,
+    "engine.offload_optimizer": IGNORED, "engine.offload_params": IGNORED,
+    "engine.offload_nvme_path": IGNORED,
     "engine.precision": IGNORED,  # compared as resolved (fp32/bf16/fp16: `auto` differs per device), FIXED
     "engine.optimizer": FIXED,
-    "engine.steps": CHANGED, "engine.epochs": CHANGED, "engine.stop_at": IGNORED, "engine.grad_accum": CHANGED,
+    "engine.steps": CHANGED, "engine.epochs": CHANGED, "engine.stop_at": IGNORED,
+    "engine.grad_accum": CHANGED,
     "engine.clip_grad": CHANGED, "engine.blr": CHANGED, "engine.lr": CHANGED, "engine.min_lr": CHANGED,
     "engine.warmup_steps": CHANGED, "engine.warmup_epochs": CHANGED, "engine.weight_decay": CHANGED,
     "engine.weight_decay_end": CHANGED,
-    "engine.betas": CHANGED, "engine.momentum": CHANGED, "engine.lars_eta": CHANGED, "engine.lars_clip": CHANGED,
-    "engine.seed": CHANGED,
+    "engine.betas": CHANGED, "engine.momentum": CHANGED, "engine.lars_eta": CHANGED,
+    "engine.lars_clip": CHANGED, "engine.seed": CHANGED,
     "engine.log_every": IGNORED, "engine.checkpoint_every": IGNORED, "engine.keep_last": IGNORED,
     "engine.compile": IGNORED, "engine.activation_checkpointing": IGNORED, "engine.cuda_graphs": IGNORED,
     "engine.on_nonfinite": IGNORED, "engine.backend": IGNORED, "engine.resume": IGNORED,
@@ -104,8 +107,8 @@ def compare(saved_cfg: dict, new_cfg: dict, saved_params: dict | None, new_param
             changed[key] = [a, b]
     if saved_precision != new_precision:
         refused.append(f"precision {saved_precision} -> {new_precision} (engine.precision="
-                       f"{old.get('engine.precision')} -> {new.get('engine.precision')}; auto is bf16 on a GPU, "
-                       f"fp32 on a CPU)")
+                       f"{old.get('engine.precision')} -> {new.get('engine.precision')}; auto is bf16 on a "
+                       f"GPU, fp32 on a CPU)")
     problem = _signature_problem(saved_params, new_params) if saved_params is not None else None
     if problem:
         refused.append(problem)
@@ -124,7 +127,7 @@ def schedule_note(saved_state: dict, start_step: int, schedule: dict) -> str | N
         return None
     how = f"the run had finished its {old['total']}-step schedule; " if start_step >= old["total"] else ""
     if old["total"] != schedule["total"]:
-        how += (f"warmup + cosine is re-stretched over {schedule['total']} steps (as if planned that long from "
-                f"step 0), so ")
-    return (f"lr schedule changed: {how}step {start_step + 1} trains at lr {after:.3g} (the saved schedule gives "
-            f"{before:.3g})")
+        how += (f"warmup + cosine is re-stretched over {schedule['total']} steps (as if planned that long "
+                f"from step 0), so ")
+    return (f"lr schedule changed: {how}step {start_step + 1} trains at lr {after:.3g} (the saved schedule "
+            f"gives {before:.3g})")

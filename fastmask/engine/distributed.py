@@ -40,7 +40,8 @@ def ensure_rendezvous_env() -> bool:
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         if "MASTER_PORT" not in os.environ:
             if int(os.environ["WORLD_SIZE"]) > 1:
-                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with deepspeed or torchrun")
+                raise RuntimeError("WORLD_SIZE > 1 but MASTER_PORT is not set: launch with deepspeed or "
+                                   "torchrun")
             os.environ["MASTER_PORT"] = str(free_port())
         return False
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
@@ -90,7 +91,8 @@ def barrier() -> None:
 
 
 def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
         t = t.clone()
         torch.distributed.all_reduce(t)
         t /= torch.distributed.get_world_size()
@@ -98,7 +100,8 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 
 def all_reduce_max(t: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
         t = t.clone()
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return t

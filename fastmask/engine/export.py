@@ -70,7 +70,8 @@ def consolidated_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         blob = torch.load(folder / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
         state = blob["module"]
-    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v) for k, v in state.items()}
+    return {k: (v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v)
+            for k, v in state.items()}
 
 
 def encoder_state_dict(method) -> dict[str, torch.Tensor]:
@@ -145,9 +146,10 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
             if isinstance(obj.get(key), dict):
                 obj = obj[key]
                 break
-    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor) or k.endswith("_extra_state")
-                                                       for k, v in obj.items()):
-        raise ValueError(f"{p} holds no state dict (looked at the top level and under {', '.join(_STATE_KEYS)})")
+    if not isinstance(obj, dict) or not obj or not all(isinstance(v, torch.Tensor)
+                                                       or k.endswith("_extra_state") for k, v in obj.items()):
+        raise ValueError(f"{p} holds no state dict (looked at the top level and under "
+                         f"{', '.join(_STATE_KEYS)})")
     for prefix in ("module.", "_orig_mod."):
         if all(k.startswith(prefix) for k in obj):
             obj = {k[len(prefix):]: v for k, v in obj.items()}
@@ -192,8 +194,9 @@ def load_state_strict(module: torch.nn.Module, state: dict, source: str) -> None
     missing, unexpected, shapes = _fit_problems(module, state)
     if missing or unexpected or shapes:
         model = f" (model={module.model_name})" if hasattr(module, "model_name") else ""
-        raise ValueError(f"weights {source} do not fit {type(module).__name__}{model}: missing {_listed(missing)}; "
-                         f"unexpected {_listed(unexpected)}; shape mismatches {shapes[:4]}")
+        raise ValueError(f"weights {source} do not fit {type(module).__name__}{model}: missing "
+                         f"{_listed(missing)}; unexpected {_listed(unexpected)}; shape mismatches "
+                         f"{shapes[:4]}")
     _load_into(module, state)
 
 

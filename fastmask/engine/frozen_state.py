@@ -1,4 +1,5 @@
-"""The method state DeepSpeed's optimizer does not own, checkpointed so any stage and world size reads it back.
+"""The method state DeepSpeed's optimizer does not own, checkpointed so any stage and world size reads it
+back.
 
 DeepSpeed restores trainable parameters from the optimizer's fp32 state (and converts that for a
 universal resume). The rest of a method it carries unevenly: frozen parameters (EMA teachers, fixed
@@ -70,19 +71,22 @@ def _fill(name: str, p: torch.Tensor, local: torch.Tensor, pieces: list, rank: i
     covered = 0
     for off, shape, values in pieces:
         if tuple(shape) != full_shape(p):
-            raise ValueError(f"checkpoint holds {name} with shape {tuple(shape)}, the method's is {full_shape(p)}")
+            raise ValueError(f"checkpoint holds {name} with shape {tuple(shape)}, the method's is "
+                             f"{full_shape(p)}")
         a, b = max(lo, off), min(hi, off + values.numel())
         if a < b:
             flat[a - lo:b - lo].copy_(values[a - off:b - off])
             covered += b - a
     if covered != hi - lo:
-        raise ValueError(f"checkpoint slices of {name} cover {covered} of the {hi - lo} elements this rank needs")
+        raise ValueError(f"checkpoint slices of {name} cover {covered} of the {hi - lo} elements this rank "
+                         "needs")
 
 
 def save(method: nn.Module, folder: Path, rank: int) -> None:
     """Write this rank's `frozen_rank{rank}.pt` into checkpoint `folder` (every rank calls it)."""
     world = _world()
-    params = {n: _piece(p, local_tensor(p), rank, world) for n, p in method.named_parameters() if not p.requires_grad}
+    params = {n: _piece(p, local_tensor(p), rank, world) for n, p in method.named_parameters()
+              if not p.requires_grad}
     shadows = {}
     for tname, teacher in teachers(method):
         shadow = ema_shadow(teacher)
@@ -130,6 +134,7 @@ def load(method: nn.Module, folder: Path, rank: int) -> bool:
             set_ema_shadow(teacher, shadow)
     result = method.load_state_dict(next(b["module"] for b in blobs if "module" in b), strict=False)
     if result.unexpected_keys:
-        raise ValueError(f"checkpoint {folder} holds module state this method lacks: {result.unexpected_keys[:5]}")
+        raise ValueError(f"checkpoint {folder} holds module state this method lacks: "
+                         f"{result.unexpected_keys[:5]}")
     regather([p for _, p in frozen])
     return True

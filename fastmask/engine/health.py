@@ -97,7 +97,8 @@ class CheckpointHealth:
             return f"{what} is {loss}"
         ref = self._reference()
         if ref is not None and loss > LOSS_BLOWUP * ref:
-            return (f"{what} {loss:.4g} is above {LOSS_BLOWUP:g} x the run's reference loss {ref:.4g} (a blow-up)")
+            return (f"{what} {loss:.4g} is above {LOSS_BLOWUP:g} x the run's reference loss {ref:.4g} (a "
+                    "blow-up)")
         return None
 
     def observe(self, step: int, loss: float) -> None:
@@ -118,8 +119,8 @@ class CheckpointHealth:
         if not math.isfinite(rms):
             why.append("its weights are not finite")
         elif self.rms_init and rms > WEIGHT_GROWTH * self.rms_init:
-            why.append(f"its weights grew {rms / self.rms_init:.3g} x (RMS {rms:.4g}, {self.rms_init:.4g} at the "
-                       f"start of the run; the limit is {WEIGHT_GROWTH:g} x)")
+            why.append(f"its weights grew {rms / self.rms_init:.3g} x (RMS {rms:.4g}, {self.rms_init:.4g} at "
+                       f"the start of the run; the limit is {WEIGHT_GROWTH:g} x)")
         if self.last is not None and self.last[0] == step and self.last[1]:
             why.append(self.last[1])
         return {"good": not why, "why": why, "param_rms": rms, "param_rms_init": self.rms_init,

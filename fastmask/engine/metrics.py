@@ -33,7 +33,8 @@ def device_peak_tflops(device: torch.device, precision: str) -> float | None:
         return None
     from fastmask.bench.flops import peak_tflops
 
-    dtype = {"bf16": "bf16", "fp16": "fp16", "fp32": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"}
+    dtype = {"bf16": "bf16", "fp16": "fp16",
+             "fp32": "tf32" if torch.backends.cuda.matmul.allow_tf32 else "fp32"}
     return peak_tflops(torch.cuda.get_device_name(device), dtype[precision])
 
 
@@ -94,8 +95,8 @@ class MetricsLogger:
         done = r["step"] - self.start_step
         left = elapsed / done * (self.total_steps - r["step"]) if done > 0 else float("nan")
         ips, step_s = r.get("imgs_per_s") or float("nan"), r.get("step_s") or float("nan")
-        return (f"step {r['step']}/{self.total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | {ips:.1f} img/s | "
-                f"{step_s:.3f} s/step | {_clock(elapsed)} elapsed, {_clock(left)} left")
+        return (f"step {r['step']}/{self.total_steps} | loss {r['loss']:.4f} | lr {r['lr']:.2e} | {ips:.1f} "
+                f"img/s | {step_s:.3f} s/step | {_clock(elapsed)} elapsed, {_clock(left)} left")
 
     def advance(self, n: int = 1) -> None:
         if self.bar is not None:

@@ -29,11 +29,12 @@ DEFAULT_RECIPE = "mae_tiny"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--config", default=None,
-                        help=f"a shipped recipe name or a YAML path (default: {DEFAULT_RECIPE}, or <method>_tiny "
-                             "when method=<name> is given)")
+                        help=f"a shipped recipe name or a YAML path (default: {DEFAULT_RECIPE}, or "
+                             "<method>_tiny when method=<name> is given)")
     parser.add_argument("--steps", type=int, default=None,
                         help="optimizer steps to train (sets engine.steps, the schedule's length)")
-    parser.add_argument("--out", default=None, help="run folder (default: the config's `out`, else runs/<recipe>)")
+    parser.add_argument("--out", default=None,
+                        help="run folder (default: the config's `out`, else runs/<recipe>)")
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--resume", dest="resume", action="store_const", const="always",
                        help="resume from the run folder's latest checkpoint; fail if there is none")
@@ -105,7 +106,8 @@ def main(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     try:
         result = pretrain(cfg, out=out)
-    except StoppedBySignal as e:  # SIGTERM/Ctrl-C: a checkpoint was saved; 128 + the signal, as a shell reports it
+    except StoppedBySignal as e:
+        # SIGTERM/Ctrl-C: a checkpoint was saved; 128 + the signal, as a shell reports it
         print(f"fastmask pretrain: {e}", file=sys.stderr, flush=True)
         return e.exit_code
     except (Exception, KeyboardInterrupt) as e:

@@ -146,12 +146,13 @@ def plan(run_dir: str | Path, mode: str, resume_from: int | str | None = None) -
             why = ("which is missing" if named is None else
                    "which is incomplete" if named.state is None else
                    f"which is not good ({named.why_not_good()})" if not named.good else "an older one")
-            notes[0] += f" (checkpoints/latest names {hint}, {why}; this is the newest complete good checkpoint)"
+            notes[0] += (f" (checkpoints/latest names {hint}, {why}; this is the newest complete good "
+                         "checkpoint)")
     elif mode != "never" and any(i.state is not None for i in infos):
         verdicts = "; ".join(f"{i.path.name}: {i.why_not_good()}" for i in infos if i.state is not None)
-        raise ConfigError(f"{run_dir} holds checkpoints but none is good ({verdicts}); resume one anyway with "
-                          f"engine.resume_from=STEP, or start over with --no-resume (the old run is moved to "
-                          f"{run_dir / ARCHIVE})")
+        raise ConfigError(f"{run_dir} holds checkpoints but none is good ({verdicts}); resume one anyway "
+                          "with engine.resume_from=STEP, or start over with --no-resume (the old run is "
+                          f"moved to {run_dir / ARCHIVE})")
     elif mode == "always":
         raise ConfigError(f"engine.resume=always but {run_dir} holds no complete checkpoint")
     else:
@@ -163,7 +164,8 @@ def plan(run_dir: str | Path, mode: str, resume_from: int | str | None = None) -
         return Start(chosen, notes, _previous_run(run_dir, infos), "previous-run", None, [])
     future = [i.path for i in infos if i.step > chosen.step]
     if future and resume_from is not None:
-        notes[0] += "; later runs of this command roll back to it again: drop engine.resume_from once it has run"
+        notes[0] += ("; later runs of this command roll back to it again: drop engine.resume_from once it "
+                     "has run")
     good = [i.path for i in infos if i.good and i.step <= chosen.step]
     return Start(chosen, notes, future, f"after-step-{chosen.step}", chosen.step, good)
 
@@ -193,8 +195,8 @@ def apply(run_dir: str | Path, start: Start) -> list[str]:
     if start.trim_after is not None and _pointer(run_dir) != start.checkpoint.path.name:
         write_atomic(checkpoint_root(run_dir) / "latest", start.checkpoint.path.name + "\n")
     metrics = run_dir / "metrics.jsonl"
-    keep, drop = (_split_metrics(metrics, start.trim_after) if start.trim_after is not None and metrics.is_file()
-                  else ([], []))
+    keep, drop = (_split_metrics(metrics, start.trim_after)
+                  if start.trim_after is not None and metrics.is_file() else ([], []))
     if not start.move and not drop:
         return start.notes
     dest = _archive_dir(run_dir, start.why)

@@ -98,8 +98,8 @@ def _decide(out: Path, cfg: Config, precision: str, signature: dict, arg_default
     diff = compare(state.get("config", {}), to_dict(cfg), state.get("params"), signature,
                    state.get("precision", precision), precision, arg_defaults)
     if diff.refused:
-        raise ConfigError(f"cannot resume {where} with this config: {'; '.join(diff.refused)} (cannot change on "
-                          f"resume). Run with the saved values (its config.yaml), start another run folder from "
-                          f"its weights with engine.init_from={where}, or start over here with --no-resume (the "
-                          f"old run is moved to {out / ARCHIVE})")
+        raise ConfigError(f"cannot resume {where} with this config: {'; '.join(diff.refused)} (cannot change "
+                          "on resume). Run with the saved values (its config.yaml), start another run folder "
+                          f"from its weights with engine.init_from={where}, or start over here with "
+                          f"--no-resume (the old run is moved to {out / ARCHIVE})")
     return start, diff, schedule_note(state, start.step, schedule)

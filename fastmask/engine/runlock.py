@@ -52,20 +52,21 @@ class RunLock:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as err:  # --out under a file, a read-only folder, ...
-            raise ConfigError(f"cannot write to run folder {self.path.parent}: {err.strerror or err}") from err
+            raise ConfigError(f"cannot write to run folder {self.path.parent}: "
+                              f"{err.strerror or err}") from err
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raw = os.pread(fd, 4096, 0).decode(errors="replace")
             os.close(fd)
-            raise RunLockedError(f"run folder {self.path.parent} is in use by {_holder_text(raw)}; wait for it to "
-                                 f"finish or stop it, or use another --out") from None
+            raise RunLockedError(f"run folder {self.path.parent} is in use by {_holder_text(raw)}; wait for "
+                                 f"it to finish or stop it, or use another --out") from None
         except OSError as err:
             os.close(fd)
             if err.errno not in _UNSUPPORTED:
                 raise
-            print(f"warning: cannot lock {self.path} ({err.strerror}): a second run on this folder would not be "
-                  f"detected", file=sys.stderr, flush=True)
+            print(f"warning: cannot lock {self.path} ({err.strerror}): a second run on this folder would not "
+                  f"be detected", file=sys.stderr, flush=True)
             return self
         holder = {"host": socket.gethostname(), "pid": os.getpid(),
                   "started": time.strftime("%Y-%m-%d %H:%M:%S"), "command": " ".join(sys.argv)[:300]}

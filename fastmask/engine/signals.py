@@ -50,10 +50,12 @@ class StopOnSignal:
         return self
 
     def _handle(self, signum: int, frame) -> None:
-        if self.signum != signum:  # the first signal (or another kind while one is pending): stop after this step
+        # the first signal (or another kind while one is pending): stop after this step
+        if self.signum != signum:
             self.signum = self.signum or signum
             return
-        previous = self._previous.get(signum, signal.SIG_DFL)  # the same again: stop now, without a checkpoint
+        # the same again: stop now, without a checkpoint
+        previous = self._previous.get(signum, signal.SIG_DFL)
         self._restore()
         if callable(previous):
             previous(signum, frame)

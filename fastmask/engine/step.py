@@ -73,7 +73,8 @@ class StepSums:
         self.n = 0
 
     def add(self, step: int, outputs: dict) -> torch.Tensor:
-        """Add one micro-batch's outputs (of 0-based optimizer step `step`); returns the detached fp32 loss."""
+        """Add one micro-batch's outputs (of 0-based optimizer step `step`); returns the detached fp32
+        loss."""
         loss = outputs["loss"].detach().float()
         self.first_bad = torch.where((self.first_bad < 0) & ~torch.isfinite(loss),
                                      torch.full_like(self.first_bad, step + 1), self.first_bad)

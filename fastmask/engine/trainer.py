@@ -62,7 +62,8 @@ from ..optim import OptimizerSettings
 from ..optim import build_optimizer as _build_optimizer
 from .config import Config, ConfigError, to_dict, validate
 from .config_diff import param_signature
-from .distributed import RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_mean, dist_info, init_distributed
+from .distributed import (RENDEZVOUS_VARS, DistInfo, all_reduce_max, all_reduce_mean, dist_info,
+                          init_distributed)
 from .health import CheckpointHealth
 from .metrics import MetricsLogger, device_peak_tflops, peak_memory_gb
 from .runfolder import RunFolder
@@ -79,8 +80,9 @@ class NonFiniteLossError(RuntimeError):
         self.step, self.last_checkpoint = step, last_checkpoint
         where = (f"the newest good checkpoint is {last_checkpoint}, which running again resumes"
                  if last_checkpoint else "no good checkpoint was written")
-        super().__init__(f"non-finite loss at step {step}; stopped ({where}). Lower the lr, lengthen the warmup, "
-                         f"enable engine.clip_grad, or set engine.on_nonfinite=skip (bf16/fp16) to skip such steps.")
+        super().__init__(f"non-finite loss at step {step}; stopped ({where}). Lower the lr, lengthen the "
+                         "warmup, enable engine.clip_grad, or set engine.on_nonfinite=skip (bf16/fp16) to "
+                         "skip such steps.")
 
 
 @dataclasses.dataclass
@@ -137,7 +139,8 @@ def build_ds_config(cfg: Config, world_size: int, precision: str, device: torch.
         "steps_per_print": 2**31 - 1,  # our own logger reports; DeepSpeed's would sync per step
         "wall_clock_breakdown": False,
         "zero_allow_untested_optimizer": True,
-        "zero_force_ds_cpu_optimizer": False,  # offload with torch's AdamW (CPU-fused) rather than DeepSpeedCPUAdam
+        # offload with torch's AdamW (CPU-fused) rather than DeepSpeedCPUAdam
+        "zero_force_ds_cpu_optimizer": False,
         "bf16": {"enabled": precision == "bf16"},
         "fp16": {"enabled": precision == "fp16", "loss_scale": 0,
                  "initial_scale_power": e.fp16_initial_scale_power, "loss_scale_window": 1000,
@@ -166,8 +169,8 @@ def _enable_activation_checkpointing(method) -> None:
         if target is not None and hasattr(target, "set_grad_checkpointing"):
             target.set_grad_checkpointing(True)
             return
-    raise ConfigError(f"engine.activation_checkpointing=true but method {type(method).__name__} (and its encoder) "
-                      f"has no set_grad_checkpointing()")
+    raise ConfigError(f"engine.activation_checkpointing=true but method {type(method).__name__} (and its "
+                      f"encoder) has no set_grad_checkpointing()")
 
 
 def _crash_point(step: int) -> None:
@@ -175,7 +178,8 @@ def _crash_point(step: int) -> None:
         os._exit(137)  # a kill -9 right after optimizer step `step`, before its log or checkpoint
 
 
-def build_optimizer(name: str, groups: list[dict], lr: float, e, device: torch.device) -> torch.optim.Optimizer:
+def build_optimizer(name: str, groups: list[dict], lr: float, e,
+                    device: torch.device) -> torch.optim.Optimizer:
     """The engine's optimizer over the method's param groups: `fastmask.optim.build_optimizer` with the
     engine config's settings (betas, momentum, LARS trust coefficient and clip); errors as ConfigError."""
     try:
@@ -214,15 +218,16 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
     device = info.device
     precision = resolve_precision(e.precision, device)
     if e.on_nonfinite == "skip" and precision == "fp32":
-        raise ConfigError("engine.on_nonfinite=skip needs engine.precision bf16 or fp16 (DeepSpeed skips steps "
-                          "through its overflow check, which fp32 does not run); fp32 runs stop")
+        raise ConfigError("engine.on_nonfinite=skip needs engine.precision bf16 or fp16 (DeepSpeed skips "
+                          "steps through its overflow check, which fp32 does not run); fp32 runs stop")
     dtype = DTYPES[precision]
 
     # --- everything that can be wrong with the input fails here, before any training work
     check_zero(cfg, device, registry=method_factory is None)
     _seed_all(e.seed)  # the same on every rank: identical initial weights
+    # ZeRO-3: partitioned as built
     method = construct(lambda: _build_method(cfg, method_factory), cfg, info,
-                       build_ds_config(cfg, info.world_size, precision, device))  # ZeRO-3: partitioned as built
+                       build_ds_config(cfg, info.world_size, precision, device))
     from fastmask.data import build_loader
     views = method.view_specs() if hasattr(method, "view_specs") else None  # crops cut from the full image
     loader = build_loader(cfg.data, info.rank, info.world_size, seed=e.seed, device=device, views=views)
@@ -297,7 +302,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
 
     logger = MetricsLogger(out, info.is_main, total_steps=stop, start_step=start_step, progress=progress)
     if start_step >= stop:
-        logger.message(f"the run is at step {start_step}, the steps asked for end at {stop}: nothing to train")
+        logger.message(f"the run is at step {start_step}, the steps asked for end at {stop}: nothing to "
+                       "train")
     flops_per_image = method.flops_per_image() if hasattr(method, "flops_per_image") else None
     peak = device_peak_tflops(device, precision)
 
@@ -339,7 +345,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
             if peak:
                 rec["mfu"] = tflops / peak
         if precision == "fp16":
-            rec["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") else None
+            rec["loss_scale"] = float(engine.optimizer.cur_scale) if hasattr(engine.optimizer, "cur_scale") \
+                else None
         losses.append((step, rec["loss"]))
         health.observe(step, rec["loss"])
         logger.log(rec)
@@ -369,12 +376,13 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
                 signum = stop_signal.requested()
                 if step % e.log_every == 0 or step == stop or signum:
                     log_and_check()
-                if out is not None and ((e.checkpoint_every and step % e.checkpoint_every == 0) or step == stop
-                                        or signum):
+                if out is not None and ((e.checkpoint_every and step % e.checkpoint_every == 0)
+                                        or step == stop or signum):
                     log_and_check()  # never checkpoint a run that went non-finite
                     state = _engine_state(cfg, step, steps_per_epoch, micro_per_epoch, info, precision, total,
                                           engine)
-                    state.update(schedule=schedule, params=signature, health=health.judge(step, engine.module))
+                    state.update(schedule=schedule, params=signature,
+                                 health=health.judge(step, engine.module))
                     # Pruning keeps the newest good checkpoint whose first loss was checked: this one's
                     # verdict stays provisional until the next step's loss is known.
                     last_ckpt = ckpt.save(engine, out, step, state, config_yaml, info.rank, e.keep_last,
@@ -387,7 +395,8 @@ def _pretrain(cfg: Config, out: str | Path | None, method_factory, progress: boo
         logger.close()
     return RunResult(step=step, total_steps=total, losses=losses,
                      resumed_from=start_step if saved is not None else None,
-                     skipped_steps=int(getattr(engine, "skipped_steps", 0)), out=out, last_checkpoint=last_ckpt)
+                     skipped_steps=int(getattr(engine, "skipped_steps", 0)), out=out,
+                     last_checkpoint=last_ckpt)
 
 
 def _settle_health(health: CheckpointHealth, out: Path | None, info: DistInfo, logger: MetricsLogger) -> None:
@@ -422,7 +431,8 @@ def _engine_state(cfg: Config, step: int, steps_per_epoch: int, micro_per_epoch:
         "world_size": info.world_size, "zero_stage": cfg.engine.zero_stage, "precision": precision,
         "micro_batch": cfg.data.batch_size, "grad_accum": cfg.engine.grad_accum, "total_steps": total,
         "skipped_steps": int(getattr(engine, "skipped_steps", 0)),
-        "versions": {"fastmask": fastmask.__version__, "deepspeed": deepspeed.__version__, "torch": torch.__version__},
+        "versions": {"fastmask": fastmask.__version__, "deepspeed": deepspeed.__version__,
+                     "torch": torch.__version__},
         "config": to_dict(cfg),
     }
 
@@ -430,7 +440,8 @@ def _engine_state(cfg: Config, step: int, steps_per_epoch: int, micro_per_epoch:
 def _data_position(saved: dict | None, step: int, steps_per_epoch: int, grad_accum: int, cfg: Config,
                    info: DistInfo) -> tuple[int, int]:
     """-> (epoch, micro-batch to start at) for a run at optimizer step `step`."""
-    if saved is None or (saved["world_size"] == info.world_size and saved["micro_batch"] == cfg.data.batch_size
+    if saved is None or (saved["world_size"] == info.world_size
+                         and saved["micro_batch"] == cfg.data.batch_size
                          and saved["grad_accum"] == grad_accum):
         return step // steps_per_epoch, (step % steps_per_epoch) * grad_accum
     # A different world size or batch: continue the saved epoch at the first batch holding unseen
@@ -442,29 +453,32 @@ def _data_position(saved: dict | None, step: int, steps_per_epoch: int, grad_acc
     start = math.ceil(seen_in_epoch / new_global)
     start -= start % grad_accum
     if seen_in_epoch % new_global:
-        warnings.warn(f"resuming with a different global batch: epoch {saved['epoch']} continues at micro-batch "
-                      f"{start}, so up to {new_global - 1} samples of this epoch are skipped", stacklevel=2)
+        warnings.warn(f"resuming with a different global batch: epoch {saved['epoch']} continues at "
+                      f"micro-batch {start}, so up to {new_global - 1} samples of this epoch are skipped",
+                      stacklevel=2)
     return saved["epoch"], start
 
 
 def _needs_universal(saved: dict, world_size: int, stage: int, where: Path, optimizer: str = "adamw") -> bool:
-    """Whether resuming `saved` here needs DeepSpeed's universal format; a clear error where it cannot work."""
+    """Whether resuming `saved` here needs DeepSpeed's universal format; a clear error where it cannot
+    work."""
     old_stage, old_world = saved["zero_stage"], saved["world_size"]
     if old_stage == stage and (old_world == world_size or stage == 0):
         return False  # same partitioning, or stage 0 whose optimizer state is whole
     if optimizer in ("sgd", "lars"):
-        raise ConfigError(f"cannot resume {where} (ZeRO stage {old_stage}, {old_world} rank(s)) with ZeRO stage "
-                          f"{stage} on {world_size} rank(s) and engine.optimizer={optimizer}: DeepSpeed's universal "
-                          f"checkpoint conversion, which re-partitions ZeRO optimizer state, knows only Adam's state "
-                          f"(deepspeedai/DeepSpeed#8608). Resume with engine.zero_stage={old_stage} on {old_world} "
-                          f"rank(s), or start a new run from its weights with engine.init_from={where}.")
+        raise ConfigError(f"cannot resume {where} (ZeRO stage {old_stage}, {old_world} rank(s)) with ZeRO "
+                          f"stage {stage} on {world_size} rank(s) and engine.optimizer={optimizer}: "
+                          "DeepSpeed's universal checkpoint conversion, which re-partitions ZeRO optimizer "
+                          "state, knows only Adam's state (deepspeedai/DeepSpeed#8608). Resume with "
+                          f"engine.zero_stage={old_stage} on {old_world} rank(s), or start a new run from "
+                          f"its weights with engine.init_from={where}.")
     family = {0: "stage 0", 1: "stages 1-2", 2: "stages 1-2", 3: "stage 3"}
     if family[old_stage] != family[stage]:
         # DeepSpeed's universal checkpoint (0.19) converts within stages 1-2 and within stage 3
         # (its per-parameter files differ between the two); stage 0 needs no conversion at all.
-        raise ConfigError(f"cannot resume {where} (ZeRO stage {old_stage}, {old_world} rank(s)) with ZeRO stage "
-                          f"{stage} on {world_size} rank(s): resuming converts only within stage 0, within stages "
-                          f"1-2 and within stage 3 (any world size). Resume with engine.zero_stage={old_stage}, or "
-                          f"start a new run from its weights with engine.init_from={where} (the optimizer state "
-                          f"starts fresh).")
+        raise ConfigError(f"cannot resume {where} (ZeRO stage {old_stage}, {old_world} rank(s)) with ZeRO "
+                          f"stage {stage} on {world_size} rank(s): resuming converts only within stage 0, "
+                          "within stages 1-2 and within stage 3 (any world size). Resume with "
+                          f"engine.zero_stage={old_stage}, or start a new run from its weights with "
+                          f"engine.init_from={where} (the optimizer state starts fresh).")
     return True

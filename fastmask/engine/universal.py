@@ -1,11 +1,12 @@
 """Resume a ZeRO checkpoint at another world size through DeepSpeed's universal checkpoint format.
 
 ZeRO stages 1-3 save the optimizer state (and, at stage 3, the parameters) partitioned by rank, so
-a checkpoint of N ranks does not load on M != N ranks (or at another of these stages) as is. DeepSpeed's `ds_to_universal`
-rewrites it per parameter (fp32 weights, exp_avg, exp_avg_sq, each whole); loading that with
-`checkpoint.load_universal=true` re-partitions it for the new world size. fastmask converts once,
-on rank 0, into `<checkpoint>/universal/` (staged and renamed, like every checkpoint write), and
-the trainer then loads from there. Stage 0 needs none of this: its optimizer state is whole.
+a checkpoint of N ranks does not load on M != N ranks (or at another of these stages) as is.
+DeepSpeed's `ds_to_universal` rewrites it per parameter (fp32 weights, exp_avg, exp_avg_sq, each
+whole); loading that with `checkpoint.load_universal=true` re-partitions it for the new world size.
+fastmask converts once, on rank 0, into `<checkpoint>/universal/` (staged and renamed, like every
+checkpoint write), and the trainer then loads from there. Stage 0 needs none of this: its optimizer
+state is whole.
 """
 from __future__ import annotations
 
@@ -24,7 +25,8 @@ def convert_to_universal(folder: Path, out: Path, workers: int = 2) -> None:
 
     staging = out.with_name(out.name + ".staging")
     shutil.rmtree(staging, ignore_errors=True)
-    args = argparse.Namespace(input_folder=str(folder), output_folder=str(staging), num_extract_workers=workers,
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(staging),
+                              num_extract_workers=workers,
                               num_merge_workers=max(1, workers // 2), keep_temp_folder=False, strict=True,
                               inject_missing_state=True)
     with contextlib.redirect_stdout(io.StringIO()):  # it prints every file it touches

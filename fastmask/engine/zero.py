@@ -61,18 +61,19 @@ def check(cfg: Config, device: torch.device, registry: bool = True) -> None:
     e = cfg.engine
     problems = []
     if e.optimizer == "lars" and e.zero_stage > 0:
-        problems.append(f"engine.optimizer=lars takes a trust ratio per parameter, but ZeRO stage {e.zero_stage} "
-                        f"hands the optimizer one flat partition per param group; use engine.zero_stage=0")
+        problems.append("engine.optimizer=lars takes a trust ratio per parameter, but ZeRO stage "
+                        f"{e.zero_stage} hands the optimizer one flat partition per param group; use "
+                        "engine.zero_stage=0")
     offloads = (("offload_optimizer", e.offload_optimizer, 1), ("offload_params", e.offload_params, 3))
     for key, value, min_stage in offloads:
         if value == "none":
             continue
         if e.zero_stage < min_stage:
-            problems.append(f"engine.{key}={value} needs engine.zero_stage {'>= 1' if min_stage == 1 else '3'} "
-                            f"(got {e.zero_stage})")
+            problems.append(f"engine.{key}={value} needs engine.zero_stage "
+                            f"{'>= 1' if min_stage == 1 else '3'} (got {e.zero_stage})")
         if value == "cpu" and device.type == "cpu":
-            problems.append(f"engine.{key}=cpu moves states from accelerator memory to host memory, but this run "
-                            f"has no accelerator (device cpu): they are in host memory already; use none")
+            problems.append(f"engine.{key}=cpu moves states from accelerator memory to host memory, but this "
+                            f"run has no accelerator (device cpu): they are in host memory already; use none")
     if "nvme" in (e.offload_optimizer, e.offload_params):
         if not e.offload_nvme_path:
             problems.append("nvme offload needs engine.offload_nvme_path (a folder on a local NVMe drive)")
@@ -116,7 +117,8 @@ def _partitioned_init(ds_config: dict):
     return PartitionedInit(config_dict_or_path=ds_config, mem_efficient_linear=False, tensor_overrides=[])
 
 
-def construct(build: Callable[[], torch.nn.Module], cfg: Config, info: DistInfo, ds_config: dict) -> torch.nn.Module:
+def construct(build: Callable[[], torch.nn.Module], cfg: Config, info: DistInfo,
+              ds_config: dict) -> torch.nn.Module:
     """The method from `build()`, partitioned at construction at ZeRO stage 3 (see the module docstring)."""
     if cfg.engine.zero_stage != 3:
         return build()
@@ -129,9 +131,9 @@ def construct(build: Callable[[], torch.nn.Module], cfg: Config, info: DistInfo,
         from fastmask.methods.momentum import teachers
 
         if teachers(method):
-            raise ConfigError(f"engine.offload_params=nvme swaps parameter partitions out to disk between uses, but "
-                              f"method {cfg.method}'s EMA teacher update reads its partitions after every step; use "
-                              f"engine.offload_params=cpu or none")
+            raise ConfigError("engine.offload_params=nvme swaps parameter partitions out to disk between "
+                              f"uses, but method {cfg.method}'s EMA teacher update reads its partitions "
+                              f"after every step; use engine.offload_params=cpu or none")
     return method
 
 

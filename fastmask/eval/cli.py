@@ -47,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_source_arguments(parser, "run folder, checkpoint folder or weights file (.pt/.pth)",
                          "evaluate a randomly initialized encoder")
     parser.add_argument("--data", default="shapes",
-                        help="shapes (generated, the default) | digits (scikit-learn's) | a labeled image folder")
+                        help="shapes (generated, the default) | digits (scikit-learn's) | a labeled image "
+                             "folder")
     parser.add_argument("--data-size", type=int, default=64, help="side images from --data are read at")
     parser.add_argument("--test-fraction", type=float, default=0.2,
                         help="held-out share when --data has no val/")

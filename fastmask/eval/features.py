@@ -104,7 +104,8 @@ def to_model_input(imgs: np.ndarray | torch.Tensor, img_size: int) -> torch.Tens
 
 
 @torch.no_grad()
-def extract_features(encoder: nn.Module, x: torch.Tensor, pool: str | tuple[str, ...] = "cls", batch_size: int = 128,
+def extract_features(encoder: nn.Module, x: torch.Tensor, pool: str | tuple[str, ...] = "cls",
+                     batch_size: int = 128,
                      device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
     """x float32 [N, 3, S, S] -> float32 [N, D] on the CPU, from `encoder.forward_features(x)` [B, 1+L, D].
 

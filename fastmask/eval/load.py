@@ -45,8 +45,9 @@ def resolve_weights(path: str | Path) -> Path:
     if len(files) == 1:
         return files[0]
     raise CheckpointError(f"{p} holds no checkpoint: expected checkpoints/ (a run folder), DeepSpeed's "
-                          f"*model_states.pt (a checkpoint folder) or one weights file ({', '.join(_WEIGHT_SUFFIXES)}); "
-                          f"found {sorted(f.name for f in p.iterdir())[:10]}")
+                          "*model_states.pt (a checkpoint folder) or one weights file "
+                          f"({', '.join(_WEIGHT_SUFFIXES)}); found "
+                          f"{sorted(f.name for f in p.iterdir())[:10]}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -124,8 +125,9 @@ def resolve_config(checkpoint: str | Path | None, recipe: str | None = None, ove
     if recipe is None and checkpoint is not None:
         found = find_config(resolve_weights(checkpoint))
         if found is None:
-            raise CheckpointError(f"no config.yaml beside {checkpoint} or in the folders above it: pass --config "
-                                  f"(a recipe or YAML) and --set model=... to say what the weights are")
+            raise CheckpointError(f"no config.yaml beside {checkpoint} or in the folders above it: pass "
+                                  "--config (a recipe or YAML) and --set model=... to say what the weights "
+                                  "are")
         recipe = str(found)
     return load_config(recipe, list(overrides))
 

@@ -1,5 +1,5 @@
-"""Mask generators. Each draws from per-sample keyed `fastmask.draws.Draws` (or a torch.Generator) and returns `Masks(ids_keep [B, K],
-ids_restore [B, L], mask [B, L])`, 1 = hidden.
+"""Mask generators. Each draws from per-sample keyed `fastmask.draws.Draws` (or a torch.Generator) and
+returns `Masks(ids_keep [B, K], ids_restore [B, L], mask [B, L])`, 1 = hidden.
 
     masker = build_masker("random", mask_ratio=0.75)
     masks = masker(B, (14, 14), draws=Draws(keys, seed))     # or device=..., generator=g

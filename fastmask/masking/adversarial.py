@@ -54,7 +54,8 @@ def grad_reverse(x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
 
 def check_masks(masks: torch.Tensor) -> None:
     if not isinstance(masks, torch.Tensor) or masks.dim() != 4 or not masks.is_floating_point():
-        desc = f"{masks.dtype} {tuple(masks.shape)}" if isinstance(masks, torch.Tensor) else type(masks).__name__
+        desc = f"{masks.dtype} {tuple(masks.shape)}" if isinstance(masks, torch.Tensor) \
+            else type(masks).__name__
         raise ValueError(f"masks must be a float [B, N, H, W] tensor, got {desc}")
 
 
@@ -127,9 +128,10 @@ def apply_pixel_mask(imgs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 def masked_copies(imgs: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """imgs [B, C, H, W], masks [K, B, H, W] (1 = hidden) -> [K*B, C, H, W]: copy k is
     imgs * (1 - masks[k]), stacked k-major (rows k*B .. k*B + B - 1), ready for one encoder call."""
-    if imgs.dim() != 4 or masks.dim() != 4 or masks.shape[1] != imgs.shape[0] or masks.shape[-2:] != imgs.shape[-2:]:
-        raise ValueError(f"masked_copies: imgs must be [B, C, H, W] and masks [K, B, H, W] of the same B, H, W; "
-                         f"got {tuple(imgs.shape)} and {tuple(masks.shape)}")
+    if imgs.dim() != 4 or masks.dim() != 4 or masks.shape[1] != imgs.shape[0] \
+            or masks.shape[-2:] != imgs.shape[-2:]:
+        raise ValueError("masked_copies: imgs must be [B, C, H, W] and masks [K, B, H, W] of the same B, "
+                         f"H, W; got {tuple(imgs.shape)} and {tuple(masks.shape)}")
     out = imgs.unsqueeze(0) * (1 - masks.to(imgs.dtype).unsqueeze(2))
     return out.flatten(0, 1)
 
@@ -227,7 +229,8 @@ class AdversarialMasking(MaskGenerator):
         """
         masks = self.pixel_masks(imgs)
         mask_px, slot = pick_slots(masks, generator, draws)
-        ids_keep, ids_restore, mask = token_masking_from_scores(patch_occupancy(mask_px, patch_size), self.mask_ratio)
+        ids_keep, ids_restore, mask = token_masking_from_scores(patch_occupancy(mask_px, patch_size),
+                                                                self.mask_ratio)
         m = grad_reverse(mask_px) if reverse else mask_px
         pen, areas = self.penalty(masks)
         return {"ids_keep": ids_keep, "ids_restore": ids_restore, "mask": mask,
@@ -238,15 +241,17 @@ class AdversarialMasking(MaskGenerator):
                 imgs: torch.Tensor | None = None, **context) -> Masks:
         """The registry interface: needs `imgs` [B, C, H, W] in the context and a 2-D grid (h, w)."""
         if imgs is None or not isinstance(grid, tuple) or imgs.shape[0] != batch_size \
-                or imgs.shape[-2] % grid[0] or imgs.shape[-1] % grid[1] or imgs.shape[-2] // grid[0] != imgs.shape[-1] // grid[1]:
-            raise ValueError("adversarial masking needs imgs=[B, C, H, W] in its context and a patch grid (h, w) "
-                             f"dividing H, W with square patches; got grid={grid!r}, batch_size={batch_size}, "
-                             f"imgs={None if imgs is None else tuple(imgs.shape)}")
+                or imgs.shape[-2] % grid[0] or imgs.shape[-1] % grid[1] \
+                or imgs.shape[-2] // grid[0] != imgs.shape[-1] // grid[1]:
+            raise ValueError("adversarial masking needs imgs=[B, C, H, W] in its context and a patch grid "
+                             f"(h, w) dividing H, W with square patches; got grid={grid!r}, "
+                             f"batch_size={batch_size}, imgs={None if imgs is None else tuple(imgs.shape)}")
         self.aux = self.token_masks(imgs, imgs.shape[-2] // grid[0], generator, draws=draws)
         return Masks(self.aux["ids_keep"], self.aux["ids_restore"], self.aux["mask"])
 
     def extra_repr(self) -> str:
-        return f"mask_ratio={self.mask_ratio}, alpha_sparsity={self.alpha_sparsity}, alpha_entropy={self.alpha_entropy}"
+        return (f"mask_ratio={self.mask_ratio}, alpha_sparsity={self.alpha_sparsity}, "
+                f"alpha_entropy={self.alpha_entropy}")
 
 
 __all__ = ["GradReverse", "grad_reverse", "mask_areas", "sparsity_penalty", "entropy_penalty",

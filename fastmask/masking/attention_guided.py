@@ -44,7 +44,8 @@ class AttentionGuidedMasking(MaskGenerator):
         if candidate_ratio is not None and not 0.0 < candidate_ratio <= 1.0:
             problems.append(f"candidate_ratio must be in (0, 1], got {candidate_ratio}")
         if mode == "exact" and candidate_ratio is not None and candidate_ratio < mask_ratio:
-            problems.append(f"candidate_ratio {candidate_ratio} < mask_ratio {mask_ratio}: too few candidates")
+            problems.append(f"candidate_ratio {candidate_ratio} < mask_ratio {mask_ratio}: too few "
+                            "candidates")
         if not 0.0 <= prob <= 1.0:
             problems.append(f"prob must be in [0, 1], got {prob}")
         if problems:
@@ -65,7 +66,8 @@ class AttentionGuidedMasking(MaskGenerator):
         if generator is not None and generator.device.type != torch.device(device).type:
             raise ValueError(f"generator on {generator.device} but scores on {device}")
         rank = _ranks(scores)
-        noise = as_draws(batch_size, draws, generator, device, "attention-guided masking").uniform(L).to(device)
+        noise = as_draws(batch_size, draws, generator, device,
+                         "attention-guided masking").uniform(L).to(device)
         C = max(1, int(round(self.candidate_ratio * L)))
         candidate = rank < C
         if self.mode == "bernoulli":
@@ -73,7 +75,8 @@ class AttentionGuidedMasking(MaskGenerator):
             return Masks(None, None, mask)
         K = int(L * (1 - self.mask_ratio))
         if K < 1:
-            raise ValueError(f"attention-guided masking: mask_ratio {self.mask_ratio} keeps no patch of L={L}")
+            raise ValueError(f"attention-guided masking: mask_ratio {self.mask_ratio} keeps no patch of "
+                             f"L={L}")
         # Key: candidates get a random key in [0, 1), the rest 1 + rank / L; the L - K smallest keys
         # are hidden. Sorting descending puts the kept tokens first (MAE's shuffle layout).
         key = torch.where(candidate, noise, 1.0 + rank.float() / L)
@@ -81,4 +84,5 @@ class AttentionGuidedMasking(MaskGenerator):
 
     def extra_repr(self) -> str:
         extra = f", prob={self.prob}" if self.mode == "bernoulli" else ""
-        return f"mode={self.mode}, mask_ratio={self.mask_ratio}, candidate_ratio={self.candidate_ratio}{extra}"
+        return (f"mode={self.mode}, mask_ratio={self.mask_ratio}, "
+                f"candidate_ratio={self.candidate_ratio}{extra}")

@@ -31,8 +31,9 @@ class MultiMasking(MaskGenerator):
         if n < 1:
             problems.append(f"mask_ratio {self.mask_ratio} keeps no patch of L={num_patches}")
         elif n * self.num_masks > num_patches:
-            problems.append(f"{self.num_masks} disjoint masks of {n} visible patches need {n * self.num_masks} "
-                            f"patches, the image has L={num_patches}: raise mask_ratio or lower num_masks")
+            problems.append(f"{self.num_masks} disjoint masks of {n} visible patches need "
+                            f"{n * self.num_masks} patches, the image has L={num_patches}: raise mask_ratio "
+                            "or lower num_masks")
         if problems:
             raise ValueError("multi masking: " + "; ".join(problems))
         return n

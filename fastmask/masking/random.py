@@ -9,7 +9,8 @@ from .base import MaskGenerator, Masks, check_ratio, grid_length, masks_from_shu
 
 @register_masker("random")
 class RandomMasking(MaskGenerator):
-    """forward(batch_size B, grid (h, w) or L, draws | generator, noise=None) -> Masks with K = int(L * (1 - mask_ratio)).
+    """forward(batch_size B, grid (h, w) or L, draws | generator, noise=None) -> Masks with
+    K = int(L * (1 - mask_ratio)).
 
     As facebookresearch/mae `random_masking`: noise ~ U[0, 1)^[B, L], ids_shuffle = argsort(noise)
     (ascending: the smallest are kept), ids_keep = ids_shuffle[:, :K], so the visible tokens are in
@@ -24,8 +25,8 @@ class RandomMasking(MaskGenerator):
         """K = int(L * (1 - mask_ratio)) (49 of 196 at 0.75); ValueError when that keeps no patch."""
         k = int(num_patches * (1 - self.mask_ratio))
         if k < 1:
-            raise ValueError(f"random masking: mask_ratio {self.mask_ratio} keeps no patch of L={num_patches} "
-                             f"(int(L * (1 - r)) = 0); lower the ratio or use more patches")
+            raise ValueError(f"random masking: mask_ratio {self.mask_ratio} keeps no patch of "
+                             f"L={num_patches} (int(L * (1 - r)) = 0); lower the ratio or use more patches")
         return k
 
     def forward(self, batch_size: int, grid: int | tuple[int, int], device: torch.device | str | None = None,
@@ -39,7 +40,8 @@ class RandomMasking(MaskGenerator):
         if noise is None:
             noise = as_draws(batch_size, draws, generator, device, "random masking").uniform(L)
         elif tuple(noise.shape) != (batch_size, L):
-            raise ValueError(f"random masking: noise must be [B, L] = {(batch_size, L)}, got {tuple(noise.shape)}")
+            raise ValueError(f"random masking: noise must be [B, L] = {(batch_size, L)}, got "
+                             f"{tuple(noise.shape)}")
         return masks_from_shuffle(torch.argsort(noise, dim=1, stable=True), len_keep)
 
     def extra_repr(self) -> str:

@@ -38,7 +38,8 @@ def zero_stage_refusal(cfg) -> str | None:
     cls = get_method(cfg.method)
     why = cls.zero_stage_problem(from_dict(cls.Args, dict(cfg.method_args), prefix="method_args."),
                                  cfg.engine.zero_stage)
-    return f"method {cfg.method} cannot train at engine.zero_stage={cfg.engine.zero_stage}: {why}" if why else None
+    return f"method {cfg.method} cannot train at engine.zero_stage={cfg.engine.zero_stage}: {why}" if why \
+        else None
 
 
 def build_method(cfg) -> Method:

@@ -125,14 +125,16 @@ class ADIOS(Method):
     @dataclasses.dataclass
     class Args:
         ssl: str = "simclr"                 # simclr | byol | simsiam
-        mode: str = "alternating"           # alternating (the official two optimizers) | simultaneous (half the cost)
+        mode: str = "alternating"           # alternating (the official two optimizers) | simultaneous (half
+                                            # the cost)
         num_masks: int = 4                  # N slots
         single_mask: bool = False           # ADIOS-s: one random slot per sample, penalty over all N
         alpha_sparsity: float = 1.0
         alpha_entropy: float = 0.0
         mask_fbase: int = 32
         unet_norm: str = "in"               # gn | in | none
-        num_blocks: int | None = None       # U-Net depth; None = the official default (SimSiam 4, else log2(S) - 1)
+        num_blocks: int | None = None       # U-Net depth; None = the official default (SimSiam 4, else
+                                            # log2(S) - 1)
         mask_lr: float | None = None        # occluder lr (absolute; needs engine.lr); None = the encoder's lr
         temperature: float = 0.2            # SimCLR NT-Xent
         proj_hidden_dim: int | None = None  # None = HEAD_DEFAULTS[ssl]
@@ -144,10 +146,13 @@ class ADIOS(Method):
         momentum_base: float = 0.99         # BYOL teacher EMA, cosine to 1
         small_stem: bool | None = None      # ResNet: None = small stem for img_size <= 64
         drop_path_rate: float = 0.0         # ViT backbones
-        learn_pos_embed: bool = True        # ViT: train the position embedding (sin-cos init), as the official timm ViT
-        backbone_args: dict = dataclasses.field(default_factory=dict)  # extra create_model kwargs ({"depth": 2})
+        learn_pos_embed: bool = True        # ViT: train the position embedding (sin-cos init), as the
+                                            # official timm ViT
+        # extra create_model kwargs ({"depth": 2})
+        backbone_args: dict = dataclasses.field(default_factory=dict)
         crop_min_scale: float = 0.08        # both views' random resized crop (solo-learn's min_scale)
-        brightness: float = 0.4             # colour jitter strengths (the official scripts set them per recipe)
+        brightness: float = 0.4             # colour jitter strengths (the official scripts set them per
+                                            # recipe)
         contrast: float = 0.4
         saturation: float = 0.2
         hue: float = 0.1
@@ -171,12 +176,13 @@ class ADIOS(Method):
         self.views = 2 if a.ssl == "simsiam" else 1  # the views the occluder masks
         is_vit = not model.startswith("resnet")
         hid, out, pred = (d if d is not None else default for d, default in
-                          zip((a.proj_hidden_dim, a.proj_output_dim, a.pred_hidden_dim), HEAD_DEFAULTS[a.ssl]))
+                          zip((a.proj_hidden_dim, a.proj_output_dim, a.pred_hidden_dim),
+                              HEAD_DEFAULTS[a.ssl]))
 
         def online() -> _Online:  # backbone + projector; the BYOL teacher is a second one
             if is_vit:
-                backbone = create_model(model, img_size=img_size, drop_path_rate=a.drop_path_rate, backend=backend,
-                                        **a.backbone_args)
+                backbone = create_model(model, img_size=img_size, drop_path_rate=a.drop_path_rate,
+                                        backend=backend, **a.backbone_args)
                 backbone.pos_embed.requires_grad_(a.learn_pos_embed)
             else:
                 backbone = create_model(model, img_size=img_size, small_stem=a.small_stem, **a.backbone_args)
@@ -190,16 +196,19 @@ class ADIOS(Method):
             return _Online(backbone, projector, is_vit)
 
         self.online = online()
-        self.predictor = MLPHead(out, pred, out, num_layers=2, norm="bn", act="relu") if a.ssl != "simclr" else None
+        self.predictor = MLPHead(out, pred, out, num_layers=2, norm="bn", act="relu") \
+            if a.ssl != "simclr" else None
         self.teacher = make_teacher(self.online, online) if a.ssl == "byol" else None
-        blocks = a.num_blocks if a.num_blocks is not None else (SIMSIAM_UNET_BLOCKS if a.ssl == "simsiam" else None)
+        blocks = a.num_blocks if a.num_blocks is not None else (SIMSIAM_UNET_BLOCKS if a.ssl == "simsiam"
+                                                                else None)
         self.masker = AdversarialMasking(
             occluder=Occluder(img_size, num_masks=a.num_masks, fbase=a.mask_fbase, norm=a.unet_norm,
                               num_blocks=blocks),
             alpha_sparsity=a.alpha_sparsity, alpha_entropy=a.alpha_entropy)
         colour = dict(brightness=a.brightness, contrast=a.contrast, saturation=a.saturation, hue=a.hue,
                       jitter_p=a.jitter_p, gray_p=a.gray_p, blur_p=a.blur_p, solarize_p=a.solarize_p)
-        self.augment = ViewAugment(crop_scale=(a.crop_min_scale, 1.0), **colour)  # crops cut here, from one batch
+        # crops cut here, from one batch
+        self.augment = ViewAugment(crop_scale=(a.crop_min_scale, 1.0), **colour)
         self.colour = ViewAugment(crop_scale=None, **colour)                     # for the loader's crops
         self._stream = DrawStream(seed)
         self._backbone_bn = _has_batchnorm(self.online.backbone)
@@ -207,8 +216,9 @@ class ADIOS(Method):
         if a.mode == "alternating":
             groups = self._split_groups(weight_decay)[1]
             self.occluder_opt = SideOptimizer(groups, optimizer, optimizer_settings or OptimizerSettings())
-        log.info("ADIOS%s: ssl=%s, backbone=%s, N=%d, mode=%s (%s)", "-s" if a.single_mask else "", a.ssl, model,
-                 a.num_masks, a.mode, "the occluder's own step after the engine's, against the updated encoder"
+        log.info("ADIOS%s: ssl=%s, backbone=%s, N=%d, mode=%s (%s)", "-s" if a.single_mask else "", a.ssl,
+                 model, a.num_masks, a.mode,
+                 "the occluder's own step after the engine's, against the updated encoder"
                  if a.mode == "alternating" else "one pass, gradient reversal into the occluder")
 
     @staticmethod
@@ -235,10 +245,12 @@ class ADIOS(Method):
     @classmethod
     def from_config(cls, cfg, args: "ADIOS.Args") -> "ADIOS":
         if cfg.masking != "adversarial":
-            raise ValueError(f"adios: masks come from its own occluder; set masking=adversarial (got {cfg.masking!r})")
+            raise ValueError("adios: masks come from its own occluder; set masking=adversarial (got "
+                             f"{cfg.masking!r})")
         e = cfg.engine
-        return cls(model=cfg.model, img_size=cfg.data.img_size, args=args, lr=e.lr, backend=e.backend, seed=e.seed,
-                   optimizer=e.optimizer, optimizer_settings=OptimizerSettings.of(e), weight_decay=e.weight_decay)
+        return cls(model=cfg.model, img_size=cfg.data.img_size, args=args, lr=e.lr, backend=e.backend,
+                   seed=e.seed, optimizer=e.optimizer, optimizer_settings=OptimizerSettings.of(e),
+                   weight_decay=e.weight_decay)
 
     @classmethod
     def supported_zero_stages(cls, args: "ADIOS.Args") -> tuple[int, ...]:
@@ -248,8 +260,8 @@ class ADIOS(Method):
     def zero_stage_problem(cls, args: "ADIOS.Args", stage: int) -> str | None:
         if stage in cls.supported_zero_stages(args):
             return None
-        return ("mode=alternating steps the occluder with its own optimizer on whole parameters, which ZeRO-3 "
-                "partitions; use engine.zero_stage <= 2 or method_args.mode=simultaneous")
+        return ("mode=alternating steps the occluder with its own optimizer on whole parameters, which "
+                "ZeRO-3 partitions; use engine.zero_stage <= 2 or method_args.mode=simultaneous")
 
     # ------------------------------------------------------------------ views
     def view_specs(self) -> list[ViewSpec]:
@@ -257,7 +269,8 @@ class ADIOS(Method):
         spec = ViewSpec(self.img_size, (self.args.crop_min_scale, 1.0))
         return [spec, spec]
 
-    def _views(self, imgs: torch.Tensor | list[torch.Tensor], draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
+    def _views(self, imgs: torch.Tensor | list[torch.Tensor],
+               draws: Draws) -> tuple[torch.Tensor, torch.Tensor]:
         """-> the two augmented views (x1, x2), each [B, 3, S, S]."""
         if isinstance(imgs, torch.Tensor):
             return self.augment.two_views(imgs, draws=draws)
@@ -266,12 +279,14 @@ class ADIOS(Method):
     def _check_inputs(self, imgs: torch.Tensor | list[torch.Tensor]) -> int:
         """-> B; one ValueError for inputs that are not one batch or the two views [B, 3, S, S]."""
         S, views = self.img_size, [imgs] if isinstance(imgs, torch.Tensor) else list(imgs)
-        bad = [f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__ for x in views
-               if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1:] != (3, S, S)
+        bad = [f"{x.dtype} {tuple(x.shape)}" if isinstance(x, torch.Tensor) else type(x).__name__
+               for x in views if not isinstance(x, torch.Tensor) or x.dim() != 4 or x.shape[1:] != (3, S, S)
                or not x.is_floating_point()]
-        if bad or len(views) != (1 if isinstance(imgs, torch.Tensor) else 2) or len({x.shape[0] for x in views}) != 1:
-            raise ValueError(f"adios: imgs must be one float batch [B, 3, {S}, {S}] or its two views (a list of "
-                             f"two), got {len(views)} tensor(s){': ' + ', '.join(bad) if bad else ' of different B'}")
+        if bad or len(views) != (1 if isinstance(imgs, torch.Tensor) else 2) \
+                or len({x.shape[0] for x in views}) != 1:
+            raise ValueError(f"adios: imgs must be one float batch [B, 3, {S}, {S}] or its two views (a list "
+                             f"of two), got {len(views)} tensor(s)"
+                             f"{': ' + ', '.join(bad) if bad else ' of different B'}")
         if views[0].shape[0] < 2:
             raise ValueError("adios: the contrastive/BatchNorm objectives need a batch of at least 2 images")
         return views[0].shape[0]
@@ -374,7 +389,8 @@ class ADIOS(Method):
             if self.training and torch.is_grad_enabled():
                 self._pending.append((x1, x2, d.child("occluder_slots")))
         return {"loss": loss, "ssl_loss": ssl.detach(), "penalty": penalty.detach(),
-                "mask_area_min": areas.min(dim=1).values.mean(), "mask_area_max": areas.max(dim=1).values.mean()}
+                "mask_area_min": areas.min(dim=1).values.mean(),
+                "mask_area_max": areas.max(dim=1).values.mean()}
 
     def occluder_loss(self, x1: torch.Tensor, x2: torch.Tensor, draws: Draws) -> torch.Tensor:
         """The occluder's objective on fixed views, with the encoder as it is now: penalty - ssl (fp32
@@ -394,12 +410,14 @@ class ADIOS(Method):
             for x1, x2, draws in pending:
                 grads = torch.autograd.grad(self.occluder_loss(x1, x2, draws) / len(pending), params,
                                             allow_unused=True)
-                torch._foreach_add_(total, [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)])
+                torch._foreach_add_(total, [torch.zeros_like(p) if g is None else g
+                                            for p, g in zip(params, grads)])
         self.occluder_opt.step(total, lr)
 
     def on_step_end(self, step: int, total_steps: int) -> None:
         if self.teacher is not None:
-            ema_update_(self.teacher, self.online, cosine_momentum(step, total_steps, self.args.momentum_base, 1.0))
+            ema_update_(self.teacher, self.online,
+                        cosine_momentum(step, total_steps, self.args.momentum_base, 1.0))
 
     def _split_groups(self, weight_decay: float) -> tuple[list[dict], list[dict]]:
         """-> (encoder + heads groups, occluder groups). Weight decay skips 1-D parameters (biases,
@@ -407,8 +425,8 @@ class ADIOS(Method):
         optimizers also the backbone's no_weight_decay names (timm's rule). The occluder's groups
         carry lr_scale = mask_lr / lr; the SimSiam predictor's group is unscheduled (official static_lr)."""
         adam = self.optimizer in ("adamw", "apex_fused_adam")
-        skip = {f"online.backbone.{n}" for n in getattr(self.online.backbone, "no_weight_decay", set)()} if adam \
-            else set()
+        skip = {f"online.backbone.{n}" for n in getattr(self.online.backbone, "no_weight_decay", set)()} \
+            if adam else set()
         buckets: dict[tuple[bool, bool, bool], list[nn.Parameter]] = {}
         for name, p in self.named_parameters():
             if not p.requires_grad:
@@ -445,7 +463,8 @@ class ADIOS(Method):
         then per slot k "mask k" [B, S, S] in [0, 1] (1 = hidden) and "hide k" [B, 3, S, S] (the
         image with slot k hidden, what the encoder sees)."""
         masks = self.masker.pixel_masks(imgs).float()             # [B, N, S, S]
-        hidden = masked_copies(imgs, masks.transpose(0, 1).to(imgs.dtype)).unflatten(0, (masks.shape[1], imgs.shape[0]))
+        hidden = masked_copies(imgs, masks.transpose(0, 1).to(imgs.dtype)).unflatten(
+            0, (masks.shape[1], imgs.shape[0]))
         panels = {"original": imgs}
         for k in range(masks.shape[1]):
             panels[f"mask {k}"] = masks[:, k]

@@ -103,18 +103,21 @@ class ExtreMA(Method):
 
         self.student = student()
         if hasattr(self.masker, "num_keep"):
-            self.masker.num_keep(self.student["encoder"].num_patches)  # fail now on an impossible ratio x count
+            # fail now on an impossible ratio x count
+            self.masker.num_keep(self.student["encoder"].num_patches)
         self.predictor = MLPHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, norm=head_norm)
         self.teacher = make_teacher(self.student, student).eval()
         self.multi = masking == "multi"
         self.num_masks, self.base_momentum, self.eval_momentum = num_masks, momentum, eval_momentum
         self.momentum_now = momentum
-        self.augment = ViewAugment(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False) if color_aug else None
+        self.augment = ViewAugment(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False) if color_aug \
+            else None
         self.stream = DrawStream(seed)
 
     @classmethod
     def from_config(cls, cfg, args: "ExtreMA.Args") -> "ExtreMA":
-        return cls(model=cfg.model, img_size=cfg.data.img_size, mask_ratio=cfg.mask_ratio, masking=cfg.masking,
+        return cls(model=cfg.model, img_size=cfg.data.img_size, mask_ratio=cfg.mask_ratio,
+                   masking=cfg.masking,
                    backend=cfg.engine.backend, seed=cfg.engine.seed, **dataclasses.asdict(args))
 
     # ------------------------------------------------------------------ module plumbing
@@ -144,7 +147,8 @@ class ExtreMA(Method):
         enc.vit.check_images(imgs)
         B, M = imgs.shape[0], self.num_masks
         d = self.stream.draws(B, imgs.device, keys)
-        x1, x2 = self.augment.two_views(imgs, draws=d.child("views")) if self.augment is not None else (imgs, imgs)
+        x1, x2 = self.augment.two_views(imgs, draws=d.child("views")) if self.augment is not None \
+            else (imgs, imgs)
         if masks is None:
             dm = d.child("mask")
             masks = self.masker(B, enc.grid_size, draws=dm) if self.multi else \
@@ -156,11 +160,13 @@ class ExtreMA(Method):
         # Row m*B + b is mask m of image b (MultiMasking's layout): repeat the batch M times to match.
         latent = enc.forward_visible(x1.repeat(M, 1, 1, 1), masks.ids_keep)                 # [M*B, 1+n, D]
         q = self.predictor(self.student["projector"](latent[:, 0]))                         # [M*B, d]
-        loss = byol_loss(q, k.repeat(M, 1))  # equal-size chunks: mean over M*B = mean over masks of batch means
+        loss = byol_loss(q, k.repeat(M, 1))  # equal-size chunks: mean over M*B = mean over masks of batch
+                                             # means
         with torch.no_grad():
             target_std = torch.nn.functional.normalize(k.float(), dim=-1).std(dim=0).mean()
         return {"loss": loss, "byol": loss.detach(), "target_std": target_std,
-                "momentum": imgs.new_full((), self.momentum_now, dtype=torch.float32), "visible_ratio": 1.0 - masks.mask.mean()}
+                "momentum": imgs.new_full((), self.momentum_now, dtype=torch.float32),
+                "visible_ratio": 1.0 - masks.mask.mean()}
 
     @torch.no_grad()
     def visualize(self, imgs: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -69,20 +69,21 @@ class MAE(MaskedAutoencoderViT, Method):
     def __init__(self, model: str = "vit_base_patch16", img_size: int | tuple[int, int] = 224,
                  mask_ratio: float = 0.75, masking: str = "random", norm_pix: bool = True,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
-                 drop_path_rate: float = 0.0, decay_tokens: bool = False, backend: str = "auto", seed: int = 0):
+                 drop_path_rate: float = 0.0, decay_tokens: bool = False, backend: str = "auto",
+                 seed: int = 0):
         # Everything that can be wrong with the arguments fails here, before any weight is allocated.
         arch = vit_config(model)
         if masking == "multi":
-            raise ValueError("mae: masking=multi gives M masked copies per image, which is ExtreMA's objective "
-                             "(method=extrema); MAE takes random | block | attention | adversarial")
+            raise ValueError("mae: masking=multi gives M masked copies per image, which is ExtreMA's "
+                             "objective (method=extrema); MAE takes random | block | attention | adversarial")
         extra = {"img_size": img_size} if masking == "adversarial" else {}  # the occluder's input size
         masker = build_masker(masking, mask_ratio=mask_ratio, **extra)
         if getattr(masker, "mode", "exact") != "exact":
             raise ValueError(f"mae: the visible-only encoder needs an exact mask ratio; attention masking "
                              f"mode={masker.mode!r} hides a random number of patches (use mode=exact)")
         super().__init__(decoder_embed_dim=decoder_embed_dim, decoder_depth=decoder_depth,
-                         decoder_num_heads=decoder_num_heads, img_size=img_size, drop_path_rate=drop_path_rate,
-                         backend=backend, **arch)
+                         decoder_num_heads=decoder_num_heads, img_size=img_size,
+                         drop_path_rate=drop_path_rate, backend=backend, **arch)
         if hasattr(masker, "num_keep"):
             masker.num_keep(self.num_patches)  # e.g. a ratio so high that no patch is left: fail now
         self.model_name, self.mask_ratio, self.decay_tokens = model, float(mask_ratio), decay_tokens
@@ -92,7 +93,8 @@ class MAE(MaskedAutoencoderViT, Method):
 
     @classmethod
     def from_config(cls, cfg, args: "MAE.Args") -> "MAE":
-        return cls(model=cfg.model, img_size=cfg.data.img_size, mask_ratio=cfg.mask_ratio, masking=cfg.masking,
+        return cls(model=cfg.model, img_size=cfg.data.img_size, mask_ratio=cfg.mask_ratio,
+                   masking=cfg.masking,
                    backend=cfg.engine.backend, seed=cfg.engine.seed, **dataclasses.asdict(args))
 
     # ------------------------------------------------------------------ masks
@@ -120,8 +122,8 @@ class MAE(MaskedAutoencoderViT, Method):
         (random masking only). `context` (e.g. imgs=) goes to generators that look at the data."""
         if noise is not None:
             if not isinstance(self.masker, RandomMasking):
-                raise ValueError(f"mae: noise= drives random masking; this MAE uses masking={self.masker.name!r} "
-                                 f"(pass masks= instead)")
+                raise ValueError("mae: noise= drives random masking; this MAE uses "
+                                 f"masking={self.masker.name!r} (pass masks= instead)")
             return self.masker(batch_size, self.grid_size, noise=noise.to(device))
         draws = self._stream.draws(batch_size, device, keys)
         return self.masker(batch_size, self.grid_size, draws=draws.child("mask"), **context)
@@ -138,8 +140,8 @@ class MAE(MaskedAutoencoderViT, Method):
         # the current mask stream (nothing else may be missing).
         key = prefix + "_extra_state"
         had = key in state_dict
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys,
+                                      unexpected_keys, error_msgs)
         if not had and key in missing_keys:
             missing_keys.remove(key)
 
@@ -199,8 +201,10 @@ class MAE(MaskedAutoencoderViT, Method):
         if self.img_size[0] != self.img_size[1]:
             return None
         shape = MAEShape(img_size=self.img_size[0], patch_size=self.patch_size, in_chans=self.in_chans,
-                         embed_dim=self.embed_dim, depth=len(self.blocks), num_heads=self.blocks[0].attn.num_heads,
+                         embed_dim=self.embed_dim, depth=len(self.blocks),
+                         num_heads=self.blocks[0].attn.num_heads,
                          decoder_embed_dim=self.decoder_embed_dim, decoder_depth=len(self.decoder_blocks),
-                         decoder_num_heads=self.decoder_blocks[0].attn.num_heads if len(self.decoder_blocks) else 1,
+                         decoder_num_heads=(self.decoder_blocks[0].attn.num_heads if len(self.decoder_blocks)
+                                            else 1),
                          mask_ratio=self.mask_ratio)
         return float(mae_train_flops(shape))

@@ -47,8 +47,8 @@ def make_teacher(student: nn.Module, build: Callable[[], nn.Module] | None = Non
     without it the teacher is a deep copy, which only an unpartitioned student allows."""
     if build is None:
         if any(is_partitioned(p) for p in student.parameters()):
-            raise ValueError("make_teacher: the student is partitioned (ZeRO-3); pass build= to construct the "
-                             "teacher partitioned as well")
+            raise ValueError("make_teacher: the student is partitioned (ZeRO-3); pass build= to construct "
+                             "the teacher partitioned as well")
         teacher = copy.deepcopy(student)
     else:
         devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
@@ -79,7 +79,8 @@ def copy_weights_(dst: nn.Module, src: nn.Module) -> None:
     regather(list(dst.parameters()))
 
 
-def _pairs(teacher: nn.Module, student: nn.Module) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
+def _pairs(teacher: nn.Module,
+           student: nn.Module) -> tuple[list[str], list[torch.Tensor], list[torch.Tensor]]:
     t_named, s_named = list(teacher.named_parameters()), list(student.named_parameters())
     if [n for n, _ in t_named] != [n for n, _ in s_named]:
         t_names, s_names = {n for n, _ in t_named}, {n for n, _ in s_named}
@@ -102,7 +103,8 @@ def _partition_mismatch(t: torch.Tensor, s: torch.Tensor) -> str | None:
         return f"partitioned differently ({t.ds_numel}/{tt.ds_numel} vs {s.ds_numel}/{st.ds_numel} elements)"
     if tt.numel() != tt.ds_numel or st.numel() != st.ds_numel:
         return "a partition is not resident (swapped out to NVMe): the EMA needs both slices in memory"
-    if getattr(t, "ds_secondary_tensor", None) is not None or getattr(s, "ds_secondary_tensor", None) is not None:
+    if getattr(t, "ds_secondary_tensor", None) is not None \
+            or getattr(s, "ds_secondary_tensor", None) is not None:
         return "hierarchical partitioning (ZeRO++ hpZ) keeps a second copy the EMA would not update"
     return None
 
@@ -162,7 +164,8 @@ def ema_shadow(teacher: nn.Module) -> list[torch.Tensor] | None:
 
 
 def set_ema_shadow(teacher: nn.Module, shadow: list[torch.Tensor]) -> None:
-    """Install a shadow (a resumed run's): one fp32 tensor per teacher parameter, shaped like its local tensor."""
+    """Install a shadow (a resumed run's): one fp32 tensor per teacher parameter, shaped like its local
+    tensor."""
     t_loc = [local_tensor(p) for p in teacher.parameters()]
     shadow = [s.to(device=t.device, dtype=torch.float32) for s, t in zip(shadow, t_loc)]
     if len(shadow) != len(t_loc) or not _fits(shadow, t_loc):
@@ -178,4 +181,5 @@ def cosine_momentum(step: int, total_steps: int, base: float = 0.996, final: flo
     return final - (final - base) * (math.cos(math.pi * t / total_steps) + 1.0) / 2.0
 
 
-__all__ = ["make_teacher", "teachers", "copy_weights_", "ema_update_", "ema_shadow", "set_ema_shadow", "cosine_momentum"]
+__all__ = ["make_teacher", "teachers", "copy_weights_", "ema_update_", "ema_shadow", "set_ema_shadow",
+           "cosine_momentum"]

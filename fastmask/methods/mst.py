@@ -117,8 +117,8 @@ class MST(Method):
             self.masker = build_masker(masking, mask_ratio=mask_ratio)
         # dynamic_img_size: the local crops take the position embedding resized to their grid.
         def student() -> nn.ModuleDict:  # backbone + DINO head; the teacher is a second one
-            backbone = create_model(model, img_size=img_size, drop_path_rate=a.drop_path_rate, backend=backend,
-                                    dynamic_img_size=True)
+            backbone = create_model(model, img_size=img_size, drop_path_rate=a.drop_path_rate,
+                                    backend=backend, dynamic_img_size=True)
             head = DINOHead(backbone.embed_dim, a.out_dim, a.head_hidden_dim, a.bottleneck_dim,
                             norm_last_layer=a.norm_last_layer)
             return nn.ModuleDict({"backbone": backbone, "head": head})
@@ -145,7 +145,8 @@ class MST(Method):
 
     @classmethod
     def from_config(cls, cfg, args: "MST.Args") -> "MST":
-        return cls(model=cfg.model, img_size=cfg.data.img_size, mask_ratio=cfg.mask_ratio, masking=cfg.masking,
+        return cls(model=cfg.model, img_size=cfg.data.img_size, mask_ratio=cfg.mask_ratio,
+                   masking=cfg.masking,
                    backend=cfg.engine.backend, seed=cfg.engine.seed, **dataclasses.asdict(args))
 
     # ------------------------------------------------------------------ views
@@ -233,7 +234,8 @@ class MST(Method):
             t_tokens, attn = forward_with_cls_attention(self.teacher["backbone"], x)
             t_out = self.teacher["head"](t_tokens[:, 0])                              # [2B, K]
         if masks is None:
-            masks = self.masker(2 * B, backbone.grid_size, draws=d.child("mask").repeat(2), scores=attn.mean(dim=1))
+            masks = self.masker(2 * B, backbone.grid_size, draws=d.child("mask").repeat(2),
+                                scores=attn.mean(dim=1))
         elif masks.mask.shape[0] != 2 * B:
             raise ValueError(f"mst: masks= must hold 2B = {2 * B} rows, got {masks.mask.shape[0]}")
         s_tokens = backbone.forward_masked_tokens(x, masks.mask, self.mask_token)     # [2B, 1+L, D]

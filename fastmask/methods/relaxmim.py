@@ -107,22 +107,26 @@ class RelaxMIM(Method):
     def __init__(self, model: str = "vit_base_patch16", img_size: int = 224, mask_ratio: float = 0.75,
                  masking: str = "random", similarity: str = "infonce", target: str = "stopgrad",
                  level: str = "token", negatives: str = "batch", temperature: float = 0.2,
-                 proj_hidden_dim: int = 2048, proj_dim: int = 256, head_norm: str = "ln", momentum: float = 0.996,
+                 proj_hidden_dim: int = 2048, proj_dim: int = 256, head_norm: str = "ln",
+                 momentum: float = 0.996,
                  norm_pix: bool = True, ae_weight: float = 1.0, decay_tokens: bool = False,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  drop_path_rate: float = 0.0, backend: str = "auto", seed: int = 0):
         super().__init__()
         chosen = {"similarity": similarity, "target": target, "level": level, "negatives": negatives}
         if similarity == "mae":
-            raise ValueError("relaxmim: similarity=mae is now spelled similarity=pixel (plain MAE: its decoder and "
-                             "loss against the image); similarity=rmae is the relaxed siamese form")
-        problems = [f"{k} must be one of {v}, got {chosen[k]!r}" for k, v in _CHOICES.items() if chosen[k] not in v]
+            raise ValueError("relaxmim: similarity=mae is now spelled similarity=pixel (plain MAE: its "
+                             "decoder and loss against the image); similarity=rmae is the relaxed siamese "
+                             "form")
+        problems = [f"{k} must be one of {v}, got {chosen[k]!r}" for k, v in _CHOICES.items()
+                    if chosen[k] not in v]
         if not temperature > 0:
             problems.append(f"temperature must be > 0, got {temperature}")
         if not ae_weight >= 0:
             problems.append(f"ae_weight must be >= 0, got {ae_weight}")
         if masking == "multi":
-            problems.append("masking=multi makes M masks per image; RelaxMIM pairs one masked view with the full image")
+            problems.append("masking=multi makes M masks per image; RelaxMIM pairs one masked view with the "
+                            "full image")
         if problems:
             raise ValueError("relaxmim: " + "; ".join(problems))
         self.masker = build_masker(masking, mask_ratio=mask_ratio)
@@ -153,20 +157,22 @@ class RelaxMIM(Method):
             self.head = second()
         else:
             def second() -> nn.Module:  # the pixel decoder
-                return MAEDecoder(vit.grid_size, vit.patch_size, vit.in_chans, vit.embed_dim, decoder_embed_dim,
-                                  decoder_depth, decoder_num_heads, backend=backend)
+                return MAEDecoder(vit.grid_size, vit.patch_size, vit.in_chans, vit.embed_dim,
+                                  decoder_embed_dim, decoder_depth, decoder_num_heads, backend=backend)
 
             self.decoder = second()
             self.objective = PixelReconstruction(vit.patch_size, norm_pix=norm_pix, backend=backend)
         if target == "ema" and similarity != "pixel":
             name = "head" if similarity == "infonce" else "decoder"
             self.teacher = make_teacher(self._online(),
-                                        lambda: nn.ModuleDict({"backbone": backbone(), name: second()})).eval()
+                                        lambda: nn.ModuleDict({"backbone": backbone(),
+                                                               name: second()})).eval()
         self.stream = DrawStream(seed)
 
     @classmethod
     def from_config(cls, cfg, args: "RelaxMIM.Args") -> "RelaxMIM":
-        return cls(model=cfg.model, img_size=cfg.data.img_size, mask_ratio=cfg.mask_ratio, masking=cfg.masking,
+        return cls(model=cfg.model, img_size=cfg.data.img_size, mask_ratio=cfg.mask_ratio,
+                   masking=cfg.masking,
                    backend=cfg.engine.backend, seed=cfg.engine.seed, **dataclasses.asdict(args))
 
     # ------------------------------------------------------------------ module plumbing
@@ -213,7 +219,8 @@ class RelaxMIM(Method):
             z = tokens[:, 1:] if self.level == "token" else tokens[:, 1:].mean(dim=1)
             return nets["head"](z), scores
 
-    def _reconstruct_full(self, nets: nn.ModuleDict, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _reconstruct_full(self, nets: nn.ModuleDict,
+                          x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """-> (g(f(x)) [B, L, p*p*C]: the decoder on every patch, no mask token; scores or None)."""
         tokens, scores = self._encode_full(nets["backbone"], x)
         B, L = tokens.shape[0], tokens.shape[1] - 1
@@ -261,7 +268,8 @@ class RelaxMIM(Method):
         vit = self.backbone
         vit.check_images(imgs)
         B, L = imgs.shape[0], vit.num_patches
-        x = imgs.to(vit.patch_embed.proj.weight.dtype)                      # the networks' input; targets read imgs
+        # the networks' input; targets read imgs
+        x = imgs.to(vit.patch_embed.proj.weight.dtype)
         full, masks, out = self._masked_step(x, keys, masks)
         metrics = {"mask_ratio": masks.mask.mean()}
         if self.similarity == "pixel":

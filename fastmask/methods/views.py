@@ -107,7 +107,8 @@ class ViewAugment:
         """imgs [B, 3, H, W] normalized, float -> one augmented view [B, 3, S, S] (S = out_size, else H x W),
         imgs' dtype."""
         if imgs.dim() != 4 or imgs.shape[1] != 3 or not imgs.is_floating_point():
-            raise ValueError(f"ViewAugment expects float imgs [B, 3, H, W], got {imgs.dtype} {tuple(imgs.shape)}")
+            raise ValueError(f"ViewAugment expects float imgs [B, 3, H, W], got {imgs.dtype} "
+                             f"{tuple(imgs.shape)}")
         B, dev = imgs.shape[0], imgs.device
         # Every per-sample draw at once; column j's value does not depend on how many are drawn.
         u = as_draws(B, draws, generator, dev, "ViewAugment").uniform(14).to(dev)

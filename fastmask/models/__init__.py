@@ -22,5 +22,5 @@ from . import resnet, unet  # noqa: F401  (register resnet18 and the ADIOS occlu
 from .vit import VIT_ARCHS, VisionTransformer, vit_config
 
 __all__ = ["MODELS", "register_model", "create_model", "list_models", "check_model_name", "VisionTransformer",
-           "vit_config", "VIT_ARCHS", "MAEDecoder", "MAEDecoderLayers", "MaskedAutoencoderViT", "Block", "Mlp",
-           "PatchEmbed", "PatchConv", "DropPath", "LayerScale", "sincos_2d"]
+           "vit_config", "VIT_ARCHS", "MAEDecoder", "MAEDecoderLayers", "MaskedAutoencoderViT", "Block",
+           "Mlp", "PatchEmbed", "PatchConv", "DropPath", "LayerScale", "sincos_2d"]

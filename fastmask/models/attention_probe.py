@@ -39,7 +39,8 @@ def forward_with_cls_attention(vit: nn.Module, imgs: torch.Tensor,
     box: dict[str, torch.Tensor] = {}
     handle = last.qkv.register_forward_hook(lambda _m, _i, out: box.__setitem__("qkv", out))
     try:
-        tokens = vit.forward_features(imgs) if mask is None else vit.forward_masked_tokens(imgs, mask, mask_token)
+        tokens = vit.forward_features(imgs) if mask is None \
+            else vit.forward_masked_tokens(imgs, mask, mask_token)
     finally:
         handle.remove()
     return tokens, cls_attention_from_qkv(box["qkv"], last.num_heads, last.scale)

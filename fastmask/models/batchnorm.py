@@ -25,7 +25,8 @@ class _MixedPrecision:
             self.num_batches_tracked.add_(1)
             if factor is None:  # cumulative average, as torch's layer
                 factor = 1.0 / float(self.num_batches_tracked)
-        return F.batch_norm(x, mean, self.running_var, w.float(), b.float(), self.training, factor or 0.0, self.eps)
+        return F.batch_norm(x, mean, self.running_var, w.float(), b.float(), self.training, factor or 0.0,
+                            self.eps)
 
 
 class BatchNorm1d(_MixedPrecision, nn.BatchNorm1d):

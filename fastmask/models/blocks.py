@@ -48,7 +48,8 @@ class PatchConv(nn.Conv2d):
         if ids_keep is None:
             return super().forward(imgs)
         # gather + matmul (+ bias + pos_embed) in one op; its fused backends never cut out hidden patches
-        return ops.patch_embed_visible(imgs, ids_keep, self.weight, self.bias, pos_embed, backend=self.backend)
+        return ops.patch_embed_visible(imgs, ids_keep, self.weight, self.bias, pos_embed,
+                                       backend=self.backend)
 
 
 class PatchEmbed(nn.Module):
@@ -215,8 +216,8 @@ def _fused_block(blk, y: torch.Tensor, h: torch.Tensor, next_norm: nn.LayerNorm 
     return _add_norm(m, h, next_norm, backend)
 
 
-def fused_chain(blocks, x: torch.Tensor, final_norm: nn.LayerNorm | None, backend: str, checkpoint: bool = False,
-                mlp_fn=gelu_mlp) -> torch.Tensor:
+def fused_chain(blocks, x: torch.Tensor, final_norm: nn.LayerNorm | None, backend: str,
+                checkpoint: bool = False, mlp_fn=gelu_mlp) -> torch.Tensor:
     """x [B, N, D] through pre-LN `blocks` with every residual add fused with the LayerNorm after it
     (the next block's norm1, or `final_norm` after the last block) -> final_norm(x') [B, N, D], or the
     residual stream x' itself when final_norm is None (the last add then runs unfused).
@@ -240,7 +241,8 @@ def fused_chain(blocks, x: torch.Tensor, final_norm: nn.LayerNorm | None, backen
 def run_blocks(blocks: nn.ModuleList, x: torch.Tensor, checkpoint: bool, final_norm: nn.Module | None = None,
                backend: str = "auto") -> torch.Tensor:
     """Apply `blocks` in order, then `final_norm` when given; with `checkpoint`, recompute each block's
-    activations in backward (torch.utils.checkpoint, non-reentrant so it composes with autocast and DeepSpeed).
+    activations in backward (torch.utils.checkpoint, non-reentrant so it composes with autocast and
+    DeepSpeed).
 
     With a final norm and a fused add_layer_norm backend for `x` (Triton on CUDA; `backend="triton"`
     names it anywhere it runs), the blocks run as one `fused_chain` where every residual add is fused

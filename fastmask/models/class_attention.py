@@ -72,7 +72,8 @@ class ClassAttentionBlock(nn.Module):
 class ClassAttentionViT(nn.Module):
     """ExtreMA's encoder around a `VisionTransformer` `vit` (its blocks, patch embed, cls_token, norm).
 
-    forward_features(imgs [B, C, H, W]) -> [B, 1+L, D];  forward_visible(imgs, ids_keep [B, K]) -> [B, 1+K, D];
+    forward_features(imgs [B, C, H, W]) -> [B, 1+L, D];
+    forward_visible(imgs, ids_keep [B, K]) -> [B, 1+K, D];
     token 0 is the class token pooled by `depth_ca` class-attention blocks, the rest are the patch
     tokens (in ids_keep's order), all after the final LayerNorm. `pooled(tokens)` = token 0.
     """

@@ -102,7 +102,8 @@ class WeightNormLinear(nn.Module):
         self.frozen = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        g, v = (self.weight_g.detach(), self.weight_v.detach()) if self.frozen else (self.weight_g, self.weight_v)
+        g, v = (self.weight_g.detach(), self.weight_v.detach()) if self.frozen \
+            else (self.weight_g, self.weight_v)
         w = g * F.normalize(v, dim=1)
         return F.linear(x, w.to(x.dtype))
 
@@ -126,8 +127,10 @@ class DINOHead(nn.Module):
         else:
             layers = [nn.Linear(in_dim, hidden_dim)]
             for _ in range(num_layers - 2):
-                layers += ([BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU(), nn.Linear(hidden_dim, hidden_dim)]
-            layers += ([BatchNorm1d(hidden_dim)] if use_bn else []) + [nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)]
+                layers += ([BatchNorm1d(hidden_dim)] if use_bn else []) \
+                    + [nn.GELU(), nn.Linear(hidden_dim, hidden_dim)]
+            layers += ([BatchNorm1d(hidden_dim)] if use_bn else []) \
+                + [nn.GELU(), nn.Linear(hidden_dim, bottleneck_dim)]
         self.mlp = nn.Sequential(*layers)
         self.mlp.apply(_init_trunc_normal_linear)
         self.last_layer = WeightNormLinear(bottleneck_dim, out_dim, freeze_g=norm_last_layer)

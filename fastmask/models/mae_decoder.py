@@ -25,18 +25,22 @@ class MAEDecoderLayers:
                        decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                        mlp_ratio: float = 4.0, backend: str = "auto") -> None:
         if decoder_embed_dim % 4:
-            raise ValueError(f"decoder_embed_dim must be a multiple of 4 for the sin-cos embedding, got {decoder_embed_dim}")
+            raise ValueError("decoder_embed_dim must be a multiple of 4 for the sin-cos embedding, got "
+                             f"{decoder_embed_dim}")
         if decoder_embed_dim % decoder_num_heads:
-            raise ValueError(f"decoder_embed_dim {decoder_embed_dim} is not divisible by decoder_num_heads {decoder_num_heads}")
+            raise ValueError(f"decoder_embed_dim {decoder_embed_dim} is not divisible by decoder_num_heads "
+                             f"{decoder_num_heads}")
         self.decoder_grid_size = to_2tuple(grid_size)
         self.decoder_embed_dim, self.decoder_backend = decoder_embed_dim, backend
         self.decoder_grad_checkpointing = False
         num_patches = self.decoder_grid_size[0] * self.decoder_grid_size[1]
         self.decoder_embed = nn.Linear(embed_dim, decoder_embed_dim, bias=True)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, decoder_embed_dim))
-        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim), requires_grad=False)
+        self.decoder_pos_embed = nn.Parameter(torch.zeros(1, num_patches + 1, decoder_embed_dim),
+                                              requires_grad=False)
         self.decoder_blocks = nn.ModuleList([
-            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm, backend=backend)
+            Block(decoder_embed_dim, decoder_num_heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm,
+                  backend=backend)
             for _ in range(decoder_depth)])
         self.decoder_norm = LayerNorm(decoder_embed_dim)
         self.decoder_pred = nn.Linear(decoder_embed_dim, patch_size * patch_size * in_chans, bias=True)
@@ -44,7 +48,8 @@ class MAEDecoderLayers:
     def _init_decoder(self) -> None:
         """MAE's init: sin-cos decoder_pos_embed (zero cls row), mask token normal(0.02), xavier Linears."""
         with torch.no_grad():
-            self.decoder_pos_embed.copy_(sincos_2d(self.decoder_embed_dim, self.decoder_grid_size, cls_token=True,
+            self.decoder_pos_embed.copy_(sincos_2d(self.decoder_embed_dim, self.decoder_grid_size,
+                                                   cls_token=True,
                                                    device=self.decoder_pos_embed.device).unsqueeze(0))
         nn.init.normal_(self.mask_token, std=0.02)
         for m in (self.decoder_embed, self.decoder_blocks, self.decoder_norm, self.decoder_pred):
@@ -65,7 +70,8 @@ class MAEDecoderLayers:
                              f"{tuple(latent.shape)} and {tuple(ids_restore.shape)}")
         x = ops.decoder_unshuffle(self.decoder_embed(latent), ids_restore, self.mask_token.reshape(-1),
                                   self.decoder_pos_embed[0], backend=self.decoder_backend)
-        x = run_blocks(self.decoder_blocks, x, self.decoder_grad_checkpointing, self.decoder_norm, self.decoder_backend)
+        x = run_blocks(self.decoder_blocks, x, self.decoder_grad_checkpointing, self.decoder_norm,
+                       self.decoder_backend)
         return self.decoder_pred(x)[:, 1:]
 
 
@@ -76,7 +82,8 @@ class MAEDecoder(MAEDecoderLayers, nn.Module):
     decoder_embed_dim=512, decoder_depth=8, decoder_num_heads=16, mlp_ratio=4, backend.
     """
 
-    def __init__(self, grid_size: int | tuple[int, int], patch_size: int, in_chans: int = 3, embed_dim: int = 768,
+    def __init__(self, grid_size: int | tuple[int, int], patch_size: int, in_chans: int = 3,
+                 embed_dim: int = 768,
                  decoder_embed_dim: int = 512, decoder_depth: int = 8, decoder_num_heads: int = 16,
                  mlp_ratio: float = 4.0, backend: str = "auto"):
         nn.Module.__init__(self)

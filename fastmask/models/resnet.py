@@ -24,7 +24,8 @@ from .batchnorm import BatchNorm2d
 
 
 class BasicBlock(nn.Module):
-    """x [B, cin, H, W] -> [B, cout, H/stride, W/stride]: two Conv3x3-BN with a residual, ReLU after the sum."""
+    """x [B, cin, H, W] -> [B, cout, H/stride, W/stride]: two Conv3x3-BN with a residual, ReLU after the
+    sum."""
 
     expansion = 1
 
@@ -47,7 +48,8 @@ class BasicBlock(nn.Module):
 
 
 def _init_resnet(m: nn.Module) -> None:
-    """torchvision's ResNet init for one module (for `apply`): kaiming-normal convs (fan_out), BatchNorm 1/0."""
+    """torchvision's ResNet init for one module (for `apply`): kaiming-normal convs (fan_out), BatchNorm
+    1/0."""
     if isinstance(m, nn.Conv2d):
         nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
     elif isinstance(m, nn.BatchNorm2d):
@@ -82,7 +84,8 @@ class ResNet(nn.Module):
         self.apply(_init_resnet)  # children's weights: through apply (see models/__init__)
 
     def feature_map(self, imgs: torch.Tensor) -> torch.Tensor:
-        """imgs [B, C, H, W] -> last-stage map [B, 512, h, w] (h = ceil(H/32), or ceil((H+2)/8) with the small stem)."""
+        """imgs [B, C, H, W] -> last-stage map [B, 512, h, w] (h = ceil(H/32), or ceil((H+2)/8) with the
+        small stem)."""
         if imgs.dim() != 4:
             raise ValueError(f"ResNet expects imgs [B, C, H, W], got {tuple(imgs.shape)}")
         x = self.maxpool(self.relu(self.bn1(self.conv1(imgs))))
@@ -122,7 +125,8 @@ def resnet18(small_stem: bool | None = None, img_size: int | None = None, in_cha
         small_stem = img_size is not None and img_size <= SMALL_STEM_MAX_SIZE
     if width < 1:
         raise ValueError(f"resnet18: width must be >= 1, got {width}")
-    return ResNet((2, 2, 2, 2), in_chans=in_chans, small_stem=small_stem, widths=tuple(width * m for m in (1, 2, 4, 8)))
+    return ResNet((2, 2, 2, 2), in_chans=in_chans, small_stem=small_stem,
+                  widths=tuple(width * m for m in (1, 2, 4, 8)))
 
 
 __all__ = ["ResNet", "BasicBlock", "resnet18"]

@@ -86,7 +86,8 @@ class UNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 4 or x.shape[-2:] != (self.img_size, self.img_size):
-            raise ValueError(f"UNet built for [B, C, {self.img_size}, {self.img_size}] inputs, got {tuple(x.shape)}")
+            raise ValueError(f"UNet built for [B, C, {self.img_size}, {self.img_size}] inputs, got "
+                             f"{tuple(x.shape)}")
         skips = []
         for i, block in enumerate(self.down):
             x = block(x)

@@ -10,7 +10,8 @@ Three ways in, all returning tokens after the final norm, cls first:
 - `forward_visible(imgs, ids)`  -> [B, 1+K, D]  only the K visible patches are embedded and encoded
                                                 (MAE: no mask token ever enters the encoder);
 - `forward_masked_tokens(imgs, mask, mask_token)` -> [B, 1+L, D]  hidden patches replaced by a
-                                                learned token before the position embedding (SimMIM/MST style).
+                                                learned token before the position embedding
+                                                (SimMIM/MST style).
 
 Images must have the `img_size` the position embedding is built for, unless `dynamic_img_size`
 (timm's name): then any size divisible by the patch size is taken, the position embedding resized
@@ -55,7 +56,8 @@ class VisionTransformer(nn.Module):
                  backend: str = "auto", dynamic_img_size: bool = False):
         super().__init__()
         if embed_dim % 4:
-            raise ValueError(f"embed_dim must be a multiple of 4 for the 2-D sin-cos embedding, got {embed_dim}")
+            raise ValueError("embed_dim must be a multiple of 4 for the 2-D sin-cos embedding, got "
+                             f"{embed_dim}")
         if embed_dim % num_heads:
             raise ValueError(f"embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim, backend=backend)
@@ -69,8 +71,8 @@ class VisionTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches + 1, embed_dim), requires_grad=False)
         dpr = [drop_path_rate * i / max(depth - 1, 1) for i in range(depth)]
         self.blocks = nn.ModuleList([
-            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i], init_values=init_values,
-                  norm_layer=LayerNorm, backend=backend)
+            Block(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias, drop_path=dpr[i],
+                  init_values=init_values, norm_layer=LayerNorm, backend=backend)
             for i in range(depth)])
         self.norm = LayerNorm(embed_dim)
         self.init_weights()
@@ -156,7 +158,8 @@ class VisionTransformer(nn.Module):
         self.check_images(imgs)
         return self._encode(self.embed_visible(imgs, ids_keep))
 
-    def forward_masked_tokens(self, imgs: torch.Tensor, mask: torch.Tensor, mask_token: torch.Tensor) -> torch.Tensor:
+    def forward_masked_tokens(self, imgs: torch.Tensor, mask: torch.Tensor,
+                              mask_token: torch.Tensor) -> torch.Tensor:
         """imgs [B, C, H, W], mask [B, L] (1 = hidden), mask_token [D] (or [1, 1, D]) -> [B, 1+L, D].
 
         Every patch enters the encoder; hidden ones are replaced by `mask_token` before the
@@ -168,7 +171,8 @@ class VisionTransformer(nn.Module):
         if tuple(mask.shape) != (B, L):
             raise ValueError(f"mask must be [B, L] = {(B, L)}, got {tuple(mask.shape)}")
         if mask_token.numel() != self.embed_dim:
-            raise ValueError(f"mask_token must have D={self.embed_dim} elements, got shape {tuple(mask_token.shape)}")
+            raise ValueError(f"mask_token must have D={self.embed_dim} elements, got shape "
+                             f"{tuple(mask_token.shape)}")
         x = self.patch_embed(imgs)
         w = mask.to(x.dtype).unsqueeze(-1)
         x = x * (1 - w) + mask_token.reshape(1, 1, -1).to(x.dtype) * w
@@ -197,7 +201,8 @@ class VisionTransformer(nn.Module):
 
 
 def _init_patch_proj(module: nn.Module) -> None:
-    """MAE's patch-embed init (for `apply`): xavier-uniform on the conv weight viewed as [D, C*p*p], zero bias."""
+    """MAE's patch-embed init (for `apply`): xavier-uniform on the conv weight viewed as [D, C*p*p], zero
+    bias."""
     if isinstance(module, PatchConv):
         w = module.weight
         nn.init.xavier_uniform_(w.view(w.shape[0], -1))
@@ -228,8 +233,9 @@ def _register_vits() -> None:
                 return VisionTransformer(**{**vit_config(_name), **kwargs})
 
             make.__name__ = make.__qualname__ = name
-            make.__doc__ = (f"{name}: ViT-{size[0].upper()}/{p} ({VIT_ARCHS[size][0]} wide, {VIT_ARCHS[size][1]} deep, "
-                            f"{VIT_ARCHS[size][2]} heads); kwargs go to VisionTransformer (img_size=224, ...).")
+            make.__doc__ = (f"{name}: ViT-{size[0].upper()}/{p} ({VIT_ARCHS[size][0]} wide, "
+                            f"{VIT_ARCHS[size][1]} deep, {VIT_ARCHS[size][2]} heads); kwargs go to "
+                            "VisionTransformer (img_size=224, ...).")
             register_model(make)
 
 

@@ -33,13 +33,16 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, temperature: float = 0.2,
     image). Embeddings are l2-normalized first unless `normalize=False`.
     """
     problems = []
-    if q.dim() not in (2, 3) or k.dim() != q.dim() or q.shape[-1] != k.shape[-1] or q.shape[:-2] != k.shape[:-2]:
+    if q.dim() not in (2, 3) or k.dim() != q.dim() or q.shape[-1] != k.shape[-1] \
+            or q.shape[:-2] != k.shape[:-2]:
         problems.append(f"q must be [N, d] and k [M, d] (or [G, N, d] and [G, M, d]), got {tuple(q.shape)} "
                         f"and {tuple(k.shape)}")
     elif positives is None and q.shape[-2] != k.shape[-2]:
         problems.append(f"positives=None needs as many queries as keys, got N={q.shape[-2]}, M={k.shape[-2]}")
-    elif positives is not None and (positives.shape != q.shape[:-1] or positives.dtype not in (torch.int64, torch.int32)):
-        problems.append(f"positives must be int {list(q.shape[:-1])}, got {positives.dtype} {tuple(positives.shape)}")
+    elif positives is not None and (positives.shape != q.shape[:-1]
+                                    or positives.dtype not in (torch.int64, torch.int32)):
+        problems.append(f"positives must be int {list(q.shape[:-1])}, got {positives.dtype} "
+                        f"{tuple(positives.shape)}")
     if not temperature > 0:
         problems.append(f"temperature must be > 0, got {temperature}")
     if problems:

@@ -28,7 +28,8 @@ class PixelReconstruction(NormPixLoss):
         return t
 
 
-def relaxed_reconstruction(pred_masked: torch.Tensor, pred_full: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+def relaxed_reconstruction(pred_masked: torch.Tensor, pred_full: torch.Tensor,
+                           mask: torch.Tensor) -> torch.Tensor:
     """pred_masked [B, L, P] (the decoder's output from the visible patches), pred_full [B, L, P] (its
     output from the full image), mask [B, L] (1 = hidden) -> scalar fp32.
 
@@ -38,8 +39,9 @@ def relaxed_reconstruction(pred_masked: torch.Tensor, pred_full: torch.Tensor, m
     arguments: pass `pred_full.detach()` for a stop-gradient target.
     """
     if pred_masked.dim() != 3 or pred_full.shape != pred_masked.shape or mask.shape != pred_masked.shape[:2]:
-        raise ValueError(f"relaxed_reconstruction: pred_masked and pred_full must both be [B, L, P] and mask [B, L], "
-                         f"got {tuple(pred_masked.shape)}, {tuple(pred_full.shape)}, {tuple(mask.shape)}")
+        raise ValueError("relaxed_reconstruction: pred_masked and pred_full must both be [B, L, P] and mask "
+                         f"[B, L], got {tuple(pred_masked.shape)}, {tuple(pred_full.shape)}, "
+                         f"{tuple(mask.shape)}")
     err = (upcast(pred_masked) - upcast(pred_full)).square().mean(dim=-1)
     mask = mask.to(err.dtype)
     return (err * mask).sum() / mask.sum()

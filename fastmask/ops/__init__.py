@@ -25,8 +25,8 @@ from .patch_embed import patch_embed_visible
 from .patch_gather import patch_gather
 from .patch_scatter import patch_scatter
 
-__all__ = ["patch_gather", "patch_scatter", "decoder_unshuffle", "norm_pix_loss", "attention", "add_layer_norm", "bias_gelu",
-           "patch_embed_visible", "BackendUnavailable",
+__all__ = ["patch_gather", "patch_scatter", "decoder_unshuffle", "norm_pix_loss", "attention",
+           "add_layer_norm", "bias_gelu", "patch_embed_visible", "BackendUnavailable",
            "backends_for", "explain", "select"]
 
 # Register the triton/cuda/xformers records now, at import, not on the first call: a first call

@@ -73,11 +73,13 @@ def check_index_values(op: str, name: str, ids: torch.Tensor, L: int, permutatio
     bad = ((ids < 0) | (ids >= L)).nonzero()
     if len(bad):
         b, k = bad[0].tolist()
-        problems.append(f"{name}[{b}, {k}] = {ids[b, k].item()} is outside [0, L={L}) (rows must hold {what})")
+        problems.append(f"{name}[{b}, {k}] = {ids[b, k].item()} is outside [0, L={L}) (rows must hold "
+                        f"{what})")
     srt = ids.sort(dim=1).values
     rep = (srt[:, 1:] == srt[:, :-1]).nonzero()
     if len(rep):
         b, k = rep[0].tolist()
-        problems.append(f"{name} row {b} holds patch {srt[b, k].item()} more than once (rows must hold {what}; "
-                        "the fused backwards write each gradient row once and would leave others unwritten)")
+        problems.append(f"{name} row {b} holds patch {srt[b, k].item()} more than once (rows must hold "
+                        f"{what}; the fused backwards write each gradient row once and would leave others "
+                        "unwritten)")
     fail_if(op, problems)

@@ -25,7 +25,8 @@ def _sdpa(q, k, v, scale=None):
 
 register(Backend(op="attention", name="torch", fn=reference.attention, devices=ALL_DEVICES,
                  dtypes=TORCH_DTYPES, key_input="q"))
-register(Backend(op="attention", name="sdpa", fn=_sdpa, devices=ALL_DEVICES, dtypes=TORCH_DTYPES, key_input="q"))
+register(Backend(op="attention", name="sdpa", fn=_sdpa, devices=ALL_DEVICES, dtypes=TORCH_DTYPES,
+                 key_input="q"))
 
 # auto's order. SDPA (cuDNN first) leads on CUDA: at MAE's lengths (50-257 tokens, head dims 32-80)
 # docs/performance.md cites cuDNN's SDPA 1.7-2.3x ahead of flash-style kernels on Hopper, and no GPU
@@ -34,14 +35,15 @@ register(Backend(op="attention", name="sdpa", fn=_sdpa, devices=ALL_DEVICES, dty
 # served by triton either, so the reference catches that). Reorder only from committed
 # benchmark results (benchmarks/results/) naming the GPU they came from.
 set_priority("attention", {"cuda": ("sdpa", "triton", "xformers", "torch"), "cpu": ("sdpa", "torch")},
-             "rule: SDPA (cuDNN first) before triton: at MAE lengths cuDNN's SDPA measured 1.7-2.3x the flash "
-             "backend on Hopper, and no GPU measurement has shown the Triton kernel ahead")
+             "rule: SDPA (cuDNN first) before triton: at MAE lengths cuDNN's SDPA measured 1.7-2.3x the "
+             "flash backend on Hopper, and no GPU measurement has shown the Triton kernel ahead")
 
 
 def check_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
     problems = []
     if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        problems.append(f"q, k, v must be [B, heads, N, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+        problems.append(f"q, k, v must be [B, heads, N, head_dim], got {tuple(q.shape)}, {tuple(k.shape)}, "
+                        f"{tuple(v.shape)}")
     elif k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
         problems.append(f"shape mismatch: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}")
     if not (q.dtype == k.dtype == v.dtype):

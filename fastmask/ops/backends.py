@@ -200,7 +200,8 @@ def resolve_name(backend: str | None) -> str:
     if name == "auto":
         name = os.environ.get(ENV_VAR, "auto") or "auto"
     if name not in BACKEND_NAMES:
-        raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} (from argument or ${ENV_VAR})")
+        raise ValueError(f"unknown backend {name!r}; choose one of {BACKEND_NAMES} (from argument or "
+                         f"${ENV_VAR})")
     return name
 
 
@@ -218,7 +219,8 @@ def select(op: str, backend: str | None = "auto", **inputs) -> Backend:
                 f"{op}: backend {name!r} is not implemented for this op (implemented: {sorted(table)})")
         reasons = rec.why_not(**inputs)
         if reasons:
-            raise BackendUnavailable(f"{op}: backend {name!r} cannot run ({_describe(inputs)}): " + "; ".join(reasons))
+            raise BackendUnavailable(f"{op}: backend {name!r} cannot run ({_describe(inputs)}): "
+                                     + "; ".join(reasons))
         return rec
     order = _auto_choice(op, *_device_key(inputs))[0]
     for cand in order:
@@ -248,7 +250,8 @@ def _device_key(inputs: dict) -> tuple[str, int]:
 _loaded = False
 # Modules that register the non-reference backends. Each registers its records even when its
 # package (triton, fastmask._C, xformers) is missing; the record's `available()` then says why.
-_BACKEND_MODULES = ("fastmask.ops.triton_backend", "fastmask.ops.cuda_backend", "fastmask.ops.xformers_backend")
+_BACKEND_MODULES = ("fastmask.ops.triton_backend", "fastmask.ops.cuda_backend",
+                    "fastmask.ops.xformers_backend")
 
 
 def _load_optional_backends() -> None:

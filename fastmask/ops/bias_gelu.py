@@ -62,8 +62,8 @@ def _triton_available() -> str | None:
     return None
 
 
-register(Backend(op="bias_gelu", name="torch", fn=bias_gelu_reference, devices=ALL_DEVICES, dtypes=TORCH_DTYPES,
-                 key_input="x"))
+register(Backend(op="bias_gelu", name="torch", fn=bias_gelu_reference, devices=ALL_DEVICES,
+                 dtypes=TORCH_DTYPES, key_input="x"))
 register(Backend(op="bias_gelu", name="triton", fn=_fwd_triton,
                  devices=("cuda", "cpu") if os.environ.get("TRITON_INTERPRET") == "1" else ("cuda",),
                  available=_triton_available, key_input="x"))

@@ -1,4 +1,5 @@
-"""decoder_unshuffle: MAE's decoder input in one pass (unshuffle with mask tokens, cls row, position embedding)."""
+"""decoder_unshuffle: MAE's decoder input in one pass (unshuffle with mask tokens, cls row, position
+embedding)."""
 from __future__ import annotations
 
 import torch
@@ -23,7 +24,8 @@ def check_decoder_unshuffle(x: torch.Tensor, ids_restore: torch.Tensor, mask_tok
     if mask_token.numel() != D:
         problems.append(f"mask_token must have D={D} elements, got shape {tuple(mask_token.shape)}")
     if pos_embed.numel() != (L + 1) * D or pos_embed.shape[-1] != D:
-        problems.append(f"pos_embed must be [1+L, D] = {(L + 1, D)} (or [1, 1+L, D]), got {tuple(pos_embed.shape)}")
+        problems.append(f"pos_embed must be [1+L, D] = {(L + 1, D)} (or [1, 1+L, D]), got "
+                        f"{tuple(pos_embed.shape)}")
     for name, t in (("mask_token", mask_token), ("pos_embed", pos_embed)):
         if t.device != x.device:
             problems.append(f"{name} is on {t.device}, x on {x.device}")

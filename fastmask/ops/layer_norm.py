@@ -41,13 +41,15 @@ def add_layer_norm_reference(x, residual, weight, bias, eps=1e-6, residual_dtype
 
 @torch.library.custom_op("fastmask::add_layer_norm_fwd_triton", mutates_args=())
 def _fwd_triton(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, bias: torch.Tensor,
-                eps: float, residual_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+                eps: float, residual_dtype: torch.dtype
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     from fastmask.kernels.layer_norm import layer_norm_fwd
 
     N = x.shape[-1]
     y, h, mean, rstd = layer_norm_fwd(x.reshape(-1, N).contiguous(),
                                       None if residual is None else residual.reshape(-1, N).contiguous(),
-                                      weight.contiguous(), bias.contiguous(), eps, residual_dtype, store_h=True)
+                                      weight.contiguous(), bias.contiguous(), eps, residual_dtype,
+                                      store_h=True)
     return y.view(x.shape), h.view(x.shape), mean, rstd
 
 
@@ -63,7 +65,8 @@ def _separate_dres(dx_dtype: torch.dtype, dres_dtype: torch.dtype | None) -> boo
 
 
 @torch.library.custom_op("fastmask::add_layer_norm_bwd_triton", mutates_args=())
-def _bwd_triton(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor,
+def _bwd_triton(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: torch.Tensor,
+                rstd: torch.Tensor,
                 dh_out: torch.Tensor | None, dx_dtype: torch.dtype, dres_dtype: torch.dtype | None
                 ) -> list[torch.Tensor]:
     """-> [dweight, dbias, dx] and, only when dres_dtype differs from dx_dtype, dresidual (a custom op's
@@ -80,7 +83,8 @@ def _bwd_triton(dy: torch.Tensor, h: torch.Tensor, weight: torch.Tensor, mean: t
 
 @_bwd_triton.register_fake
 def _(dy, h, weight, mean, rstd, dh_out, dx_dtype, dres_dtype):
-    out = [torch.empty_like(weight), torch.empty_like(weight), torch.empty(dy.shape, dtype=dx_dtype, device=dy.device)]
+    out = [torch.empty_like(weight), torch.empty_like(weight),
+           torch.empty(dy.shape, dtype=dx_dtype, device=dy.device)]
     if _separate_dres(dx_dtype, dres_dtype):
         out.append(torch.empty(dy.shape, dtype=dres_dtype, device=dy.device))
     return out
@@ -148,7 +152,8 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch
     if residual is not None and residual.shape != x.shape:
         problems.append(f"residual shape {tuple(residual.shape)} != x shape {tuple(x.shape)}")
     if weight.shape != (x.shape[-1],) or bias.shape != (x.shape[-1],):
-        problems.append(f"weight/bias must be [{x.shape[-1]}], got {tuple(weight.shape)}, {tuple(bias.shape)}")
+        problems.append(f"weight/bias must be [{x.shape[-1]}], got {tuple(weight.shape)}, "
+                        f"{tuple(bias.shape)}")
     fail_if("add_layer_norm", problems)
     impl = select("add_layer_norm", backend, x=x, residual=residual, weight=weight, bias=bias)
     return impl.fn(x, residual, weight, bias, eps, residual_dtype or stream_dtype(x, residual))

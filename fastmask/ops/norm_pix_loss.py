@@ -22,7 +22,8 @@ def check_norm_pix_loss(pred: torch.Tensor, imgs: torch.Tensor, mask: torch.Tens
         if tuple(mask.shape) != (B, L):
             problems.append(f"mask must be [B, L] = {(B, L)}, got {tuple(mask.shape)}")
         if pred.device != imgs.device or mask.device != imgs.device:
-            problems.append(f"pred, imgs, mask must share a device, got {pred.device}, {imgs.device}, {mask.device}")
+            problems.append(f"pred, imgs, mask must share a device, got {pred.device}, {imgs.device}, "
+                            f"{mask.device}")
     fail_if("norm_pix_loss", problems)
 
 

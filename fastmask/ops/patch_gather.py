@@ -23,7 +23,8 @@ def check_patch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: i
     check_index_values("patch_gather", "ids_keep", ids_keep, L, permutation=False)
 
 
-def patch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int, backend: str = "auto") -> torch.Tensor:
+def patch_gather(imgs: torch.Tensor, ids_keep: torch.Tensor, patch_size: int,
+                 backend: str = "auto") -> torch.Tensor:
     """imgs [B, C, H, W] fp32|bf16|fp16, ids_keep [B, K] int64 -> [B, K, p*p*C] (same dtype).
 
     Patchify in MAE's (p, q, c) order and take the K kept patches in ids_keep's order, without

@@ -110,9 +110,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
 
 
 def patch_embed_visible(imgs: torch.Tensor, ids_keep: torch.Tensor, weight: torch.Tensor,
-                        bias: torch.Tensor | None = None, pos_embed: torch.Tensor | None = None) -> torch.Tensor:
-    """imgs [B, C, H, W], ids_keep [B, K], weight [D, C, p, p] (timm's patch_embed.proj.weight), bias [D] or None,
-    pos_embed [L, D] or None -> visible patch embeddings [B, K, D].
+                        bias: torch.Tensor | None = None,
+                        pos_embed: torch.Tensor | None = None) -> torch.Tensor:
+    """imgs [B, C, H, W], ids_keep [B, K], weight [D, C, p, p] (timm's patch_embed.proj.weight), bias [D]
+    or None, pos_embed [L, D] or None -> visible patch embeddings [B, K, D].
 
     Equal to MAE's `patch_embed(imgs) + pos_embed` followed by keeping the ids_keep tokens, but the
     matrix product runs on the K visible patches only. The conv weight is permuted to [D, (p, q, c)]

@@ -25,7 +25,8 @@ def _xformers_reason() -> str | None:
 def _xformers_attention(q, k, v, scale=None):
     import xformers.ops as xops
 
-    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale=scale)
+    out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                          scale=scale)
     return out.transpose(1, 2)
 
 
@@ -38,4 +39,5 @@ def _why_not(q=None, **_):
 register(Backend(op="attention", name="xformers", fn=_xformers_attention, devices=("cuda",),
                  dtypes=(torch.float16, torch.bfloat16, torch.float32), available=_xformers_reason,
                  why_not_extra=_why_not, key_input="q", deterministic=False,
-                 tolerances={torch.float32: (2e-4, 2e-4), torch.float16: (4e-3, 4e-3), torch.bfloat16: (3e-2, 3e-2)}))
+                 tolerances={torch.float32: (2e-4, 2e-4), torch.float16: (4e-3, 4e-3),
+                             torch.bfloat16: (3e-2, 3e-2)}))
