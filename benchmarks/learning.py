@@ -325,9 +325,14 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--steps must be >= 1")
     if args.extra and not args.tag:
         ap.error("--set needs --tag: an ablation must not overwrite the method's own result or run folder")
-    bad = [kv for kv in args.extra if "=" not in kv]
-    if bad:
-        ap.error(f"--set takes KEY=VALUE, got {bad}")
+    from fastmask.engine.config import ConfigError, load_config
+
+    for method in methods:  # a bad --set (no "=", an unknown key, a bad value) fails here, before any run
+        try:
+            load_config(f"{method}_tiny", run_overrides(method, args.steps or BUDGET["steps"][method],
+                                                        args.img_size, args.extra))
+        except ConfigError as err:
+            ap.error(f"--set for {method}: {err}")
     torch.set_num_threads(args.threads)
 
     from fastmask.eval.features import shapes_labeled_set
