@@ -36,7 +36,7 @@ from ..objectives.byol import byol_loss
 from . import register_method
 from ._stream import DrawStream
 from .base import Method
-from .momentum import cosine_momentum, ema_update_, make_teacher
+from .momentum import cosine_momentum, ema_update_, make_teacher, teacher_mode_
 from .panels import hide_patches, patch_map, rescale
 from .views import ViewAugment
 
@@ -106,7 +106,7 @@ class ExtreMA(Method):
             # fail now on an impossible ratio x count
             self.masker.num_keep(self.student["encoder"].num_patches)
         self.predictor = MLPHead(proj_dim, pred_hidden_dim, proj_dim, num_layers=2, norm=head_norm)
-        self.teacher = make_teacher(self.student, student).eval()
+        self.teacher = teacher_mode_(make_teacher(self.student, student), self.training)
         self.multi = masking == "multi"
         self.num_masks, self.base_momentum, self.eval_momentum = num_masks, momentum, eval_momentum
         self.momentum_now = momentum
@@ -123,7 +123,7 @@ class ExtreMA(Method):
     # ------------------------------------------------------------------ module plumbing
     def train(self, mode: bool = True) -> "ExtreMA":
         super().train(mode)
-        self.teacher.eval()  # no drop-path in the target, as the official teacher (drop_path 0)
+        teacher_mode_(self.teacher, mode)
         return self
 
     def no_weight_decay(self) -> set[str]:

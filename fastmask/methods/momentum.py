@@ -61,6 +61,20 @@ def make_teacher(student: nn.Module, build: Callable[[], nn.Module] | None = Non
     return teacher
 
 
+def teacher_mode_(teacher: nn.Module, training: bool) -> nn.Module:
+    """Put a target network in its training-time mode: eval (no drop-path or dropout in the target,
+    as the official teachers are built with drop_path 0), except its BatchNorm layers, which follow
+    `training`. A BYOL-style target (BYOL, solo-learn's momentum heads) runs in train mode: its
+    BatchNorm normalizes with the batch's statistics and keeps its own running statistics (not
+    averaged, see the module docstring). In eval mode it would normalize with running statistics it
+    never updates, its initial 0 / 1."""
+    teacher.eval()
+    for m in teacher.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.train(training)
+    return teacher
+
+
 def teachers(module: nn.Module) -> list[tuple[str, nn.Module]]:
     """The EMA teachers `make_teacher` made inside `module`, with their qualified names."""
     return [(n, m) for n, m in module.named_modules() if getattr(m, "_ema_teacher", False)]

@@ -50,7 +50,7 @@ from ..objectives.dino import DINOLoss
 from . import register_method
 from ._stream import DrawStream
 from .base import Method
-from .momentum import cosine_momentum, ema_update_, make_teacher
+from .momentum import cosine_momentum, ema_update_, make_teacher, teacher_mode_
 from .panels import hide_patches, patch_map, rescale
 from .views import ViewAugment
 
@@ -129,7 +129,7 @@ class MST(Method):
             raise ValueError(f"mst: local_crop_size {a.local_crop_size} is not divisible by the patch size "
                              f"{backbone.patch_size}")
         D = backbone.embed_dim
-        self.teacher = make_teacher(self.student, student).eval()
+        self.teacher = teacher_mode_(make_teacher(self.student, student), self.training)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D))
         nn.init.normal_(self.mask_token, std=0.02)
         self.decoder = ImageDecoder(D, backbone.patch_size, backbone.grid_size, backbone.in_chans,
@@ -192,7 +192,7 @@ class MST(Method):
     # ------------------------------------------------------------------ module plumbing
     def train(self, mode: bool = True) -> "MST":
         super().train(mode)
-        self.teacher.eval()
+        teacher_mode_(self.teacher, mode)
         return self
 
     def no_weight_decay(self) -> set[str]:

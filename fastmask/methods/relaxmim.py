@@ -71,7 +71,7 @@ from ..objectives.reconstruction import PixelReconstruction, relaxed_reconstruct
 from . import register_method
 from ._stream import DrawStream
 from .base import Method
-from .momentum import cosine_momentum, ema_update_, make_teacher
+from .momentum import cosine_momentum, ema_update_, make_teacher, teacher_mode_
 from .panels import hide_patches, patch_map, reconstruction_panels
 
 _CHOICES = {"similarity": ("infonce", "rmae", "pixel"), "target": ("stopgrad", "ema", "shared"),
@@ -164,9 +164,8 @@ class RelaxMIM(Method):
             self.objective = PixelReconstruction(vit.patch_size, norm_pix=norm_pix, backend=backend)
         if target == "ema" and similarity != "pixel":
             name = "head" if similarity == "infonce" else "decoder"
-            self.teacher = make_teacher(self._online(),
-                                        lambda: nn.ModuleDict({"backbone": backbone(),
-                                                               name: second()})).eval()
+            teacher = make_teacher(self._online(), lambda: nn.ModuleDict({"backbone": backbone(), name: second()}))
+            self.teacher = teacher_mode_(teacher, self.training)
         self.stream = DrawStream(seed)
 
     @classmethod
@@ -179,7 +178,7 @@ class RelaxMIM(Method):
     def train(self, mode: bool = True) -> "RelaxMIM":
         super().train(mode)
         if hasattr(self, "teacher"):
-            self.teacher.eval()
+            teacher_mode_(self.teacher, mode)
         return self
 
     def no_weight_decay(self) -> set[str]:
