@@ -164,7 +164,8 @@ class RelaxMIM(Method):
             self.objective = PixelReconstruction(vit.patch_size, norm_pix=norm_pix, backend=backend)
         if target == "ema" and similarity != "pixel":
             name = "head" if similarity == "infonce" else "decoder"
-            teacher = make_teacher(self._online(), lambda: nn.ModuleDict({"backbone": backbone(), name: second()}))
+            teacher = make_teacher(self._online(),
+                                   lambda: nn.ModuleDict({"backbone": backbone(), name: second()}))
             self.teacher = teacher_mode_(teacher, self.training)
         self.stream = DrawStream(seed)
 
