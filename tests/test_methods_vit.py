@@ -88,6 +88,27 @@ def test_extrema_learns_without_collapse(data):
     assert metrics[-1]["target_std"] > 0.03                    # healthy 0.063-0.068, collapsing 0.008-0.009
 
 
+def test_extrema_views_share_the_crop_unless_told(data):
+    """The paper's views share one crop and differ in colour only; `shared_crop=False` (an ablation)
+    crops each view on its own. With the colour off the difference between the views is geometry."""
+    kw = dict(model=MICRO, img_size=IMG, num_masks=4, mask_ratio=0.75, proj_hidden_dim=32, proj_dim=16,
+              pred_hidden_dim=32)
+    imgs = data[0][:16]
+    assert get_method("extrema")(color_aug=False, **kw).augment is None              # x1 = x2
+    x1, x2 = get_method("extrema")(color_aug=False, shared_crop=False, **kw).augment.two_views(
+        imgs, draws=Draws(torch.arange(16), seed=3))
+    moved = (x1 - x2).flatten(1).abs().amax(dim=1)
+    assert (moved > 0.5).float().mean() > 0.9, moved                                 # the geometry differs
+    # the shared crop with colour on: each view is a per-image colour map of the same pixels, so the
+    # views' grey levels stay rank-correlated pixel by pixel
+    y1, y2 = get_method("extrema")(**kw).augment.two_views(imgs, draws=Draws(torch.arange(16), seed=3))
+    shared = F.cosine_similarity((y1 - y1.mean((2, 3), True)).mean(1).flatten(1),
+                                 (y2 - y2.mean((2, 3), True)).mean(1).flatten(1), dim=1)
+    apart = F.cosine_similarity((x1 - x1.mean((2, 3), True)).mean(1).flatten(1),
+                                (x2 - x2.mean((2, 3), True)).mean(1).flatten(1), dim=1)
+    assert shared.median() > 0.8 and apart.median() < shared.median() - 0.2, (shared, apart)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kw", [dict(similarity="infonce", target="stopgrad", level="token",
                                      negatives="batch"),

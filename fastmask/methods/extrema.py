@@ -13,7 +13,9 @@ Choices where the official code leaves something to the setup:
 - Views: the engine's loader already applies MAE's random resized crop + flip, which ExtreMA shares
   between both views; `color_aug` (default on, the paper's best row, `--aug-spatialconsistent-color`)
   then draws two *independent* colour pipelines (jitter 0.4/0.4/0.2/0.1 p 0.8, grayscale 0.2) on
-  the batch's device. color_aug off: x1 = x2.
+  the batch's device. color_aug off: x1 = x2. `shared_crop: false` (an ablation, not the paper's)
+  gives each view its own random resized crop (scale 0.2-1) + flip of the loader's image, BYOL's
+  views, so the views differ in geometry as well as colour.
 - EMA: the official code updates the teacher right before computing the target with m(t); here it
   runs in `on_step_end` after each optimizer step with the cosine schedule 0.996 -> 1, which is the
   same sequence of teacher weights shifted by one step's bookkeeping.
@@ -74,13 +76,15 @@ class ExtreMA(Method):
         momentum: float = 0.996            # EMA base, cosine to 1 over the run
         drop_path_rate: float = 0.1        # student only
         color_aug: bool = True             # two independent colour pipelines on the shared crop
+        shared_crop: bool = True           # false: each view its own crop + flip (BYOL's views; ablation)
         eval_momentum: bool = True         # encoder() returns the momentum encoder
 
     def __init__(self, model: str = "vit_base_patch16", img_size: int = 224, mask_ratio: float = 0.8,
                  masking: str = "multi", num_masks: int = 5, depth_ca: int = 2, layer_scale_init: float = 0.1,
                  proj_hidden_dim: int = 4096, proj_dim: int = 256, pred_hidden_dim: int = 4096,
                  head_norm: str = "ln", momentum: float = 0.996, drop_path_rate: float = 0.1,
-                 color_aug: bool = True, eval_momentum: bool = True, backend: str = "auto", seed: int = 0):
+                 color_aug: bool = True, shared_crop: bool = True, eval_momentum: bool = True,
+                 backend: str = "auto", seed: int = 0):
         super().__init__()
         problems = []
         if masking == "attention":
@@ -110,8 +114,9 @@ class ExtreMA(Method):
         self.multi = masking == "multi"
         self.num_masks, self.base_momentum, self.eval_momentum = num_masks, momentum, eval_momentum
         self.momentum_now = momentum
-        self.augment = ViewAugment(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False) if color_aug \
-            else None
+        geometry = {} if not shared_crop else dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False)
+        colour = {} if color_aug else dict(jitter_p=0.0, gray_p=0.0)
+        self.augment = ViewAugment(**geometry, **colour) if color_aug or not shared_crop else None
         self.stream = DrawStream(seed)
 
     @classmethod
