@@ -19,6 +19,20 @@ def test_images_are_deterministic_per_split_and_index():
     assert shapes.shapes_image(0, "test", 3, size=40).shape == (40, 40, 3)
 
 
+def test_the_shape_mask_marks_the_labelled_shape():
+    """Inside the mask the image is the shape's one colour (plus the pixel noise, std <= 0.04); just
+    outside it, it is not. Diagnostics use the mask to see where a method looks."""
+    for index in range(8):
+        img, m = shapes.shapes_image_and_mask(0, "pretrain", index)
+        assert np.array_equal(img, shapes.shapes_image(0, "pretrain", index))
+        assert m.shape == (64, 64) and m.dtype == np.float32 and 0.02 < m.mean() < 0.6
+        x = img.astype(np.float32) / 255
+        inside, edge = x[m > 0.999], x[(m < 0.001) & (np.abs(np.gradient(m)).sum(0) > 0)]
+        assert inside.std(0).max() < 0.06                                # one flat colour
+        fg = inside.mean(0)
+        assert np.linalg.norm(edge - fg, axis=1).mean() > 0.2            # what it covers differs
+
+
 def test_pixels_do_not_give_the_class_away():
     """Colours, backgrounds and clutter are drawn independently of the label, so a k-NN on raw
     pixels stays near chance (10%; measured 9-16% over three seeds at this size). A generator

@@ -142,6 +142,13 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
 
 def shapes_image(seed: int, split: str, index: int, size: int = DEFAULT_SIZE) -> np.ndarray:
     """-> uint8 [size, size, 3]: image `index` of `split`; its label is `index % len(CLASSES)`."""
+    return shapes_image_and_mask(seed, split, index, size)[0]
+
+
+def shapes_image_and_mask(seed: int, split: str, index: int, size: int = DEFAULT_SIZE
+                          ) -> tuple[np.ndarray, np.ndarray]:
+    """-> (`shapes_image`'s uint8 [size, size, 3], float32 [size, size]: the labelled shape's coverage
+    of each pixel in [0, 1]; it is drawn last, over the clutter, so nothing hides it)."""
     if split not in SPLITS:
         raise ValueError(f"split must be one of {tuple(SPLITS)}, got {split!r}")
     if size < 16:
@@ -164,7 +171,7 @@ def shapes_image(seed: int, split: str, index: int, size: int = DEFAULT_SIZE) ->
             break
     img = img * (1 - m[..., None]) + fg * m[..., None]
     img = img + rng.normal(0, rng.uniform(0.0, 0.04), img.shape).astype(np.float32)
-    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8)
+    return (np.clip(img, 0, 1) * 255 + 0.5).astype(np.uint8), m
 
 
 @functools.lru_cache(maxsize=8)
