@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 import torch
 
-spec = importlib.util.spec_from_file_location(
-    "adios_occluder_coverage", Path(__file__).resolve().parents[1] / "benchmarks" / "adios_occluder_coverage.py")
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "adios_occluder_coverage.py"
+spec = importlib.util.spec_from_file_location("adios_occluder_coverage", SCRIPT)
 cov = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(cov)
 
