@@ -18,5 +18,8 @@ os.environ.setdefault("FASTMASK_CHECK", "1")
 
 # One intra-op thread per test process: the shapes here are tiny, and CI's 2 cores are shared with
 # DataLoader workers, DALI threads and the multi-rank tests' second process; two spinning OpenMP
-# threads under such contention made single tests tens of times slower.
+# threads under such contention made single tests tens of times slower. The environment carries the
+# same count to every process a test starts (CLI runs, torchrun ranks, crash-and-resume children), so
+# a child's kernels reduce in the same order as the test's in-process reference.
 torch.set_num_threads(1)
+os.environ["OMP_NUM_THREADS"] = "1"

@@ -67,10 +67,7 @@ def test_stopped_and_resumed_run_equals_uninterrupted(tmp_path, overrides):
 
 
 def _run_in_subprocess(out: Path, crash_at: str, steps: int) -> subprocess.CompletedProcess:
-    # The child runs with this process's intra-op threads (conftest sets 1): a different count changes
-    # the kernels' reduction order, and the exact comparison with the in-process reference with it.
     code = (f"import sys; sys.path.insert(0, {str(HERE)!r})\n"
-            f"import torch; torch.set_num_threads({torch.get_num_threads()})\n"
             "from engine_helpers import tiny_config, tiny_factory\n"
             "from fastmask.engine.trainer import pretrain\n"
             f"pretrain(tiny_config('engine.checkpoint_every=3', steps={steps}), out={str(out)!r}, "

@@ -30,7 +30,6 @@ def _launch(out: Path, mode: str) -> None:
            str(out), ",".join(map(str, STAGES)), str(STEPS), mode]
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=540)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
 

@@ -272,7 +272,7 @@ def test_ctrl_c_once_stops_after_the_step_and_twice_stops_at_once():
 @pytest.mark.multirank
 def test_two_ranks_agree_on_a_signal_only_one_received_and_on_a_refusal(tmp_path):
     torchrun = Path(sys.executable).parent / "torchrun"
-    env = {**_clean_env(), "OMP_NUM_THREADS": "1"}
+    env = _clean_env()
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
                            str(HERE / "multirank_safety_worker.py"), str(tmp_path)],
                           env=env, capture_output=True, text=True, timeout=540)

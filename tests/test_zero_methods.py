@@ -60,7 +60,6 @@ def runs(tmp_path_factory):
     torchrun = Path(sys.executable).parent / "torchrun"
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                            "MASTER_PORT")}
-    env["OMP_NUM_THREADS"] = "1"
     proc = subprocess.run([str(torchrun), "--standalone", "--nproc_per_node", "2",
                            str(HERE / "zero_methods_worker.py"), str(out)],
                           env=env, capture_output=True, text=True, timeout=900)
