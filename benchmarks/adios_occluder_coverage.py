@@ -36,11 +36,11 @@ from fastmask.eval.load import load_method, resolve_config
 def coverage(soft: torch.Tensor, shape: torch.Tensor) -> dict:
     """soft [B, N, H, W] slot masks, shape [B, H, W] coverage in [0, 1] -> the figures above."""
     on = (soft * shape[:, None]).flatten(2).sum(2) / shape.flatten(1).sum(1, keepdim=True)   # [B, N]
-    best = on.argmax(dim=1)
+    most, best = on.max(dim=1)
     off = 1 - shape
     slot = soft[torch.arange(soft.shape[0]), best]                                          # [B, H, W]
     return {"area": soft.flatten(2).mean(2).mean(0).tolist(),
-            "shape_hidden": on.max(dim=1).values.mean().item(),
+            "shape_hidden": most.mean().item(),
             "background_hidden": ((slot * off).flatten(1).sum(1) / off.flatten(1).sum(1)).mean().item()}
 
 

@@ -114,7 +114,7 @@ class ExtreMA(Method):
         self.multi = masking == "multi"
         self.num_masks, self.base_momentum, self.eval_momentum = num_masks, momentum, eval_momentum
         self.momentum_now = momentum
-        geometry = {} if not shared_crop else dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False)
+        geometry = dict(crop_scale=(1.0, 1.0), crop_ratio=(1.0, 1.0), hflip=False) if shared_crop else {}
         colour = {} if color_aug else dict(jitter_p=0.0, gray_p=0.0)
         self.augment = ViewAugment(**geometry, **colour) if color_aug or not shared_crop else None
         self.stream = DrawStream(seed)
