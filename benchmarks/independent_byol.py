@@ -1,7 +1,7 @@
 """An independent plain-PyTorch BYOL (timm's ViT-Tiny/16, written from the BYOL paper's recipe) on
 fastmask's shapes, to tell a bug in fastmask's ExtreMA/BYOL from the objective at this scale.
 
-    python benchmarks/independent_byol.py --out /tmp/byol        # 600 steps, ~12 min on one CPU thread
+    python benchmarks/independent_byol.py --out /tmp/byol        # 600 steps: 18 min, one thread, busy 2 cores
     STEPS=3 python benchmarks/independent_byol.py --out /tmp/x   # smoke test (schedules stay 600-step)
 
 Nothing from fastmask but `fastmask.data.shapes` for the images: its own views (torchvision: random
