@@ -2,23 +2,25 @@
 fastmask's shapes, to tell a bug in fastmask's ExtreMA/BYOL from the objective at this scale.
 
     python benchmarks/independent_byol.py --out /tmp/byol        # 600 steps: 18 min, one thread, busy 2 cores
-    STEPS=3 python benchmarks/independent_byol.py --out /tmp/x   # smoke test (schedules stay 600-step)
+    python benchmarks/independent_byol.py --steps 1800 --out /tmp/byol1800   # probed at 600, 1200, 1800
+    STEPS=3 python benchmarks/independent_byol.py --out /tmp/x   # smoke test (schedules stay --steps long)
 
 Nothing from fastmask but `fastmask.data.shapes` for the images: its own views (torchvision: random
 resized crop 0.2-1 at 64 px, flip, colour jitter 0.4/0.4/0.2/0.1 p 0.8, grey 0.2, blur p 1.0 / 0.1,
 solarize p 0 / 0.2, BYOL's asymmetric pair), projector and predictor (BYOL's Linear-BatchNorm-ReLU-Linear,
 hidden 1024, out 256), the symmetric loss 2 - 2 cos(q, sg(z')), the EMA target (0.99 -> 1 cosine, its
-BatchNorm in training mode) and schedules (AdamW lr 1e-3 at batch 64, 30 warm-up steps, cosine to 0,
-weight decay 0.05 off biases and norms), at benchmarks/learning.py's batch and ExtreMA's step budget.
-Logs the loss every 25 steps to OUT.jsonl, then k-NN (k 20, T 0.07, its own) of the target encoder's
-cls token and mean patch token on the labelled shapes, trained and at its random initialization, into
-OUT_result.json. Not fastmask's ExtreMA: no masking, no class-attention pooling, timm's ViT and init.
+BatchNorm in training mode) and schedules (AdamW lr 1e-3 at batch 64, warm-up over 1/20 of the steps,
+cosine to 0, weight decay 0.05 off biases and norms), at benchmarks/learning.py's batch and ExtreMA's step
+budget (`--steps`, default 600). Logs the loss every 25 steps to OUT.jsonl, then k-NN (k 20, T 0.07, its
+own) of the target encoder's cls token and mean patch token on the labelled shapes, at its random
+initialization and every 600 steps, into OUT_result.json. Not fastmask's ExtreMA: no masking, no
+class-attention pooling, timm's ViT and init.
 """
+import argparse
 import copy
 import json
 import math
 import os
-import sys
 import time
 
 import numpy as np
@@ -32,10 +34,15 @@ from fastmask.data import shapes
 
 torch.set_num_threads(1)
 
-TOTAL_STEPS = 600                     # schedules are always defined over the full run
+_ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+_ap.add_argument("--out", default="independent_byol", help="prefix of OUT.jsonl and OUT_result.json")
+_ap.add_argument("--steps", type=int, default=600, help="total steps (schedules are defined over them)")
+_args = _ap.parse_args()
+TOTAL_STEPS = _args.steps                  # schedules are always defined over the full run
 RUN_STEPS = int(os.environ.get("STEPS", TOTAL_STEPS))
-PREFIX = sys.argv[sys.argv.index("--out") + 1] if "--out" in sys.argv else "independent_byol"
-BATCH, LR, WARMUP, WD = 64, 1e-3, 30, 0.05
+PREFIX = _args.out
+PROBE_EVERY = 600                          # ExtreMA's BYOL-on-its-parts runs were probed at 600 and 1800
+BATCH, LR, WARMUP, WD = 64, 1e-3, max(1, TOTAL_STEPS // 20), 0.05
 M0 = 0.99
 HID, OUT = 1024, 256
 LOG_EVERY = 25
@@ -132,7 +139,7 @@ def main():
     log_path = PREFIX + ".jsonl"
     if os.path.exists(log_path):
         os.remove(log_path)
-    rows, t_last, last = [], time.time(), -1
+    rows, probes, t_last, last = [], {}, time.time(), -1
     online.train(), predictor.train(), target.train()   # BYOL's target normalizes with batch statistics
     for step in range(RUN_STEPS):
         for g in opt.param_groups:
@@ -164,10 +171,17 @@ def main():
             print(json.dumps(row), flush=True)
             with open(log_path, "a") as f:
                 f.write(json.dumps(row) + "\n")
+        if (step + 1) % PROBE_EVERY == 0 and step + 1 < RUN_STEPS:
+            t_probe = time.time()
+            probes[str(step + 1)] = knn_scores(target.backbone, train, test)
+            t_last += time.time() - t_probe                        # sec_per_step counts training only
+            print(f"step {step + 1} target k-NN: {probes[str(step + 1)]}", flush=True)
 
     trained_knn = knn_scores(target.backbone, train, test)
     print(f"random-init target k-NN: {random_knn}  trained target k-NN: {trained_knn}", flush=True)
-    res = {"random_knn": random_knn, "trained_knn": trained_knn, "steps": RUN_STEPS, "rows": rows,
+    res = {"random_knn": random_knn, "trained_knn": trained_knn, "steps": RUN_STEPS,
+           "total_steps": TOTAL_STEPS,
+           "knn_at": {**probes, str(RUN_STEPS): trained_knn}, "rows": rows,
            "torch": torch.__version__, "timm": timm.__version__}
     with open(PREFIX + "_result.json", "w") as f:
         json.dump(res, f, indent=1)
