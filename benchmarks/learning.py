@@ -8,6 +8,7 @@ against the same encoder at its random initialization.
     python benchmarks/learning.py --methods extrema --tag m996 --set method_args.momentum=0.996 --out ...
     python benchmarks/learning.py --methods none --set-baselines --out ...                 # the set itself
     python benchmarks/learning.py --methods none --supervised-vit fastmask --out ...       # the label ceiling
+    python benchmarks/learning.py --methods mae --steps 4000 --finetune --out ...          # + fine-tuning
 
 For each method: `fastmask pretrain --config <method>_tiny` (the method's tiny recipe) on
 `data.dataset=shapes` (the unlabelled split of `fastmask.data.shapes`, 20,000 images) with the
@@ -29,7 +30,10 @@ from scratch on the labelled pretraining split for SUPERVISED["steps"] steps (mu
 labels are learnable from the pixels). `--supervised-vit fastmask|timm` measures the label ceiling at
 this budget: MODEL itself trained with labels for SUPERVISED_VIT["steps"] (about MAE's budget), probed
 along the way; a self-supervised run of N steps is not expected to beat the supervised one at N steps.
-With `timm`, timm's ViT-Tiny/16 in the same loop (is ours a slow learner?).
+With `timm`, timm's ViT-Tiny/16 in the same loop (is ours a slow learner?). `--finetune` adds the
+evaluation the MIM papers lead with: each trained encoder and its random init fine-tuned end to end in
+that loop (FINETUNE: a fresh linear head on the mean pool, FINETUNE["steps"] steps), held-out accuracy
+and k-NN of the fine-tuned encoder along the way: does pretraining give a better starting point?
 
 Budget (one home: BUDGET below): steps x batch x img size, batch and size the same for every
 method, steps chosen so each method takes about ten minutes on a quiet 2-core CPU. Runs live in
@@ -69,6 +73,10 @@ SUPERVISED = {"steps": 1500, "batch_size": 64, "lr": 3e-3, "train_images": 5000}
 # MAE's step count; probed along the way so each method's budget can be read against it.
 SUPERVISED_VIT = {"steps": 1500, "batch_size": 64, "lr": 3e-4, "train_images": 5000,
                   "probe_at": [250, 500, 1000, 1500]}
+# --finetune: SUPERVISED_VIT's loop from a pretrained encoder and from its random init, on the mean pool
+# (MAE's fine-tuning pool; a method's cls token may not be trained by its loss), a third of its steps.
+FINETUNE = {"steps": 500, "batch_size": 64, "lr": 3e-4, "train_images": 5000, "probe_at": [250, 500],
+            "pool": "mean"}
 
 
 def run_overrides(method: str, steps: int, img_size: int | None = None,
@@ -183,24 +191,12 @@ def supervised_cnn(data, img_size: int) -> dict:
 
 
 def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
-    """The label ceiling at this budget: the same ViT-Tiny/16 trained from scratch *with labels* (a linear
-    head on the cls token, cross-entropy, AdamW, cosine lr with 5% warmup, the pretraining runs' crop +
-    flip) on the pretraining split's first images, probed (head accuracy and cls k-NN on the held-out
-    split) along the way. What a self-supervised run of the same steps can be expected to reach is
-    below this: labels are the strongest signal there is. `timm_model`: timm's ViT-Tiny/16 (its own
-    init) in the same loop instead, to tell a slow learner of ours from the architecture's pace."""
-    import math
-
-    from fastmask.data import shapes
-    from fastmask.eval.features import extract_features, to_model_input
-    from fastmask.methods.views import ViewAugment
+    """The label ceiling at this budget: the same ViT-Tiny/16 trained from scratch *with labels*
+    (`train_with_labels` on the cls token). What a self-supervised run of the same steps can be expected
+    to reach is below this: labels are the strongest signal there is. `timm_model`: timm's ViT-Tiny/16
+    (its own init) in the same loop instead, to tell a slow learner of ours from the architecture's pace."""
     from fastmask.models import create_model
 
-    cfg = SUPERVISED_VIT
-    imgs, labels = shapes.shapes_set("pretrain", cfg["train_images"], shapes.DEFAULT_SIZE)
-    x, y = to_model_input(imgs, img_size), torch.as_tensor(labels)
-    xtr, xte = to_model_input(data[0], img_size), to_model_input(data[2], img_size)
-    ytr, yte = torch.as_tensor(data[1]), torch.as_tensor(data[3])
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         if timm_model:
@@ -211,6 +207,39 @@ def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
         else:
             vit = create_model(MODEL, img_size=img_size)
         head = torch.nn.Linear(vit.embed_dim, len(data[4]))
+    return {**SUPERVISED_VIT, "probes": train_with_labels(vit, head, data, img_size, SUPERVISED_VIT, "cls")}
+
+
+def finetune(run: Path | None, cfg, data) -> dict:
+    """End-to-end fine-tuning from the encoder of `run` (None: the run's own random init), the MIM papers'
+    headline evaluation: FINETUNE's steps of `train_with_labels` on FINETUNE's pool, a fresh linear head."""
+    from fastmask.eval.load import load_encoder
+
+    encoder, _ = load_encoder(run, cfg=cfg)
+    if not hasattr(encoder, "forward_features"):
+        raise TypeError(f"fine-tuning needs a ViT encoder (forward_features), got {type(encoder).__name__}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        head = torch.nn.Linear(encoder.embed_dim, len(data[4]))
+    return {**FINETUNE, "probes": train_with_labels(encoder, head, data, cfg.data.img_size, FINETUNE,
+                                                    FINETUNE["pool"])}
+
+
+def train_with_labels(vit, head, data, img_size: int, cfg: dict, pool: str) -> list[dict]:
+    """Train `vit` and `head` end to end with labels: cross-entropy on the `pool`ed tokens of
+    `forward_features` ("cls" or "mean"), AdamW (weight decay 0.05), cosine lr with 5% warmup, the
+    pretraining runs' crop + flip, on the pretraining split's first cfg["train_images"] images with their
+    labels; at each step in cfg["probe_at"] -> the head's held-out accuracy and the pool's k-NN."""
+    import math
+
+    from fastmask.data import shapes
+    from fastmask.eval.features import extract_features, to_model_input
+    from fastmask.methods.views import ViewAugment
+
+    imgs, labels = shapes.shapes_set("pretrain", cfg["train_images"], shapes.DEFAULT_SIZE)
+    x, y = to_model_input(imgs, img_size), torch.as_tensor(labels)
+    xtr, xte = to_model_input(data[0], img_size), to_model_input(data[2], img_size)
+    ytr, yte = torch.as_tensor(data[1]), torch.as_tensor(data[3])
     opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=cfg["lr"], weight_decay=0.05)
     aug = ViewAugment(crop_scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0)  # the torch loader's crop + flip
     g = torch.Generator().manual_seed(0)
@@ -222,18 +251,19 @@ def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
             group["lr"] = lr
         idx = torch.randint(0, len(y), (cfg["batch_size"],), generator=g)
         vit.train()
-        loss = F.cross_entropy(head(vit.forward_features(aug(x[idx], g))[:, 0]), y[idx])
+        tokens = vit.forward_features(aug(x[idx], g))
+        loss = F.cross_entropy(head(tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if step in cfg["probe_at"]:
-            ftr, fte = extract_features(vit, xtr, "cls"), extract_features(vit, xte, "cls")
+            ftr, fte = extract_features(vit, xtr, pool), extract_features(vit, xte, pool)
             with torch.no_grad():
                 acc = (head(fte).argmax(1) == yte).float().mean().item()
             probes.append({"step": step, "test_accuracy": acc, "train_s": time.perf_counter() - t0,
-                           "knn_cls": _knn(ftr, ytr, fte, yte, len(data[4]))})
-            print(f"[learning] supervised ViT step {step}: {probes[-1]}", flush=True)
-    return {**cfg, "probes": probes}
+                           f"knn_{pool}": _knn(ftr, ytr, fte, yte, len(data[4]))})
+            print(f"[learning] with labels ({pool}) step {step}: {probes[-1]}", flush=True)
+    return probes
 
 
 def set_baselines(data, img_size: int) -> dict:
@@ -316,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
     # One thread by default: on a shared 2-core machine (load ~6) MAE's engine step took 8.2 s with two
     # spinning OpenMP threads and 1.3 s with one. On a quiet machine, --threads 2 is faster.
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
+    ap.add_argument("--finetune", action="store_true",
+                    help="also fine-tune each trained encoder and its random init with labels (FINETUNE)")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
     unknown = [m for m in methods if m not in METHODS]
@@ -365,6 +397,14 @@ def main(argv: list[str] | None = None) -> int:
         wall = pretrain(method, run, steps, args.threads, args.img_size, args.extra)
         r = evaluate(method, run, steps, data, args.extra)
         r["train_wall_s"] = wall if wall else results.get(key, {}).get("train_wall_s")
+        if args.finetune:
+            from fastmask.eval.load import resolve_config
+
+            cfg = resolve_config(run)
+            r["finetune"] = {"trained": finetune(run, cfg, data), "random_init": finetune(None, cfg, data)}
+        elif {k: results.get(key, {}).get(k) for k in ("steps", "overrides", "finetune")} == {
+                "steps": r["steps"], "overrides": r["overrides"], "finetune": results.get(key, {}).get("finetune")}:
+            r["finetune"] = results[key]["finetune"]      # an earlier --finetune's figures, for the same run
         results[key] = r
         print(f"[learning] {key:9s} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}  "
               f"k-NN cls {r['trained']['cls']['knn']:.3f} (random {r['random_init']['cls']['knn']:.3f})  "

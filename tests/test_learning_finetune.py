@@ -1,0 +1,62 @@
+"""benchmarks/learning.py's fine-tuning evaluation (--finetune): it starts from the run's own encoder (its
+random init only when asked), and it trains the encoder and head end to end on the pool it names."""
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from fastmask.data import shapes
+from fastmask.eval.load import load_encoder, resolve_config
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
+spec = importlib.util.spec_from_file_location("learning", SCRIPT)
+learning = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(learning)
+
+TINY = {"steps": 3, "batch_size": 8, "lr": 1e-3, "train_images": 32, "probe_at": [2, 3]}
+
+
+def _data(n_train=40, n_test=30):
+    xtr, ytr = shapes.shapes_set("train", n_train, cache=False)
+    xte, yte = shapes.shapes_set("test", n_test, cache=False)
+    return xtr, ytr, xte, yte, shapes.CLASSES
+
+
+def test_finetune_starts_from_the_runs_encoder(tmp_path, monkeypatch):
+    cfg = resolve_config(None, recipe="mae_tiny", overrides=["data.img_size=32"])
+    encoder, _ = load_encoder(None, cfg=cfg)
+    with torch.no_grad():
+        for p in encoder.parameters():
+            p.add_(torch.randn_like(p))                    # weights no random init of cfg has
+    weights = tmp_path / "encoder.pt"
+    torch.save(encoder.state_dict(), weights)
+    seen = []
+    monkeypatch.setattr(learning, "train_with_labels",
+                        lambda vit, head, data, size, c, pool: seen.append((vit, head, size, pool)) or [])
+    out = learning.finetune(weights, cfg, _data())
+    assert out["probes"] == [] and out["pool"] == learning.FINETUNE["pool"]
+    vit, head, size, pool = seen[0]
+    assert size == 32 and pool == "mean" and head.out_features == len(shapes.CLASSES)
+    for name, value in encoder.state_dict().items():
+        torch.testing.assert_close(vit.state_dict()[name], value, rtol=0, atol=0)
+    learning.finetune(None, cfg, _data())                   # the baseline: the run's random init
+    random_init, _ = load_encoder(None, cfg=cfg)
+    torch.testing.assert_close(seen[1][0].state_dict()["blocks.0.attn.qkv.weight"],
+                               random_init.state_dict()["blocks.0.attn.qkv.weight"], rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("pool", ["cls", "mean"])
+def test_train_with_labels_trains_encoder_and_head_and_probes_on_schedule(pool):
+    cfg = resolve_config(None, recipe="mae_tiny", overrides=["data.img_size=32"])
+    vit, _ = load_encoder(None, cfg=cfg)
+    head = torch.nn.Linear(vit.embed_dim, len(shapes.CLASSES))
+    before = {k: v.clone() for k, v in vit.state_dict().items()}
+    head_before = head.weight.detach().clone()
+    probes = learning.train_with_labels(vit, head, _data(), 32, TINY, pool)
+    assert [p["step"] for p in probes] == TINY["probe_at"]
+    for p in probes:
+        assert 0.0 <= p["test_accuracy"] <= 1.0 and 0.0 <= p[f"knn_{pool}"] <= 1.0
+    moved = [k for k, v in vit.state_dict().items() if not torch.equal(v, before[k])]
+    assert "blocks.0.attn.qkv.weight" in moved and "patch_embed.proj.weight" in moved
+    assert not torch.equal(head.weight, head_before)
