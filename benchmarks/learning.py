@@ -402,8 +402,8 @@ def main(argv: list[str] | None = None) -> int:
 
             cfg = resolve_config(run)
             r["finetune"] = {"trained": finetune(run, cfg, data), "random_init": finetune(None, cfg, data)}
-        elif {k: results.get(key, {}).get(k) for k in ("steps", "overrides", "finetune")} == {
-                "steps": r["steps"], "overrides": r["overrides"], "finetune": results.get(key, {}).get("finetune")}:
+        elif "finetune" in results.get(key, {}) and all(results[key].get(k) == r[k]
+                                                         for k in ("steps", "overrides")):
             r["finetune"] = results[key]["finetune"]      # an earlier --finetune's figures, for the same run
         results[key] = r
         print(f"[learning] {key:9s} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}  "
