@@ -233,7 +233,7 @@ def train_with_labels(vit, head, data, img_size: int, cfg: dict, pool: str) -> l
     import math
 
     from fastmask.data import shapes
-    from fastmask.eval.features import extract_features, to_model_input
+    from fastmask.eval.features import extract_features, pool_tokens, to_model_input
     from fastmask.methods.views import ViewAugment
 
     imgs, labels = shapes.shapes_set("pretrain", cfg["train_images"], shapes.DEFAULT_SIZE)
@@ -252,7 +252,7 @@ def train_with_labels(vit, head, data, img_size: int, cfg: dict, pool: str) -> l
         idx = torch.randint(0, len(y), (cfg["batch_size"],), generator=g)
         vit.train()
         tokens = vit.forward_features(aug(x[idx], g))
-        loss = F.cross_entropy(head(tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(1)), y[idx])
+        loss = F.cross_entropy(head(pool_tokens(tokens, pool)), y[idx])
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -103,6 +103,12 @@ def to_model_input(imgs: np.ndarray | torch.Tensor, img_size: int) -> torch.Tens
     return (x - mean) / std
 
 
+def pool_tokens(tokens: torch.Tensor, pool: str) -> torch.Tensor:
+    """[B, 1+L, D] tokens of `forward_features` -> [B, D]: "cls" (token 0) or "mean" (the patch tokens'
+    mean). The one definition of the pools, for probes and for training on a pool."""
+    return tokens[:, 0] if pool == "cls" else tokens[:, 1:].mean(dim=1)
+
+
 @torch.no_grad()
 def extract_features(encoder: nn.Module, x: torch.Tensor, pool: str | tuple[str, ...] = "cls",
                      batch_size: int = 128,
@@ -128,7 +134,7 @@ def extract_features(encoder: nn.Module, x: torch.Tensor, pool: str | tuple[str,
             with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
                 tokens = encoder.forward_features(xb)
             for p, acc in zip(pools, out):
-                acc.append((tokens[:, 0] if p == "cls" else tokens[:, 1:].mean(dim=1)).float().cpu())
+                acc.append(pool_tokens(tokens, p).float().cpu())
     finally:
         encoder.train(was_training)
     feats = tuple(torch.cat(acc) for acc in out)
