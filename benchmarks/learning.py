@@ -210,19 +210,38 @@ def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
     return {**SUPERVISED_VIT, "probes": train_with_labels(vit, head, data, img_size, SUPERVISED_VIT, "cls")}
 
 
-def finetune(run: Path | None, cfg, data) -> dict:
+def finetune(run: Path | None, cfg, data, cache: dict | None = None) -> dict:
     """End-to-end fine-tuning from the encoder of `run` (None: the run's own random init), the MIM papers'
-    headline evaluation: FINETUNE's steps of `train_with_labels` on FINETUNE's pool, a fresh linear head."""
+    headline evaluation: FINETUNE's steps of `train_with_labels` on FINETUNE's pool, a fresh linear head.
+    `cache`: figures by the starting weights' digest, so that methods whose random inits are the same
+    weights (same model, size and seed) share one random-init fine-tuning within a run of this script."""
     from fastmask.eval.load import load_encoder
 
     encoder, _ = load_encoder(run, cfg=cfg)
+    key = _digest(encoder) if cache is not None else None
+    if key in (cache or {}):
+        return cache[key]
     if not hasattr(encoder, "forward_features"):
         raise TypeError(f"fine-tuning needs a ViT encoder (forward_features), got {type(encoder).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         head = torch.nn.Linear(encoder.embed_dim, len(data[4]))
-    return {**FINETUNE, "probes": train_with_labels(encoder, head, data, cfg.data.img_size, FINETUNE,
-                                                    FINETUNE["pool"])}
+    out = {**FINETUNE, "probes": train_with_labels(encoder, head, data, cfg.data.img_size, FINETUNE,
+                                                   FINETUNE["pool"])}
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+def _digest(module: torch.nn.Module) -> str:
+    """sha256 over the module's state (names, shapes, values): equal digests, equal weights."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def train_with_labels(vit, head, data, img_size: int, cfg: dict, pool: str) -> list[dict]:
@@ -390,6 +409,7 @@ def main(argv: list[str] | None = None) -> int:
         set_figures = {**(set_figures or {}), key: supervised_vit(data, BUDGET["img_size"],
                                                                   args.supervised_vit == "timm")}
         write()
+    random_finetunes: dict[str, dict] = {}  # finetune's cache: one random-init fine-tuning per distinct init
     for method in methods:
         key = f"{method}-{args.tag}" if args.tag else method
         run = args.work / key
@@ -401,7 +421,8 @@ def main(argv: list[str] | None = None) -> int:
             from fastmask.eval.load import resolve_config
 
             cfg = resolve_config(run)
-            r["finetune"] = {"trained": finetune(run, cfg, data), "random_init": finetune(None, cfg, data)}
+            r["finetune"] = {"trained": finetune(run, cfg, data),
+                             "random_init": finetune(None, cfg, data, random_finetunes)}
         elif "finetune" in results.get(key, {}) and all(results[key].get(k) == r[k]
                                                          for k in ("steps", "overrides")):
             r["finetune"] = results[key]["finetune"]      # an earlier --finetune's figures, for the same run

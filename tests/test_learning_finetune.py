@@ -60,3 +60,21 @@ def test_train_with_labels_trains_encoder_and_head_and_probes_on_schedule(pool):
     moved = [k for k, v in vit.state_dict().items() if not torch.equal(v, before[k])]
     assert "blocks.0.attn.qkv.weight" in moved and "patch_embed.proj.weight" in moved
     assert not torch.equal(head.weight, head_before)
+
+
+def test_finetune_cache_shares_one_random_init_run_and_only_for_equal_weights(tmp_path, monkeypatch):
+    cfg = resolve_config(None, recipe="mae_tiny", overrides=["data.img_size=32"])
+    calls = []
+    monkeypatch.setattr(learning, "train_with_labels",
+                        lambda vit, head, data, size, c, pool: calls.append(vit) or [{"step": len(calls)}])
+    cache: dict = {}
+    first = learning.finetune(None, cfg, _data(), cache)
+    again = learning.finetune(None, cfg, _data(), cache)    # the same random init: not trained twice
+    assert len(calls) == 1 and again == first
+    encoder, _ = load_encoder(None, cfg=cfg)
+    with torch.no_grad():
+        next(encoder.parameters()).view(-1)[0] += 1e-3      # one value differs: another init
+    weights = tmp_path / "encoder.pt"
+    torch.save(encoder.state_dict(), weights)
+    other = learning.finetune(weights, cfg, _data(), cache)
+    assert len(calls) == 2 and other["probes"] == [{"step": 2}]
