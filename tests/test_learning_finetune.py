@@ -78,3 +78,23 @@ def test_finetune_cache_shares_one_random_init_run_and_only_for_equal_weights(tm
     torch.save(encoder.state_dict(), weights)
     other = learning.finetune(weights, cfg, _data(), cache)
     assert len(calls) == 2 and other["probes"] == [{"step": 2}]
+
+
+@pytest.mark.parametrize("method", learning.METHODS)
+def test_finetune_trains_the_encoder_each_method_hands_out(method, monkeypatch):
+    # ExtreMA and MST evaluate their teacher, whose weights are frozen for the EMA: fine-tuning must
+    # unfreeze them, or it trains the head alone on fixed features (a linear probe, mislabelled); 64 px as
+    # learning.py runs them (ExtreMA keeps no patch of 4 at 32 px)
+    cfg = resolve_config(None, recipe=f"{method}_tiny",
+                         overrides=[f"model={learning.MODEL}", "data.img_size=64", "data.root=null"])
+    seen = []
+    real = learning.train_with_labels
+    monkeypatch.setattr(learning, "train_with_labels",
+                        lambda vit, *a: seen.append((vit, {k: v.clone() for k, v in vit.state_dict().items()})
+                                                    ) or real(vit, *a))
+    monkeypatch.setattr(learning, "FINETUNE", {**TINY, "pool": "mean"})
+    learning.finetune(None, cfg, _data())
+    vit, before = seen[0]
+    moved = [k for k, v in vit.state_dict().items() if not torch.equal(v, before[k])]
+    for name in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight"):  # ExtreMA's ViT is "vit." inside
+        assert any(k.endswith(name) for k in moved), (name, moved)
