@@ -223,7 +223,6 @@ def finetune(run: Path | None, cfg, data, cache: dict | None = None) -> dict:
         return cache[key]
     if not hasattr(encoder, "forward_features"):
         raise TypeError(f"fine-tuning needs a ViT encoder (forward_features), got {type(encoder).__name__}")
-    encoder.requires_grad_(True)  # ExtreMA and MST hand out their teacher, frozen for the EMA
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         head = torch.nn.Linear(encoder.embed_dim, len(data[4]))

@@ -215,6 +215,18 @@ def test_method_checkpoints_are_not_mistaken_for_bare_encoders(recipe):
     assert _is_encoder_only(create_model(cfg.model, img_size=cfg.data.img_size).state_dict(), cfg)
 
 
+@pytest.mark.parametrize("recipe", ["extrema_tiny", "mst_tiny", "mae_tiny"])
+def test_load_encoder_hands_out_trainable_weights_even_of_a_teacher(recipe):
+    """ExtreMA and MST evaluate their EMA teacher, which they keep frozen: the encoder load_encoder hands
+    out must still train when fine-tuned (benchmarks/learning.py --finetune trained the head alone)."""
+    from fastmask.eval.load import load_encoder, resolve_config
+
+    encoder, _ = load_encoder(None, cfg=resolve_config(None, recipe=recipe))
+    frozen = [n for n, p in encoder.named_parameters() if not p.requires_grad]
+    assert [n.rsplit(".", 1)[-1] for n in frozen] == ["pos_embed"]  # fixed sin-cos, as in the student
+    assert not encoder.training
+
+
 @pytest.fixture(scope="module")
 def bad_inputs(tmp_path_factory):
     """Files and folders that are not what the commands need."""

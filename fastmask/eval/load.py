@@ -167,7 +167,9 @@ def load_method(path: str | Path | None, cfg=None, overrides: list[str] = (),
 
 def load_encoder(path: str | Path | None, cfg=None, overrides: list[str] = (),
                  device: str | torch.device = "cpu") -> tuple[nn.Module, object]:
-    """-> (encoder with `forward_features(imgs) -> [B, 1+L, D]`, in eval mode, cfg). None: random init."""
+    """-> (encoder with `forward_features(imgs) -> [B, 1+L, D]`, in eval mode, cfg). None: random init.
+    Its weights require grad as in a student, ready to fine-tune, also where the method hands out its
+    EMA teacher (ExtreMA, MST), which the method keeps frozen (`methods.momentum.unfreeze_ema_`)."""
     weights = resolve_weights(path) if path is not None else None
     cfg = load_config_for(weights, cfg, overrides)
     state = read_state_dict(weights) if weights is not None else None
@@ -177,7 +179,9 @@ def load_encoder(path: str | Path | None, cfg=None, overrides: list[str] = (),
         encoder = create_model(cfg.model, img_size=cfg.data.img_size)
         _load(encoder, state, weights)
         return encoder.to(device).eval(), cfg
-    return _method_with(cfg, state, weights).to(device).eval().encoder().eval(), cfg
+    from fastmask.methods.momentum import unfreeze_ema_
+
+    return unfreeze_ema_(_method_with(cfg, state, weights).to(device).eval().encoder().eval()), cfg
 
 
 def _load(module: nn.Module, state: dict, weights: Path) -> None:

@@ -55,10 +55,21 @@ def make_teacher(student: nn.Module, build: Callable[[], nn.Module] | None = Non
         with torch.random.fork_rng(devices=devices):  # its init draws are overwritten: leave the stream as is
             teacher = build()
         copy_weights_(teacher, student)
-    for p in teacher.parameters():
+    trainable = {name for name, p in student.named_parameters() if p.requires_grad}
+    for name, p in teacher.named_parameters():
         p.requires_grad_(False)
+        p._ema_frozen = name in trainable  # frozen here only: `unfreeze_ema_` gives it back (fine-tuning)
     teacher._ema_teacher = True  # found by `teachers()` (the engine checkpoints their fp32 shadows)
     return teacher
+
+
+def unfreeze_ema_(module: nn.Module) -> nn.Module:
+    """Make trainable again the parameters `make_teacher` froze that the student trains (not those frozen
+    in the student too, like a fixed position embedding): a teacher's encoder handed out to fine-tune."""
+    for p in module.parameters():
+        if getattr(p, "_ema_frozen", False):
+            p.requires_grad_(True)
+    return module
 
 
 def teacher_mode_(teacher: nn.Module, training: bool) -> nn.Module:
