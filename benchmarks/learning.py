@@ -9,6 +9,7 @@ against the same encoder at its random initialization.
     python benchmarks/learning.py --methods none --set-baselines --out ...                 # the set itself
     python benchmarks/learning.py --methods none --supervised-vit fastmask --out ...       # the label ceiling
     python benchmarks/learning.py --methods mae --steps 4000 --finetune --out ...          # + fine-tuning
+    python benchmarks/learning.py --methods mae --steps 4000 --finetune --finetune-seeds 1,2 --out ...
 
 For each method: `fastmask pretrain --config <method>_tiny` (the method's tiny recipe) on
 `data.dataset=shapes` (the unlabelled split of `fastmask.data.shapes`, 20,000 images) with the
@@ -34,6 +35,8 @@ With `timm`, timm's ViT-Tiny/16 in the same loop (is ours a slow learner?). `--f
 evaluation the MIM papers lead with: each trained encoder and its random init fine-tuned end to end in
 that loop (FINETUNE: a fresh linear head on the mean pool, FINETUNE["steps"] steps), held-out accuracy
 and k-NN of the fine-tuned encoder along the way: does pretraining give a better starting point?
+`--finetune-seeds` replicates it with other seeds (head init, batches, augmentation: the same start
+weights), so that a gain can be read against the spread of the fine-tuning itself.
 
 Budget (one home: BUDGET below): steps x batch x img size, batch and size the same for every
 method, steps chosen so each method takes about ten minutes on a quiet 2-core CPU. Runs live in
@@ -76,7 +79,7 @@ SUPERVISED_VIT = {"steps": 1500, "batch_size": 64, "lr": 3e-4, "train_images": 5
 # --finetune: SUPERVISED_VIT's loop from a pretrained encoder and from its random init, on the mean pool
 # (MAE's fine-tuning pool; a method's cls token may not be trained by its loss), a third of its steps.
 FINETUNE = {"steps": 500, "batch_size": 64, "lr": 3e-4, "train_images": 5000, "probe_at": [250, 500],
-            "pool": "mean"}
+            "pool": "mean", "seed": 0}
 
 
 def run_overrides(method: str, steps: int, img_size: int | None = None,
@@ -210,23 +213,25 @@ def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
     return {**SUPERVISED_VIT, "probes": train_with_labels(vit, head, data, img_size, SUPERVISED_VIT, "cls")}
 
 
-def finetune(run: Path | None, cfg, data, cache: dict | None = None) -> dict:
+def finetune(run: Path | None, cfg, data, cache: dict | None = None, seed: int = 0) -> dict:
     """End-to-end fine-tuning from the encoder of `run` (None: the run's own random init), the MIM papers'
     headline evaluation: FINETUNE's steps of `train_with_labels` on FINETUNE's pool, a fresh linear head.
     `cache`: figures by the starting weights' digest, so that methods whose random inits are the same
-    weights (same model, size and seed) share one random-init fine-tuning within a run of this script."""
+    weights (same model, size and seed) share one random-init fine-tuning within a run of this script.
+    `seed`: the head's init, the batches and the augmentation draws (a replicate: the same start weights)."""
     from fastmask.eval.load import load_encoder
 
     encoder, _ = load_encoder(run, cfg=cfg)
-    key = _digest(encoder) if cache is not None else None
+    key = f"{_digest(encoder)}-{seed}" if cache is not None else None
     if key in (cache or {}):
         return cache[key]
     if not hasattr(encoder, "forward_features"):
         raise TypeError(f"fine-tuning needs a ViT encoder (forward_features), got {type(encoder).__name__}")
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         head = torch.nn.Linear(encoder.embed_dim, len(data[4]))
-    out = {**FINETUNE, "probes": train_with_labels(encoder, head, data, cfg.data.img_size, FINETUNE,
+    settings = {**FINETUNE, "seed": seed}
+    out = {**settings, "probes": train_with_labels(encoder, head, data, cfg.data.img_size, settings,
                                                    FINETUNE["pool"])}
     if cache is not None:
         cache[key] = out
@@ -261,7 +266,7 @@ def train_with_labels(vit, head, data, img_size: int, cfg: dict, pool: str) -> l
     ytr, yte = torch.as_tensor(data[1]), torch.as_tensor(data[3])
     opt = torch.optim.AdamW([*vit.parameters(), *head.parameters()], lr=cfg["lr"], weight_decay=0.05)
     aug = ViewAugment(crop_scale=(0.2, 1.0), jitter_p=0.0, gray_p=0.0)  # the torch loader's crop + flip
-    g = torch.Generator().manual_seed(0)
+    g = torch.Generator().manual_seed(cfg.get("seed", 0))
     steps, warmup = cfg["steps"], max(1, cfg["steps"] // 20)
     probes, t0 = [], time.perf_counter()
     for step in range(1, steps + 1):
@@ -367,6 +372,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     ap.add_argument("--finetune", action="store_true",
                     help="also fine-tune each trained encoder and its random init with labels (FINETUNE)")
+    ap.add_argument("--finetune-seeds", default="0", metavar="S,S,...",
+                    help="with --finetune: seeds of the fine-tuning (head init, batches, augmentation); "
+                         "seed 0 goes to each result's finetune, others to finetune_replicates (kept)")
     args = ap.parse_args(argv)
     methods = [m.strip() for m in args.methods.split(",") if m.strip() and m.strip() != "none"]
     unknown = [m for m in methods if m not in METHODS]
@@ -374,6 +382,12 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be >= 1")
+    try:
+        ft_seeds = sorted({int(x) for x in args.finetune_seeds.split(",") if x.strip()})
+    except ValueError:
+        ap.error(f"--finetune-seeds wants comma-separated integers, got {args.finetune_seeds!r}")
+    if not ft_seeds or min(ft_seeds) < 0:
+        ap.error("--finetune-seeds wants one or more seeds >= 0")
     if args.extra and not args.tag:
         ap.error("--set needs --tag: an ablation must not overwrite the method's own result or run folder")
     from fastmask.engine.config import ConfigError, load_config
@@ -417,15 +431,24 @@ def main(argv: list[str] | None = None) -> int:
         wall = pretrain(method, run, steps, args.threads, args.img_size, args.extra)
         r = evaluate(method, run, steps, data, args.extra)
         r["train_wall_s"] = wall if wall else results.get(key, {}).get("train_wall_s")
+        earlier = results.get(key, {})
+        if all(earlier.get(k) == r[k] for k in ("steps", "overrides")):  # the same run: keep its fine-tunings
+            r.update({k: earlier[k] for k in ("finetune", "finetune_replicates") if k in earlier})
         if args.finetune:
             from fastmask.eval.load import resolve_config
 
             cfg = resolve_config(run)
-            r["finetune"] = {"trained": finetune(run, cfg, data),
-                             "random_init": finetune(None, cfg, data, random_finetunes)}
-        elif "finetune" in results.get(key, {}) and all(results[key].get(k) == r[k]
-                                                         for k in ("steps", "overrides")):
-            r["finetune"] = results[key]["finetune"]      # an earlier --finetune's figures, for the same run
+            for seed in ft_seeds:
+                pair = {"trained": finetune(run, cfg, data, seed=seed),
+                        "random_init": finetune(None, cfg, data, random_finetunes, seed=seed)}
+                if seed == 0:
+                    r["finetune"] = pair
+                else:
+                    reps = {e["seed"]: e for e in r.get("finetune_replicates", [])}
+                    reps[seed] = {"seed": seed, **pair}
+                    r["finetune_replicates"] = [reps[s] for s in sorted(reps)]
+                results[key] = r
+                write()  # a fine-tuning pair is minutes: keep each one
         results[key] = r
         print(f"[learning] {key:9s} loss {r['loss_first']:.3f} -> {r['loss_last']:.3f}  "
               f"k-NN cls {r['trained']['cls']['knn']:.3f} (random {r['random_init']['cls']['knn']:.3f})  "

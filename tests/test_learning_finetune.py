@@ -98,3 +98,55 @@ def test_finetune_trains_the_encoder_each_method_hands_out(method, monkeypatch):
     moved = [k for k, v in vit.state_dict().items() if not torch.equal(v, before[k])]
     for name in ("blocks.0.attn.qkv.weight", "patch_embed.proj.weight"):  # ExtreMA's ViT is "vit." inside
         assert any(k.endswith(name) for k in moved), (name, moved)
+
+
+def test_train_with_labels_seed_sets_the_draws_and_repeats_exactly():
+    cfg = resolve_config(None, recipe="mae_tiny", overrides=["data.img_size=32"])
+
+    def trained(seed):
+        vit, _ = load_encoder(None, cfg=cfg)
+        head = torch.nn.Linear(vit.embed_dim, len(shapes.CLASSES))
+        learning.train_with_labels(vit, head, _data(), 32, {**TINY, "probe_at": [], "seed": seed}, "mean")
+        return vit.state_dict()["blocks.0.attn.qkv.weight"]
+
+    torch.testing.assert_close(trained(0), trained(0), rtol=0, atol=0)
+    assert not torch.equal(trained(0), trained(1))
+
+
+def test_main_keeps_finetune_seeds_across_runs_of_the_same_pretraining(tmp_path, monkeypatch):
+    import fastmask.eval.features as features
+    import fastmask.eval.load as load
+
+    steps = {"n": 10}
+    monkeypatch.setattr(features, "shapes_labeled_set", _data)
+    monkeypatch.setattr(load, "resolve_config", lambda run: None)
+    monkeypatch.setattr(learning, "pretrain", lambda *a, **k: 0.0)
+    probe = {"cls": {"knn": 0.1, "linear": 0.1}, "mean": {"knn": 0.1, "linear": 0.1}}
+    monkeypatch.setattr(learning, "evaluate", lambda method, run, n, data, extra=(): {
+        "steps": steps["n"], "overrides": [], "loss_first": 1.0, "loss_last": 0.5,
+        "trained": probe, "random_init": probe})
+    monkeypatch.setattr(learning, "finetune", lambda run, cfg, data, cache=None, seed=0:
+                        {"seed": seed, "from": "random" if run is None else "trained"})
+    out = tmp_path / "r.json"
+    base = ["--methods", "mae", "--work", str(tmp_path / "w"), "--out", str(out)]
+
+    def read():
+        import json
+
+        return json.loads(out.read_text())["results"]["mae"]
+
+    assert learning.main([*base, "--finetune"]) == 0
+    assert read()["finetune"]["trained"] == {"seed": 0, "from": "trained"}
+    assert "finetune_replicates" not in read()
+    assert learning.main([*base, "--finetune", "--finetune-seeds", "2,1"]) == 0
+    r = read()
+    assert r["finetune"]["random_init"] == {"seed": 0, "from": "random"}         # seed 0 kept
+    assert [e["seed"] for e in r["finetune_replicates"]] == [1, 2]
+    assert r["finetune_replicates"][1]["random_init"] == {"seed": 2, "from": "random"}
+    assert learning.main(base) == 0                                             # evaluated again only
+    assert read()["finetune_replicates"] == r["finetune_replicates"]
+    steps["n"] = 20                                                             # another pretraining
+    assert learning.main(base) == 0
+    assert "finetune" not in read() and "finetune_replicates" not in read()
+    with pytest.raises(SystemExit):
+        learning.main([*base, "--finetune", "--finetune-seeds", "a"])
