@@ -79,7 +79,7 @@ SUPERVISED_VIT = {"steps": 1500, "batch_size": 64, "lr": 3e-4, "train_images": 5
 # --finetune: SUPERVISED_VIT's loop from a pretrained encoder and from its random init, on the mean pool
 # (MAE's fine-tuning pool; a method's cls token may not be trained by its loss), a third of its steps.
 FINETUNE = {"steps": 500, "batch_size": 64, "lr": 3e-4, "train_images": 5000, "probe_at": [250, 500],
-            "pool": "mean", "seed": 0}
+            "pool": "mean"}
 
 
 def run_overrides(method: str, steps: int, img_size: int | None = None,
