@@ -42,9 +42,10 @@ Budget (one home: BUDGET below): steps x batch x img size, batch and size the sa
 method, steps chosen so each method takes about ten minutes on a quiet 2-core CPU. Runs live in
 `--work/<method>` and resume from their checkpoints; a finished run is only evaluated again. The
 JSON (`--out`) is rewritten after each method and keeps the entries of methods not run this time, so
-methods can be run one at a time. An ablation, `--tag T --set KEY=VALUE ...` (config overrides on
-top of the budget's, recorded in the result's `overrides`), runs in `--work/<method>-T` and is
-stored under that key, beside the method's own result.
+methods can be run one at a time, and whatever else the file holds (a run's entry keeps what was added
+to it while its steps and overrides stay the same). An ablation, `--tag T --set KEY=VALUE ...`
+(config overrides on top of the budget's, recorded in the result's `overrides`), runs in
+`--work/<method>-T` and is stored under that key, beside the method's own result.
 """
 from __future__ import annotations
 
@@ -410,7 +411,8 @@ def main(argv: list[str] | None = None) -> int:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         tmp = args.out.with_suffix(".tmp")
         meta = {**old.get("meta", {}), **_meta(data, args.threads)}  # keeps notes added to earlier runs
-        tmp.write_text(json.dumps({"meta": meta, "set": set_figures, "results": results},
+        # keys this script does not write (a checkpoint probe, a note) are kept, not dropped
+        tmp.write_text(json.dumps({**old, "meta": meta, "set": set_figures, "results": results},
                                   indent=2) + "\n")
         os.replace(tmp, args.out)
 
@@ -432,8 +434,8 @@ def main(argv: list[str] | None = None) -> int:
         r = evaluate(method, run, steps, data, args.extra)
         r["train_wall_s"] = wall if wall else results.get(key, {}).get("train_wall_s")
         earlier = results.get(key, {})
-        if all(earlier.get(k) == r[k] for k in ("steps", "overrides")):  # the same run: keep its fine-tunings
-            r.update({k: earlier[k] for k in ("finetune", "finetune_replicates") if k in earlier})
+        if all(earlier.get(k) == r[k] for k in ("steps", "overrides")):
+            r = {**earlier, **r}  # the same run: keep what was added to it (fine-tunings, notes)
         if args.finetune:
             from fastmask.eval.load import resolve_config
 

@@ -1,6 +1,7 @@
 """benchmarks/learning.py's fine-tuning evaluation (--finetune): it starts from the run's own encoder (its
 random init only when asked), and it trains the encoder and head end to end on the pool it names."""
 import importlib.util
+import json
 from pathlib import Path
 
 import pytest
@@ -131,8 +132,6 @@ def test_main_keeps_finetune_seeds_across_runs_of_the_same_pretraining(tmp_path,
     base = ["--methods", "mae", "--work", str(tmp_path / "w"), "--out", str(out)]
 
     def read():
-        import json
-
         return json.loads(out.read_text())["results"]["mae"]
 
     assert learning.main([*base, "--finetune"]) == 0
@@ -143,8 +142,14 @@ def test_main_keeps_finetune_seeds_across_runs_of_the_same_pretraining(tmp_path,
     assert r["finetune"]["random_init"] == {"seed": 0, "from": "random"}         # seed 0 kept
     assert [e["seed"] for e in r["finetune_replicates"]] == [1, 2]
     assert r["finetune_replicates"][1]["random_init"] == {"seed": 2, "from": "random"}
+    doc = json.loads(out.read_text())                          # what another tool added to the file
+    doc["checkpoint_probes"] = {"step_10": 0.2}
+    doc["results"]["mae"]["note"] = "kept"
+    out.write_text(json.dumps(doc))
     assert learning.main(base) == 0                                             # evaluated again only
     assert read()["finetune_replicates"] == r["finetune_replicates"]
+    assert read()["note"] == "kept"
+    assert json.loads(out.read_text())["checkpoint_probes"] == {"step_10": 0.2}
     steps["n"] = 20                                                             # another pretraining
     assert learning.main(base) == 0
     assert "finetune" not in read() and "finetune_replicates" not in read()
