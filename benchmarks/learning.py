@@ -216,27 +216,33 @@ def supervised_vit(data, img_size: int, timm_model: bool = False) -> dict:
 
 def finetune(run: Path | None, cfg, data, cache: dict | None = None, seed: int = 0) -> dict:
     """End-to-end fine-tuning from the encoder of `run` (None: the run's own random init), the MIM papers'
-    headline evaluation: FINETUNE's steps of `train_with_labels` on FINETUNE's pool, a fresh linear head.
+    headline evaluation: `finetune_encoder` on it.
     `cache`: figures by the starting weights' digest, so that methods whose random inits are the same
-    weights (same model, size and seed) share one random-init fine-tuning within a run of this script.
-    `seed`: the head's init, the batches and the augmentation draws (a replicate: the same start weights)."""
+    weights (same model, size and seed) share one random-init fine-tuning within a run of this script."""
     from fastmask.eval.load import load_encoder
 
     encoder, _ = load_encoder(run, cfg=cfg)
     key = f"{_digest(encoder)}-{seed}" if cache is not None else None
     if key in (cache or {}):
         return cache[key]
+    out = finetune_encoder(encoder, cfg.data.img_size, data, seed)
+    if cache is not None:
+        cache[key] = out
+    return out
+
+
+def finetune_encoder(encoder, img_size: int, data, seed: int = 0, pool: str | None = None) -> dict:
+    """FINETUNE's steps of `train_with_labels` on `encoder` (trained in place) and a fresh linear head, on
+    `pool` (None: FINETUNE's). `seed`: the head's init, the batches and the augmentation draws (a
+    replicate: the same start weights)."""
     if not hasattr(encoder, "forward_features"):
         raise TypeError(f"fine-tuning needs a ViT encoder (forward_features), got {type(encoder).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = torch.nn.Linear(encoder.embed_dim, len(data[4]))
-    settings = {**FINETUNE, "seed": seed}
-    out = {**settings, "probes": train_with_labels(encoder, head, data, cfg.data.img_size, settings,
-                                                   FINETUNE["pool"])}
-    if cache is not None:
-        cache[key] = out
-    return out
+    settings = {**FINETUNE, "seed": seed, "pool": pool or FINETUNE["pool"]}
+    probes = train_with_labels(encoder, head, data, img_size, settings, settings["pool"])
+    return {**settings, "probes": probes}
 
 
 def _digest(module: torch.nn.Module) -> str:
