@@ -327,6 +327,21 @@ def test_param_groups_lr_scale_and_config_errors():
         ADIOS("vit_tiny_patch16", 32, _args("simclr", "alternating", "vit"))(torch.randn(2, 3, 48, 48))
 
 
+def test_freeze_patch_embed_keeps_the_patch_projection_at_its_init():
+    torch.manual_seed(0)
+    m = ADIOS("vit_tiny_patch16", 32, _args("simclr", "simultaneous", "vit", freeze_patch_embed=True),
+              optimizer="sgd")
+    proj = m.online.backbone.patch_embed.proj
+    in_groups = {id(p) for g in m.param_groups(0.0) for p in g["params"]}
+    assert not {id(proj.weight), id(proj.bias)} & in_groups
+    assert id(m.online.backbone.blocks[0].attn.qkv.weight) in in_groups
+    grads = _grads(m, _rand_imgs(4, 32))
+    assert not any(n.endswith("patch_embed.proj.weight") for n in grads)
+    assert grads["online.backbone.blocks.0.attn.qkv.weight"].abs().max() > 0
+    with pytest.raises(ValueError, match="freeze_patch_embed is a ViT option"):
+        ADIOS("resnet18", 32, _args("simclr", "simultaneous", "resnet18", freeze_patch_embed=True))
+
+
 def test_views_come_cut_by_the_loader_or_from_one_batch():
     """The method asks the loader for two crops of the original image (view_specs) and colours them on the
     device; one batch tensor gets both crops cut here instead. Bad inputs: one line."""

@@ -148,6 +148,8 @@ class ADIOS(Method):
         drop_path_rate: float = 0.0         # ViT backbones
         learn_pos_embed: bool = True        # ViT: train the position embedding (sin-cos init), as the
                                             # official timm ViT
+        freeze_patch_embed: bool = False    # ViT: keep the patch projection at its random init (MoCo v3's
+                                            # stop-grad on it, for contrastive ViTs; off in the official code)
         # extra create_model kwargs ({"depth": 2})
         backbone_args: dict = dataclasses.field(default_factory=dict)
         crop_min_scale: float = 0.08        # both views' random resized crop (solo-learn's min_scale)
@@ -175,6 +177,8 @@ class ADIOS(Method):
         self.optimizer = optimizer
         self.views = 2 if a.ssl == "simsiam" else 1  # the views the occluder masks
         is_vit = not model.startswith("resnet")
+        if a.freeze_patch_embed and not is_vit:
+            raise ValueError(f"adios: freeze_patch_embed is a ViT option, the backbone is {model}")
         hid, out, pred = (d if d is not None else default for d, default in
                           zip((a.proj_hidden_dim, a.proj_output_dim, a.pred_hidden_dim),
                               HEAD_DEFAULTS[a.ssl]))
@@ -184,6 +188,7 @@ class ADIOS(Method):
                 backbone = create_model(model, img_size=img_size, drop_path_rate=a.drop_path_rate,
                                         backend=backend, **a.backbone_args)
                 backbone.pos_embed.requires_grad_(a.learn_pos_embed)
+                backbone.patch_embed.requires_grad_(not a.freeze_patch_embed)
             else:
                 backbone = create_model(model, img_size=img_size, small_stem=a.small_stem, **a.backbone_args)
             dim = backbone.num_features if hasattr(backbone, "num_features") else backbone.embed_dim
