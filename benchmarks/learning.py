@@ -43,7 +43,7 @@ method, steps chosen so each method takes about ten minutes on a quiet 2-core CP
 `--work/<method>` and resume from their checkpoints; a finished run is only evaluated again. The
 JSON (`--out`) is rewritten after each method and keeps the entries of methods not run this time, so
 methods can be run one at a time, and whatever else the file holds (a run's entry keeps what was added
-to it while its steps and overrides stay the same). An ablation, `--tag T --set KEY=VALUE ...`
+to it while its trained weights stay the same). An ablation, `--tag T --set KEY=VALUE ...`
 (config overrides on top of the budget's, recorded in the result's `overrides`), runs in
 `--work/<method>-T` and is stored under that key, beside the method's own result.
 """
@@ -330,9 +330,19 @@ def evaluate(method: str, run: Path, steps: int, data, extra: list[str] = ()) ->
             "steps": metrics[-1]["step"], "loss_first": metrics[0]["loss"], "loss_last": metrics[-1]["loss"],
             "imgs_per_s": sum(r["imgs_per_s"] for r in metrics[1:]) / max(1, len(metrics) - 1),
             "log_first": metrics[0], "log_last": metrics[-1],  # the method's own metrics are among them
+            "weights": _digest(trained),  # a rerun of the same recipe need not give the same weights
             "trained": trained_probe, "random_init": random_probe,
             "knn_gain_cls": trained_probe["cls"]["knn"] - random_probe["cls"]["knn"],
             "knn_gain_mean": trained_probe["mean"]["knn"] - random_probe["mean"]["knn"]}
+
+
+def _same_weights(earlier: dict, r: dict) -> bool:
+    """Whether the file's entry `earlier` was evaluated from the weights `r` was: by their digest, or in
+    entries written before it was recorded, by steps, overrides, last loss and probe figures all equal
+    (steps and overrides alone do not say it: a rerun of a pretraining need not reproduce its weights)."""
+    if "weights" in earlier:
+        return earlier["weights"] == r["weights"]
+    return all(earlier.get(k) == r[k] for k in ("steps", "overrides", "loss_last", "trained"))
 
 
 def _meta(data, threads: int) -> dict:
@@ -440,8 +450,8 @@ def main(argv: list[str] | None = None) -> int:
         r = evaluate(method, run, steps, data, args.extra)
         r["train_wall_s"] = wall if wall else results.get(key, {}).get("train_wall_s")
         earlier = results.get(key, {})
-        if all(earlier.get(k) == r[k] for k in ("steps", "overrides")):
-            r = {**earlier, **r}  # the same run: keep what was added to it (fine-tunings, notes)
+        if _same_weights(earlier, r):
+            r = {**earlier, **r}  # the same weights: keep what was added to them (fine-tunings, notes)
         if args.finetune:
             from fastmask.eval.load import resolve_config
 

@@ -118,14 +118,14 @@ def test_main_keeps_finetune_seeds_across_runs_of_the_same_pretraining(tmp_path,
     import fastmask.eval.features as features
     import fastmask.eval.load as load
 
-    steps = {"n": 10}
+    found = {"steps": 10, "weights": "w1", "loss": 0.5}               # what evaluate finds in the run
     monkeypatch.setattr(features, "shapes_labeled_set", _data)
     monkeypatch.setattr(load, "resolve_config", lambda run: None)
     monkeypatch.setattr(learning, "pretrain", lambda *a, **k: 0.0)
     probe = {"cls": {"knn": 0.1, "linear": 0.1}, "mean": {"knn": 0.1, "linear": 0.1}}
     monkeypatch.setattr(learning, "evaluate", lambda method, run, n, data, extra=(): {
-        "steps": steps["n"], "overrides": [], "loss_first": 1.0, "loss_last": 0.5,
-        "trained": probe, "random_init": probe})
+        "steps": found["steps"], "overrides": [], "loss_first": 1.0, "loss_last": found["loss"],
+        "weights": found["weights"], "trained": probe, "random_init": probe})
     monkeypatch.setattr(learning, "finetune", lambda run, cfg, data, cache=None, seed=0:
                         {"seed": seed, "from": "random" if run is None else "trained"})
     out = tmp_path / "r.json"
@@ -150,8 +150,20 @@ def test_main_keeps_finetune_seeds_across_runs_of_the_same_pretraining(tmp_path,
     assert read()["finetune_replicates"] == r["finetune_replicates"]
     assert read()["note"] == "kept"
     assert json.loads(out.read_text())["checkpoint_probes"] == {"step_10": 0.2}
-    steps["n"] = 20                                                             # another pretraining
+    found["weights"] = "w2"                       # the same recipe and steps trained again, other weights
     assert learning.main(base) == 0
     assert "finetune" not in read() and "finetune_replicates" not in read()
+    assert learning.main([*base, "--finetune"]) == 0
+    found["steps"], found["weights"] = 20, "w3"              # another pretraining
+    assert learning.main(base) == 0
+    assert "finetune" not in read()
+    # an entry written before the digest was recorded: the same weights only where its figures all match
+    doc = json.loads(out.read_text())
+    doc["results"]["mae"] = {**{k: v for k, v in read().items() if k != "weights"}, "finetune": {"seed": 0}}
+    out.write_text(json.dumps(doc))
+    assert learning.main(base) == 0 and read()["finetune"] == {"seed": 0}
+    doc["results"]["mae"]["loss_last"] = 0.4
+    out.write_text(json.dumps(doc))
+    assert learning.main(base) == 0 and "finetune" not in read()
     with pytest.raises(SystemExit):
         learning.main([*base, "--finetune", "--finetune-seeds", "a"])
