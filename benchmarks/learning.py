@@ -448,10 +448,10 @@ def main(argv: list[str] | None = None) -> int:
         steps = args.steps or BUDGET["steps"][method]
         wall = pretrain(method, run, steps, args.threads, args.img_size, args.extra)
         r = evaluate(method, run, steps, data, args.extra)
-        r["train_wall_s"] = wall if wall else results.get(key, {}).get("train_wall_s")
         earlier = results.get(key, {})
         if _same_weights(earlier, r):
             r = {**earlier, **r}  # the same weights: keep what was added to them (fine-tunings, notes)
+        r["train_wall_s"] = wall or r.get("train_wall_s")  # an earlier wall time only for the same weights
         if args.finetune:
             from fastmask.eval.load import resolve_config
 
