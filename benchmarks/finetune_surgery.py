@@ -35,8 +35,10 @@ def mixed_encoder(run: Path, cfg, prefixes: tuple[str, ...], transplant: bool):
     training, where a prefix names no parameter."""
     from fastmask.eval.load import load_encoder
 
-    trained, _ = load_encoder(run, cfg=cfg)
     random_init, _ = load_encoder(None, cfg=cfg)
+    if transplant and not prefixes:  # the random init, whole: the trained weights are not read
+        return random_init, []
+    trained, _ = load_encoder(run, cfg=cfg)
     dst, src = (random_init, trained) if transplant else (trained, random_init)
     source = dict(src.named_parameters())
     unmatched = [p for p in prefixes if not any(n.startswith(p) for n in source)]

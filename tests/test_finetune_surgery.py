@@ -43,6 +43,15 @@ def test_mixed_encoder_takes_exactly_the_named_parameters_from_the_other_start(r
         assert p.requires_grad == random_init[name].requires_grad  # as load_encoder hands it out
 
 
+def test_random_start_is_the_whole_init_without_reading_the_run(run, tmp_path):
+    weights, cfg = run
+    random_init = dict(load_encoder(None, cfg=cfg)[0].named_parameters())
+    encoder, moved = surgery.mixed_encoder(tmp_path / "no_such_run", cfg, (), transplant=True)
+    assert moved == []
+    for name, p in encoder.named_parameters():
+        torch.testing.assert_close(p, random_init[name], rtol=0, atol=0)
+
+
 def test_unknown_prefix_fails_before_training(run, monkeypatch, tmp_path):
     weights, cfg = run
     monkeypatch.setattr(load, "resolve_config", lambda path: cfg)
