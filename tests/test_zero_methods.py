@@ -87,6 +87,21 @@ def test_zero_stage_matches_zero0_on_the_same_ranks(runs, name, case):
 
 @pytest.mark.slow
 @pytest.mark.multirank
+@pytest.mark.parametrize("name", ["adios_byol_frozenpatch_z0", "adios_byol_frozenpatch_z3"])
+def test_a_fixed_patch_projection_stays_at_its_init_while_the_rest_trains(runs, name):
+    _, got = _load(runs, name)
+    init = torch.load(runs / "adios_byol_frozenpatch_z0_init.pt", weights_only=False)
+    fixed = [k for k in init if ".patch_embed." in k]
+    assert fixed and any(k.startswith("teacher.") for k in fixed)  # the student's and its EMA's
+    for k in fixed:  # the EMA averages it with itself, as the official teachers do: round-off only
+        atol = 1e-7 if k.startswith("teacher.") else 0
+        torch.testing.assert_close(got[k], init[k], rtol=0, atol=atol, msg=lambda m: f"{k}: {m}")
+    trained = [k for k in init if ".blocks.0.attn.qkv.weight" in k and not k.startswith("teacher.")]
+    assert trained and all((got[k] - init[k]).abs().max() > 1e-4 for k in trained)
+
+
+@pytest.mark.slow
+@pytest.mark.multirank
 def test_init_from_official_weights_reaches_every_rank(runs):
     started, _ = _load(runs, "mae_init_z0")
     fresh, _ = _load(runs, "mae_z0")

@@ -62,6 +62,8 @@ _ADIOS = [f"model={MICRO}", "method_args.num_masks=2", "method_args.mask_fbase=8
           "engine.optimizer=adamw"]  # the recipe's LARS is refused at stages 1-3 (flat partitions)
 CASES["adios_byol_simultaneous"] = ("adios_vit_tiny", [*_ADIOS, "method_args.mode=simultaneous"])
 CASES["adios_byol_alternating"] = ("adios_vit_tiny", [*_ADIOS, "method_args.mode=alternating"])
+CASES["adios_byol_frozenpatch"] = ("adios_vit_tiny", [*_ADIOS, "method_args.mode=simultaneous",
+                                                      "method_args.freeze_patch_embed=true"])
 
 RUNS = [(f"{case}_z{stage}", case, stage, []) for case in CASES for stage in (0, 3)
         if not (case == "adios_byol_alternating" and stage == 3)]  # refused at stage 3 (tested in-process)
