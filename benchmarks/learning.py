@@ -345,6 +345,17 @@ def _same_weights(earlier: dict, r: dict) -> bool:
     return all(earlier.get(k) == r[k] for k in ("steps", "overrides", "loss_last", "trained"))
 
 
+def _cpu() -> dict:
+    """This CPU and the vector code path torch's kernels take on it. Training is reproducible bit for bit
+    on one machine, not across CPUs: another kernel path rounds differently and the runs drift apart."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), "")
+    except OSError:
+        name = ""
+    return {"model": name or platform.processor(), "capability": torch.backends.cpu.get_cpu_capability()}
+
+
 def _meta(data, threads: int) -> dict:
     import fastmask
     from fastmask.data import shapes
@@ -355,7 +366,7 @@ def _meta(data, threads: int) -> dict:
     except OSError:
         sha = ""
     return {"device": "cpu", "threads": threads, "torch": torch.__version__, "fastmask": fastmask.__version__,
-            "git": sha, "python": sys.version.split()[0], "platform": platform.platform(),
+            "git": sha, "python": sys.version.split()[0], "platform": platform.platform(), "cpu": _cpu(),
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
             "budget": BUDGET, "model": MODEL, "probe": PROBE,
             "data": {"pretrain": f"shapes pretrain split, {shapes.PRETRAIN_COUNT} images at "
