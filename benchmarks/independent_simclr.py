@@ -2,8 +2,8 @@
 learning.py budget, to tell a bug in fastmask's ADIOS/SimCLR from the objective at this scale: is a
 SimCLR-pretrained ViT a worse start for fine-tuning than its random init here, as ADIOS's is?
 
-    python benchmarks/independent_simclr.py --out F.json                 # 300 steps, then probes and fine-tuning
-    python benchmarks/independent_simclr.py --init-from RUN --out F.json  # from a fastmask run's initial weights
+    python benchmarks/independent_simclr.py --out F.json      # 300 steps, then probes and fine-tuning
+    python benchmarks/independent_simclr.py --init-from RUN --out F.json   # from a run's initial weights
     python benchmarks/independent_simclr.py --steps 3 --no-finetune --out /tmp/x.json   # smoke test
 
 Nothing from fastmask for the pretraining but `fastmask.data.shapes` for the images: its own views

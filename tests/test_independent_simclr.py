@@ -27,14 +27,15 @@ def test_its_nt_xent_matches_fastmask(n, d, t):
 
 
 def test_init_from_takes_the_runs_initial_weights(monkeypatch, tmp_path):
-    cfg = resolve_config(None, recipe="adios_vit_tiny", overrides=["model=vit_tiny_patch16", "data.img_size=64"])
+    vit = ["model=vit_tiny_patch16"]
+    cfg = resolve_config(None, recipe="adios_vit_tiny", overrides=[*vit, "data.img_size=64"])
     monkeypatch.setattr(load, "resolve_config", lambda path: cfg)
     want = load_encoder(None, cfg=cfg)[0].state_dict()
     got = simclr.backbone(tmp_path).state_dict()
     assert got.keys() == want.keys()
     for k in want:
         torch.testing.assert_close(got[k], want[k], rtol=0, atol=0)
-    other = resolve_config(None, recipe="adios_vit_tiny", overrides=["model=vit_tiny_patch16", "data.img_size=32"])
+    other = resolve_config(None, recipe="adios_vit_tiny", overrides=[*vit, "data.img_size=32"])
     monkeypatch.setattr(load, "resolve_config", lambda path: other)
     with pytest.raises(ValueError, match="trains at 32 px"):
         simclr.backbone(tmp_path)
