@@ -1,14 +1,15 @@
 """Every method under every ZeRO stage it accepts: 2 CPU ranks, tiny shapes, one launch.
 
 tests/zero_methods_worker.py trains MAE, ExtreMA, RelaxMIM (stopgrad and ema targets), ADIOS-BYOL
-(simultaneous; alternating, whose occluder takes its own optimizer's step in `post_step`, at
-stages 0 and 2: it refuses ZeRO-3) and MST for 4 steps at ZeRO-0 and ZeRO-3 (ExtreMA also at 2,
-MST at 1) on the same two ranks. Checked here:
+(simultaneous, also with a fixed patch projection; alternating, whose occluder takes its own optimizer's
+step in `post_step`, at stages 0 and 2: it refuses ZeRO-3) and MST for 4 steps at ZeRO-0 and ZeRO-3
+(ExtreMA also at 2, MST at 1) on the same two ranks. Checked here:
 - each run's losses and whole state (students, EMA teachers, buffers, draw counters) equal the
   ZeRO-0 run's within fp32 tolerance; MAE also when started from an official-format weights file;
 - the 2-rank ZeRO-3 runs of ExtreMA, MST and RelaxMIM-ema equal a 1-rank ZeRO-0 run of the same
   global batch (masks and views are keyed per sample: `fastmask.draws`); ADIOS-BYOL is left out,
   its BatchNorm heads normalize over each rank's batch;
+- ADIOS's fixed patch projection stays at its init at ZeRO-0 and ZeRO-3 while its blocks train;
 - a ZeRO-3 run stopped half-way and resumed on both ranks continues exactly;
 - its half-way checkpoint resumed on one rank (DeepSpeed's universal checkpoint plus
   `frozen_state`) restores the state of step 2 exactly (teachers, DINO centre, step counter) and
