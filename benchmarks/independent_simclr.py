@@ -84,7 +84,7 @@ def pretrain(net: nn.Module, steps: int) -> list[dict]:
     """SimCLR on the unlabelled shapes split; -> loss rows every 25 steps."""
     from fastmask.data import shapes
 
-    pre, _ = shapes.shapes_set("pretrain", 20000, IMG)
+    pre, _ = shapes.shapes_set("pretrain", shapes.PRETRAIN_COUNT, IMG)   # learning.py's pretraining split
     pre = torch.from_numpy(pre).permute(0, 3, 1, 2).contiguous()            # uint8 [N, 3, 64, 64]
     projector = nn.Sequential(nn.Linear(net.num_features, HID), nn.ReLU(inplace=True), nn.Linear(HID, OUT))
     params = [*net.parameters(), *projector.parameters()]
@@ -112,7 +112,8 @@ def pretrain(net: nn.Module, steps: int) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--steps", type=int, default=learning.BUDGET["steps"]["adios"])
-    ap.add_argument("--finetune-seeds", default="0", help="comma-separated fine-tuning seeds")
+    ap.add_argument("--finetune-seeds", type=learning.finetune_seeds, default="0", metavar="S,S,...",
+                    help="fine-tuning seeds")
     ap.add_argument("--no-finetune", action="store_true", help="frozen probes only")
     ap.add_argument("--init-from", type=Path, default=None, help="a learning.py run: start from its initial "
                                                                  "weights (default: timm's init)")
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if not args.no_finetune:
         result["finetune"] = []
-        for seed in [int(s) for s in args.finetune_seeds.split(",")]:
+        for seed in args.finetune_seeds:
             result["finetune"].append({
                 "seed": seed,
                 "trained": learning.finetune_encoder(copy.deepcopy(net), IMG, data, seed),

@@ -375,6 +375,17 @@ def _meta(data, threads: int) -> dict:
                      "version": shapes.VERSION}}
 
 
+def finetune_seeds(text: str) -> list[int]:
+    """--finetune-seeds: "2,0,1" -> [0, 1, 2]; argparse.ArgumentTypeError unless one or more integers >= 0."""
+    try:
+        seeds = sorted({int(x) for x in text.split(",") if x.strip()})
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"wants comma-separated integers, got {text!r}") from None
+    if not seeds or min(seeds) < 0:
+        raise argparse.ArgumentTypeError("wants one or more seeds >= 0")
+    return seeds
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -400,7 +411,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="torch threads of the training process")
     ap.add_argument("--finetune", action="store_true",
                     help="also fine-tune each trained encoder and its random init with labels (FINETUNE)")
-    ap.add_argument("--finetune-seeds", default="0", metavar="S,S,...",
+    ap.add_argument("--finetune-seeds", type=finetune_seeds, default="0", metavar="S,S,...",
                     help="with --finetune: seeds of the fine-tuning (head init, batches, augmentation); "
                          "seed 0 goes to each result's finetune, others to finetune_replicates (kept)")
     args = ap.parse_args(argv)
@@ -410,12 +421,6 @@ def main(argv: list[str] | None = None) -> int:
         ap.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
     if args.steps is not None and args.steps < 1:
         ap.error("--steps must be >= 1")
-    try:
-        ft_seeds = sorted({int(x) for x in args.finetune_seeds.split(",") if x.strip()})
-    except ValueError:
-        ap.error(f"--finetune-seeds wants comma-separated integers, got {args.finetune_seeds!r}")
-    if not ft_seeds or min(ft_seeds) < 0:
-        ap.error("--finetune-seeds wants one or more seeds >= 0")
     if args.extra and not args.tag:
         ap.error("--set needs --tag: an ablation must not overwrite the method's own result or run folder")
     from fastmask.engine.config import ConfigError, load_config
@@ -467,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
             from fastmask.eval.load import resolve_config
 
             cfg = resolve_config(run)
-            for seed in ft_seeds:
+            for seed in args.finetune_seeds:
                 pair = {"trained": finetune(run, cfg, data, seed=seed),
                         "random_init": finetune(None, cfg, data, random_finetunes, seed=seed)}
                 if seed == 0:

@@ -1,5 +1,6 @@
 """benchmarks/independent_simclr.py: its NT-Xent, written from the SimCLR paper, agrees with fastmask's
-(two implementations, one loss), and --init-from starts timm's ViT from exactly a run's initial weights."""
+(two implementations, one loss), --init-from starts timm's ViT from exactly a run's initial weights, and
+bad --finetune-seeds fail before the pretraining."""
 import importlib.util
 from pathlib import Path
 
@@ -39,3 +40,11 @@ def test_init_from_takes_the_runs_initial_weights(monkeypatch, tmp_path):
     monkeypatch.setattr(load, "resolve_config", lambda path: other)
     with pytest.raises(ValueError, match="trains at 32 px"):
         simclr.backbone(tmp_path)
+
+
+@pytest.mark.parametrize("seeds", ["a", "-1", ","])
+def test_bad_seeds_fail_before_pretraining(monkeypatch, tmp_path, seeds):
+    monkeypatch.setattr(simclr, "pretrain", lambda *a, **k: pytest.fail("pretrained"))
+    with pytest.raises(SystemExit):
+        simclr.main(["--finetune-seeds", seeds, "--out", str(tmp_path / "o.json")])
+    assert not (tmp_path / "o.json").exists()
