@@ -14,7 +14,7 @@ and RelaxMIM (its C-MAE recipe: InfoNCE between the masked and the full branch) 
 5000 unlabelled shapes; then `benchmarks/learning.py`'s fine-tuning loop (encoder and a fresh linear
 head on the mean pool, 200 steps, batch 64, lr 1e-3, crop + flip, 5000 labelled images) from the
 trained encoder and from a copy of its random init, scored on the 2000 held-out images. The trained
-start must lead by 2 points. Measured with this code (`fine_tuning_gain`, seeds 0-4,
+start must lead by 2 points. Measured with this code (`benchmarks/learning_micro.py`'s `run`, seeds 0-4,
 2026-12-01, one thread each; `benchmarks/results/learning-2026-12-01-cpu-ci-micro.json`), gains in
 points over seeds 0-4: MAE +8.2, +6.0, +7.4, +6.5, +4.8; RelaxMIM +9.3, +6.3, +4.7, +10.0, +8.2. The
 random inits reach 0.12-0.13 in these 200 steps, the trained encoders 0.17-0.22. Wall time alone on
@@ -47,7 +47,6 @@ tokens, so it sees little of a shape's layout, and a short run does not yet enco
 """
 from __future__ import annotations
 
-import copy
 import importlib.util
 import math
 import multiprocessing
@@ -59,13 +58,14 @@ import pytest
 import torch
 
 from fastmask.data import shapes
-from fastmask.engine.schedule import lr_at
 from fastmask.eval.features import extract_features, shapes_labeled_set, to_model_input
 from fastmask.eval.knn import knn_accuracy
 from fastmask.methods import get_method
-from fastmask.methods.views import ViewAugment
-from fastmask.models import MODELS, VisionTransformer
-from fastmask.models import vit as vit_module
+
+_spec = importlib.util.spec_from_file_location(
+    "learning_micro", Path(__file__).resolve().parents[1] / "benchmarks" / "learning_micro.py")
+micro = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(micro)
 
 IMG = 64
 # The mae_tiny recipe at benchmarks/learning.py's batch and 2x its MAE budget (where the benchmark
@@ -83,26 +83,6 @@ def _knn(encoder, data, pool: str, device) -> float:
                         k=20, temperature=0.07, num_classes=len(shapes.CLASSES))
 
 
-def _pretrain(method, x: torch.Tensor, case: dict, seed: int, device) -> list[float]:
-    aug = ViewAugment(crop_scale=(case["min_scale"], 1.0), jitter_p=0.0, gray_p=0.0)  # loaders' crop, flip
-    opt = torch.optim.AdamW(method.param_groups(0.05), lr=case["lr"], betas=(0.9, 0.95))
-    g = torch.Generator().manual_seed(seed)
-    steps = case["steps"]
-    losses = []
-    method.train()
-    for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, steps, case["lr"], max(1, steps // 20))
-        idx = torch.randint(0, x.shape[0], (case["batch"],), generator=g)
-        out = method(aug(x[idx], g).to(device))
-        opt.zero_grad(set_to_none=True)
-        out["loss"].backward()
-        opt.step()
-        method.on_step_end(step + 1, steps)
-        losses.append(out["loss"].item())
-    return losses
-
-
 @pytest.mark.skipif(os.environ.get("FASTMASK_LEARNING_TESTS") != "1",
                     reason="opt-in (FASTMASK_LEARNING_TESTS=1): 30-43 min on 2 cores; "
                            "frozen k-NN has no CI-sized setting")
@@ -115,7 +95,8 @@ def test_mae_beats_its_random_init_on_held_out_shapes():
     torch.manual_seed(0)
     method = get_method("mae")(img_size=IMG, seed=0, **MAE["kwargs"]).to(device)
     before = _knn(method.encoder(), data, MAE["pool"], device)
-    losses = _pretrain(method, to_model_input(pre, IMG), MAE, seed=0, device=device)
+    losses = micro.pretrain_loop(method, to_model_input(pre, IMG), MAE["steps"], 0, device,
+                                 batch=MAE["batch"], lr=MAE["lr"], min_scale=MAE["min_scale"])
     after = _knn(method.encoder(), data, MAE["pool"], device)
     print(f"MAE {MAE['steps']} steps: k-NN ({MAE['pool']}) {before:.3f} -> {after:.3f}")  # seen with -s
     assert all(math.isfinite(v) for v in losses)
@@ -126,75 +107,13 @@ def test_mae_beats_its_random_init_on_held_out_shapes():
 
 
 # ---------------------------------------------------------------- the CI check: fine-tuned, at micro scale
-# A ViT small enough that thousands of steps fit CI (96 wide, 4 blocks, 3 heads, 8-px patches: 16 patches at
-# 32 px, like ViT-Tiny/16 at 64 px); registered for these tests only, under a name MAE's parser accepts.
-MICRO_NAME, MICRO_ARCH, MICRO_PATCH, MICRO_IMG = "vit_learnci_patch8", (96, 4, 3), 8, 32
-_DECODER = dict(decoder_embed_dim=64, decoder_depth=2, decoder_num_heads=4)
-CI_CASES = {
-    "mae": dict(method="mae", kwargs=dict(mask_ratio=0.75, norm_pix=True, **_DECODER),
-                steps=1000, batch=64, lr=1e-3, min_scale=0.2),
-    # RelaxMIM's C-MAE recipe (relaxmim_tiny: InfoNCE between the masked and the full branch's tokens)
-    "relaxmim": dict(method="relaxmim", kwargs=dict(mask_ratio=0.75, similarity="infonce", target="stopgrad",
-                                                    level="token", negatives="batch", temperature=0.2,
-                                                    proj_hidden_dim=256, proj_dim=64, **_DECODER),
-                     steps=2000, batch=64, lr=1e-3, min_scale=0.2),
-}
-# benchmarks/learning.py's fine-tuning loop (train_with_labels), shortened for the micro ViT
-CI_FINETUNE = {"steps": 200, "batch_size": 64, "lr": 1e-3, "train_images": 5000, "probe_at": [200]}
+CI_CASES = ("mae", "relaxmim")  # at benchmarks/learning_micro.py's steps for them (CASES)
 CI_MARGIN = 0.02
-PRETRAIN_IMAGES = 5000
-
-
-def _learning_module():
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "learning.py"
-    spec = importlib.util.spec_from_file_location("learning", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def register_micro_vit(monkeypatch) -> None:
-    """Make MICRO_NAME a ViT name for this test (MAE takes architectures by name through vit_config)."""
-    monkeypatch.setitem(vit_module.VIT_ARCHS, "learnci", MICRO_ARCH)
-    monkeypatch.setattr(vit_module, "PATCH_SIZES", (*vit_module.PATCH_SIZES, MICRO_PATCH))
-
-    def micro(**kw):
-        return VisionTransformer(**{**vit_module.vit_config(MICRO_NAME), **kw})
-
-    monkeypatch.setitem(MODELS, MICRO_NAME, micro)
-
-
-def fine_tuning_gain(case: str, seed: int = 0) -> dict:
-    """Pretrain CI_CASES[case] from seed `seed`, then fine-tune (CI_FINETUNE, same seed) both the trained
-    encoder and a copy of its random init -> their held-out accuracies and the pretraining losses."""
-    c = CI_CASES[case]
-    learning = _learning_module()
-    pre, _ = shapes.shapes_set("pretrain", PRETRAIN_IMAGES, shapes.DEFAULT_SIZE)
-    data = shapes_labeled_set(shapes.DEFAULT_SIZE)
-    torch.manual_seed(seed)
-    method = get_method(c["method"])(model=MICRO_NAME, img_size=MICRO_IMG, seed=seed, **c["kwargs"])
-    init = copy.deepcopy(method.encoder())
-    losses = _pretrain(method, to_model_input(pre, MICRO_IMG), c, seed=seed, device=torch.device("cpu"))
-
-    def finetune(encoder) -> float:
-        encoder = copy.deepcopy(encoder)
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            head = torch.nn.Linear(encoder.embed_dim, len(shapes.CLASSES))
-        probes = learning.train_with_labels(encoder, head, data, MICRO_IMG, {**CI_FINETUNE, "seed": seed},
-                                            "mean")
-        return probes[-1]["test_accuracy"]
-
-    return {"random_init": finetune(init), "trained": finetune(method.encoder()), "losses": losses}
 
 
 def _case_in_child(case: str, seed: int) -> dict:
-    patch = pytest.MonkeyPatch()
-    try:
-        register_micro_vit(patch)
-        return fine_tuning_gain(case, seed)
-    finally:
-        patch.undo()
+    micro.register_micro_vit()  # a spawned worker: registered for its life
+    return micro.run(case, seed=seed)
 
 
 @pytest.mark.slow
@@ -207,11 +126,17 @@ def test_short_mae_and_relaxmim_runs_fine_tune_better_than_their_random_inits():
         results = {case: f.result() for case, f in futures.items()}
     failures = []
     for case, r in results.items():
-        losses = r["losses"]
-        print(f"{case}: fine-tuned {r['trained']:.3f}, random init {r['random_init']:.3f}")  # seen with -s
+        losses, steps = r["losses"], max(r["trained"])
+        trained = r["trained"][steps]
+        print(f"{case}: fine-tuned {trained:.3f}, random init {r['random_init']:.3f}")  # seen with -s
         assert all(math.isfinite(v) for v in losses), case
         assert sum(losses[-50:]) < sum(losses[:50]), f"{case}: the pretraining loss should fall"
-        if r["trained"] < r["random_init"] + CI_MARGIN:
-            failures.append(f"{case}: fine-tuned from the {CI_CASES[case]['steps']}-step encoder "
-                            f"{r['trained']:.3f}, from its random init {r['random_init']:.3f}")
+        if trained < r["random_init"] + CI_MARGIN:
+            failures.append(f"{case}: fine-tuned from the {steps}-step encoder {trained:.3f}, "
+                            f"from its random init {r['random_init']:.3f}")
     assert not failures, "; ".join(failures)
+
+
+def test_micro_run_rejects_fine_tuning_steps_outside_the_run():
+    with pytest.raises(ValueError, match="ft_at must lie in 1..10"):  # before any image is made
+        micro.run("mae", steps=10, ft_at=[5, 20])
