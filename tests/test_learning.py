@@ -2,11 +2,12 @@
 method (RelaxMIM) each fine-tune better than their own random initialization on held-out labelled
 shapes (the CI check), and MAE at the benchmark's scale beats its random init at frozen k-NN (opt-in).
 
-The pretraining is a plain in-process loop (AdamW, the engine's warmup + cosine lr, the method's own
-step hook) on in-memory images of the shapes' unlabelled split with random resized crops, on the GPU
-when there is one. The random-init encoder is near chance on this set (10 classes), so a margin over
-it is learning, not a property of the architecture; `benchmarks/learning.py` has the runs of all five
-methods at the benchmark's scale.
+The pretraining is a plain in-process loop (`benchmarks/learning_micro.py`'s `pretrain_loop`: AdamW,
+the engine's warmup + cosine lr, the method's own step hook) on in-memory images of the shapes'
+unlabelled split with random resized crops (the opt-in check on the GPU when there is one). The
+random-init encoder is near chance on this set (10 classes), so a margin over it is learning, not a
+property of the architecture; `benchmarks/learning.py` has the runs of all five methods at the
+benchmark's scale.
 
 The CI check, `test_short_mae_and_relaxmim_runs_fine_tune_better_than_their_random_inits`: a micro ViT
 (96 wide, 4 blocks, 8-px patches: 16 patches at 32 px, as ViT-Tiny/16 at 64 px), MAE for 1000 steps
