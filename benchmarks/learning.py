@@ -231,16 +231,18 @@ def finetune(run: Path | None, cfg, data, cache: dict | None = None, seed: int =
     return out
 
 
-def finetune_encoder(encoder, img_size: int, data, seed: int = 0, pool: str | None = None) -> dict:
-    """FINETUNE's steps of `train_with_labels` on `encoder` (trained in place) and a fresh linear head, on
-    `pool` (None: FINETUNE's). `seed`: the head's init, the batches and the augmentation draws (a
-    replicate: the same start weights)."""
+def finetune_encoder(encoder, img_size: int, data, seed: int = 0, pool: str | None = None,
+                     settings: dict | None = None) -> dict:
+    """`settings`' steps (None: FINETUNE) of `train_with_labels` on `encoder` (trained in place) and a
+    fresh linear head, on `pool` (None: the settings'). `seed`: the head's init, the batches and the
+    augmentation draws (a replicate: the same start weights)."""
     if not hasattr(encoder, "forward_features"):
         raise TypeError(f"fine-tuning needs a ViT encoder (forward_features), got {type(encoder).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         head = torch.nn.Linear(encoder.embed_dim, len(data[4]))
-    settings = {**FINETUNE, "seed": seed, "pool": pool or FINETUNE["pool"]}
+    base = settings or FINETUNE
+    settings = {**base, "seed": seed, "pool": pool or base["pool"]}
     probes = train_with_labels(encoder, head, data, img_size, settings, settings["pool"])
     return {**settings, "probes": probes}
 

@@ -54,7 +54,8 @@ CASES = {
     "mst": (dict(out_dim=1024, head_hidden_dim=512, bottleneck_dim=64, momentum=0.996, local_crops_number=2,
                  local_crop_size=16, decoder_width=64, drop_path_rate=0.0, freeze_last_layer=0), 4000),
 }
-FINETUNE = {"steps": 200, "batch_size": 64, "lr": 1e-3, "train_images": 5000}
+FINETUNE = {"steps": 200, "batch_size": 64, "lr": 1e-3, "train_images": 5000, "probe_at": [200],
+            "pool": "mean"}  # learning.finetune_encoder's settings
 
 
 class _Forever:
@@ -83,16 +84,15 @@ def register_micro_vit(patch=None) -> None:
     patch.setitem(MODELS, MICRO_NAME, micro)
 
 
-def _learning():
-    spec = importlib.util.spec_from_file_location("learning", Path(__file__).with_name("learning.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+_spec = importlib.util.spec_from_file_location("learning", Path(__file__).with_name("learning.py"))
+learning = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(learning)
 
 
 def pretrain_loop(method, x: torch.Tensor, steps: int, seed: int, device, batch: int, lr: float,
                   min_scale: float, on_step=None) -> list[float]:
-    """Train `method` for `steps` on random crops of `x` -> the losses; on_step(step, losses) after each."""
+    """Train `method` for `steps` on random crops of `x` -> the losses; on_step(step, out) after each (out:
+    the method's outputs at that step)."""
     aug = ViewAugment(crop_scale=(min_scale, 1.0), jitter_p=0.0, gray_p=0.0)  # the loaders' crop and flip
     opt = torch.optim.AdamW(method.param_groups(0.05), lr=lr, betas=(0.9, 0.95))
     g = torch.Generator().manual_seed(seed)
@@ -109,7 +109,7 @@ def pretrain_loop(method, x: torch.Tensor, steps: int, seed: int, device, batch:
         method.on_step_end(step + 1, steps)
         losses.append(out["loss"].item())
         if on_step is not None:
-            on_step(step + 1, losses, out)
+            on_step(step + 1, out)
     return losses
 
 
@@ -124,39 +124,34 @@ def run(method_name: str, steps: int | None = None, seed: int = 0, ft_at: list[i
     ft_at = sorted(set(ft_at or [steps]))
     if ft_at[0] < 1 or ft_at[-1] > steps:
         raise ValueError(f"ft_at must lie in 1..{steps}, got {ft_at}")
-    learning = _learning()
     pre, _ = shapes.shapes_set("pretrain", PRETRAIN_IMAGES, shapes.DEFAULT_SIZE)
     data = shapes_labeled_set(shapes.DEFAULT_SIZE)
     torch.manual_seed(seed)
     method = get_method(method_name)(model=MICRO_NAME, img_size=MICRO_IMG, seed=seed, **kwargs)
-    pos_trainable = {n: p.requires_grad for n, p in method.encoder().named_parameters()
-                     if n.startswith("pos_embed")}
+    pos_names = [n for n, _ in method.encoder().named_parameters() if n.startswith("pos_embed")]
     pos_trainable = {n: any(p.requires_grad for m, p in method.named_parameters()
                             if m == n or m.endswith("." + n))
-                     for n in pos_trainable}  # the student's flag (a teacher's copy is never trainable)
+                     for n in pos_names}  # the student's flag (a teacher's copy is never trainable)
 
     def finetune(encoder) -> float:
         encoder = copy.deepcopy(encoder)
         for n, p in encoder.named_parameters():
             p.requires_grad_(pos_trainable.get(n, True))
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
-            head = torch.nn.Linear(encoder.embed_dim, len(shapes.CLASSES))
-        cfg = {**FINETUNE, "probe_at": [FINETUNE["steps"]], "seed": seed}
-        return learning.train_with_labels(encoder, head, data, MICRO_IMG, cfg, "mean")[-1]["test_accuracy"]
+        out = learning.finetune_encoder(encoder, MICRO_IMG, data, seed, settings=FINETUNE)
+        return out["probes"][-1]["test_accuracy"]
 
     result = {"method": method_name, "steps": steps, "seed": seed, "kwargs": kwargs,
               "random_init": finetune(method.encoder()), "trained": {}, "metrics": {}}
-    sums: dict[str, list[float]] = {}
+    history: dict[str, list[float]] = {}  # the method's scalar outputs, step by step
     t0 = time.perf_counter()
 
-    def on_step(step: int, losses: list[float], out: dict) -> None:
+    def on_step(step: int, out: dict) -> None:
         for k, v in out.items():
             if torch.is_tensor(v) and v.numel() == 1:
-                sums.setdefault(k, []).append(float(v.detach()))
+                history.setdefault(k, []).append(float(v.detach()))
         if step in ft_at:
             result["trained"][step] = finetune(method.encoder())
-            result["metrics"][step] = {k: sum(v[-50:]) / len(v[-50:]) for k, v in sums.items()}
+            result["metrics"][step] = {k: sum(v[-50:]) / len(v[-50:]) for k, v in history.items()}
             result["pretrain_s"] = time.perf_counter() - t0
             if log is not None:
                 log(result)
